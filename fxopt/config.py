@@ -1,0 +1,95 @@
+"""Options of the fxopt backend (API.md): validation, env overrides, defaults."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+PATTERNS = ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora", "lora_nf4",
+            "linear_cross_entropy")
+OPTION_KEYS = ("patterns", "disable", "memory_budget", "strict", "inductor")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    patterns: frozenset = frozenset(PATTERNS)   # enabled patterns
+    memory_budget: int | float | None = None    # bytes (int) or fraction of save-everything (float)
+    strict: bool = False
+    inductor: bool = True
+
+    def enabled(self, name: str) -> bool:
+        return name in self.patterns
+
+
+def _pattern_list(key, value):
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        raise ValueError(f"fxopt option {key!r} must be a list of pattern names from {list(PATTERNS)}, got {value!r}")
+    bad = [v for v in value if v not in PATTERNS]
+    if bad:
+        raise ValueError(f"fxopt option {key!r}: unknown pattern(s) {bad}; valid names: {list(PATTERNS)}")
+    return set(value)
+
+
+def parse_budget(value):
+    """None | int bytes | '12GiB' / '800MiB' | float fraction in (0, 1] -> None | int | float."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("fxopt option 'memory_budget' must be None, bytes (int > 0), a size like '12GiB', "
+                         f"or a fraction in (0, 1]; got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"fxopt option 'memory_budget' in bytes must be > 0, got {value}")
+        return value
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"fxopt option 'memory_budget' as a float is a fraction in (0, 1], got {value}")
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B)\s*", value.upper())
+        if m:
+            n = int(float(m.group(1)) * _UNITS[m.group(2)])
+            if n > 0:
+                return n
+        raise ValueError(f"fxopt option 'memory_budget': cannot read {value!r}; use e.g. '12GiB', '800MiB', "
+                         f"'2GB', an int of bytes or a fraction in (0, 1]")
+    raise ValueError(f"fxopt option 'memory_budget' must be None, int, str or float, got {type(value).__name__}")
+
+
+def _bool(key, value):
+    if not isinstance(value, bool):
+        raise ValueError(f"fxopt option {key!r} must be True or False, got {value!r}")
+    return value
+
+
+def parse(options: dict | None = None, mode: str | None = None, environ=os.environ) -> Config:
+    """Validate the options dict of `torch.compile(..., backend="fxopt", options=...)`."""
+    options = dict(options or {})
+    unknown = [k for k in options if k not in OPTION_KEYS]
+    if unknown:
+        raise ValueError(f"unknown fxopt option(s) {unknown}; valid keys: {list(OPTION_KEYS)}")
+    if mode not in (None, "default"):
+        # torch.compile modes tune Inductor; fxopt accepts them and passes nothing else on.
+        valid = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        if mode not in valid:
+            raise ValueError(f"unknown torch.compile mode {mode!r} for fxopt; valid: {list(valid)}")
+    enabled = set(PATTERNS)
+    if "patterns" in options and options["patterns"] is not None:
+        enabled = _pattern_list("patterns", options["patterns"])
+    disabled = _pattern_list("disable", options.get("disable") or [])
+    env_disable = [s.strip() for s in environ.get("FXOPT_DISABLE", "").split(",") if s.strip()]
+    if env_disable:
+        bad = [s for s in env_disable if s not in PATTERNS]
+        if bad:
+            raise ValueError(f"FXOPT_DISABLE names unknown pattern(s) {bad}; valid names: {list(PATTERNS)}")
+        disabled |= set(env_disable)
+    strict = _bool("strict", options.get("strict", False))
+    env_strict = environ.get("FXOPT_STRICT", "")
+    if env_strict not in ("", "0", "1"):
+        raise ValueError(f"FXOPT_STRICT must be 0 or 1, got {env_strict!r}")
+    strict = strict or env_strict == "1"
+    return Config(patterns=frozenset(enabled - disabled), memory_budget=parse_budget(options.get("memory_budget")),
+                  strict=strict, inductor=_bool("inductor", options.get("inductor", True)))

@@ -1,0 +1,116 @@
+"""The dynamo backend: config -> pipeline -> hand-off to Inductor (or aot_eager) -> report.
+
+Never crashes where plain Inductor runs: a failing pass is undone (pipeline.py); if the rewritten graph fails to
+compile, the original graph is compiled instead; `strict` turns each of these into an FxoptError.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+import torch.fx as fx
+
+from fxopt import config as _config
+from fxopt import report as _report
+from fxopt.errors import FxoptError
+from fxopt.kernels.registry import set_strict
+from fxopt import pipeline
+
+log = logging.getLogger("fxopt.backend")
+
+
+def _compile_key():
+    """Identity of the torch.compile call that owns this backend call (its dynamo wrapper object)."""
+    f = sys._getframe(2)
+    for _ in range(40):
+        if f is None:
+            break
+        s = f.f_locals.get("self")
+        if s is not None and type(s).__name__ == "_TorchCompileWrapper":
+            return id(s)
+        f = f.f_back
+    return None
+
+
+def _compile_id():
+    try:
+        from torch._guards import CompileContext
+        return CompileContext.current_compile_id()
+    except Exception:  # noqa: BLE001 - private API, optional
+        return None
+
+
+def _count_ops(gm: fx.GraphModule, graph_report) -> None:
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "fxopt":
+            graph_report.ops_in_compiled[str(n.target.name()).split("::")[-1].split(".")[0]] += 1
+
+
+def _counting(compiler, graph_report, kind=None):
+    def inner(gm, example_inputs, *args, **kwargs):
+        k = kind or ("backward" if kwargs.get("is_backward") else
+                     "inference" if kwargs.get("is_inference") else "forward")
+        graph_report.compiled[k] += 1
+        _count_ops(gm, graph_report)
+        return compiler(gm, example_inputs, *args, **kwargs)
+    return inner
+
+
+def _compile(gm, example_inputs, config, graph_report):
+    if config.inductor:
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+        return compile_fx(gm, example_inputs, inner_compile=_counting(compile_fx_inner, graph_report))
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    return aot_autograd(fw_compiler=_counting(boxed_nop, graph_report, "forward"),
+                        bw_compiler=_counting(boxed_nop, graph_report, "backward"),
+                        inference_compiler=_counting(boxed_nop, graph_report, "inference"),
+                        partition_fn=min_cut_rematerialization_partition,
+                        keep_inference_input_mutations=True)(gm, example_inputs)
+
+
+def backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
+    """torch.compile(model, backend="fxopt", options={...}); options as in API.md."""
+    config = _config.parse(options, mode)
+    set_strict(config.strict)
+    report = _report.report_for(_compile_key(), config.patterns)
+    cid = _compile_id()
+    graph_report = report.new_graph(cid)
+    where = f"graph {cid if cid is not None else graph_report.name}"
+    original = pipeline.copy_graph(gm.graph)
+    try:
+        pipeline.run(gm, config, graph_report, where)
+    except FxoptError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if config.strict:
+            raise FxoptError(f"fxopt pipeline failed on {where}: {type(e).__name__}: {e}") from e
+        _fall_back(gm, original, graph_report, "pipeline", e)
+    if not any(graph_report.matched.values()):
+        return _compile(gm, example_inputs, config, graph_report)
+    try:
+        return _compile(gm, example_inputs, config, graph_report)
+    except Exception as e:  # noqa: BLE001
+        if config.strict:
+            raise FxoptError(f"compiling the fxopt-rewritten {where} failed: {type(e).__name__}: {e}") from e
+        _fall_back(gm, original, graph_report, "compile", e)
+        graph_report.matched.clear()
+        return _compile(gm, example_inputs, config, graph_report)
+
+
+def _fall_back(gm, original, graph_report, what, e):
+    err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    gm.graph = original
+    gm.recompile()
+    graph_report.fallbacks.append(_report.Fallback(what, err))
+    _report.warn_once(what, err)
+
+
+def _reset():
+    """Called by torch._dynamo.reset(): the next compilation starts a new report."""
+    _report.start_new()
+
+
+backend.reset = _reset

@@ -1,0 +1,2 @@
+"""One file per op: Triton kernels, launcher, PyTorch reference, torch.library registration, cost."""
+from fxopt.kernels import rms_norm  # noqa: F401  (registers torch.ops.fxopt.rms_norm*)

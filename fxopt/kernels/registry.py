@@ -1,0 +1,72 @@
+"""Shared helpers of the op files: where kernels run, runtime fallback, and each op's cost for the cost model."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+
+from fxopt.errors import FxoptError
+from fxopt.report import record_runtime_fallback
+
+_strict = False
+COSTS: dict[str, Callable] = {}   # op name -> fn(*op args) -> (flops, bytes moved)
+
+
+def set_strict(flag: bool) -> None:
+    """Kernel failures at run time raise instead of falling back (set from the compile's `strict`)."""
+    global _strict
+    _strict = bool(flag) or os.environ.get("FXOPT_STRICT", "") == "1"
+
+
+@functools.lru_cache(None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 (else the PyTorch reference runs)."""
+    if not triton_available():
+        return False
+    devs = {t.device.type for t in tensors if t is not None}
+    if devs == {"cuda"}:
+        return True
+    return devs == {"cpu"} and interpreting()
+
+
+def run_kernel(what: str, kernel: Callable, reference: Callable):
+    """Run `kernel()`; if it raises, run `reference()` with one warning and a report entry (strict: raise)."""
+    try:
+        return kernel()
+    except Exception as e:  # noqa: BLE001 - any kernel failure must not break training
+        if _strict:
+            raise FxoptError(f"fxopt kernel {what} failed: {type(e).__name__}: {e}") from e
+        record_runtime_fallback(f"kernel {what}", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return reference()
+
+
+def register_cost(name: str):
+    def deco(fn):
+        COSTS[name] = fn
+        return fn
+    return deco
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

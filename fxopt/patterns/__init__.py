@@ -1,0 +1,4 @@
+"""Pattern passes, in the order the pipeline runs them (each: candidates, guard with a reason, replacement)."""
+from fxopt.patterns.rms_norm import RMS_NORM
+
+PATTERNS = [RMS_NORM]

@@ -1,0 +1,47 @@
+"""The pass pipeline on dynamo's FX graph: normalize, then each enabled pattern; a failing pass is undone."""
+from __future__ import annotations
+
+import logging
+
+import torch.fx as fx
+
+from fxopt.errors import FxoptError
+from fxopt.normalize import normalize
+from fxopt.patterns import PATTERNS
+from fxopt.patterns.match import apply_pattern
+from fxopt.report import Fallback, warn_once
+
+log = logging.getLogger("fxopt.pipeline")
+
+
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A structural copy (node metadata shared shallowly), used to undo a failed pass."""
+    new = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
+    new.output(new.graph_copy(graph, {}))
+    return new
+
+
+def run(gm: fx.GraphModule, config, graph_report, where: str) -> fx.GraphModule:
+    """1. normalize  2. every enabled pattern, in PATTERNS order. Mutates and returns `gm`."""
+    counts = normalize(gm)
+    log.info("%s: normalize %s", where, counts)
+    for pattern in PATTERNS:
+        if not config.enabled(pattern.name):
+            continue
+        before = copy_graph(gm.graph)
+        try:
+            n = apply_pattern(gm, pattern, graph_report, where)
+            gm.graph.lint()
+            gm.recompile()
+        except Exception as e:  # noqa: BLE001 - a broken rewrite must never break training
+            if config.strict:
+                raise FxoptError(f"fxopt pattern {pattern.name!r} failed on {where}: {type(e).__name__}: {e}") from e
+            gm.graph = before
+            gm.recompile()
+            err = f"{type(e).__name__}: {e}"
+            graph_report.fallbacks.append(Fallback(pattern.name, err))
+            warn_once(f"pattern {pattern.name}", err)
+            continue
+        graph_report.matched[pattern.name] += n
+        log.info("%s: %s matched %d", where, pattern.name, n)
+    return gm

@@ -1,0 +1,168 @@
+"""The match report (API.md): what each compilation matched, rejected and fell back on; `last_report()`."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import threading
+import warnings
+
+log = logging.getLogger("fxopt")
+
+
+@dataclasses.dataclass
+class Rejected:
+    pattern: str
+    where: str      # "graph <compile id>: <node name>"
+    reason: str
+
+
+@dataclasses.dataclass
+class Fallback:
+    what: str       # pattern or pass name
+    error: str
+
+
+class GraphReport:
+    """What happened to one dynamo graph (one backend call)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.matched = collections.Counter()
+        self.rejected: list[Rejected] = []
+        self.fallbacks: list[Fallback] = []
+        self.compiled = collections.Counter()   # "forward"/"backward"/"inference" graphs handed to the compiler
+        self.ops_in_compiled = collections.Counter()  # fxopt op calls still present in the compiled aten graphs
+        self.memory = None
+
+
+class Report:
+    """All FX graphs of one torch.compile call's latest compile (graph breaks give several dynamo graphs)."""
+
+    def __init__(self, key, patterns):
+        self.key = key
+        self.patterns = sorted(patterns)
+        self._frames: dict = {}         # frame id -> (frame compile id, [GraphReport])
+        self.runtime_fallbacks: list[Fallback] = []
+
+    def new_graph(self, compile_id) -> GraphReport:
+        frame = getattr(compile_id, "frame_id", None)
+        count = getattr(compile_id, "frame_compile_id", None)
+        g = GraphReport(str(compile_id) if compile_id is not None else f"graph{len(self._all())}")
+        old = self._frames.get(frame)
+        if old is None or old[0] != count:
+            self._frames[frame] = (count, [g])   # a recompile of a frame replaces its earlier graphs
+        else:
+            old[1].append(g)
+        return g
+
+    def _all(self) -> list[GraphReport]:
+        return [g for _, gs in self._frames.values() for g in gs]
+
+    @property
+    def matched(self) -> dict[str, int]:
+        out = {p: 0 for p in self.patterns}
+        for g in self._all():
+            for k, v in g.matched.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    @property
+    def rejected(self) -> list[Rejected]:
+        return [r for g in self._all() for r in g.rejected]
+
+    @property
+    def fallbacks(self) -> list[Fallback]:
+        return [f for g in self._all() for f in g.fallbacks] + list(self.runtime_fallbacks)
+
+    @property
+    def graphs(self) -> int:
+        """FX graphs compiled: forward, backward and inference graphs handed to Inductor / aot_eager."""
+        return sum(sum(g.compiled.values()) for g in self._all())
+
+    @property
+    def dynamo_graphs(self) -> int:
+        return len(self._all())
+
+    @property
+    def memory(self):
+        mems = [g.memory for g in self._all() if g.memory is not None]
+        if not mems:
+            return None
+        if len(mems) == 1:
+            return mems[0]
+        return {"budget": mems[0]["budget"], "predicted_peak": max(m["predicted_peak"] for m in mems),
+                "saved": [s for m in mems for s in m["saved"]], "recomputed": [s for m in mems for s in m["recomputed"]]}
+
+    def ops_in_compiled(self) -> dict[str, int]:
+        c = collections.Counter()
+        for g in self._all():
+            c.update(g.ops_in_compiled)
+        return dict(c)
+
+    def to_dict(self) -> dict:
+        return {"matched": self.matched, "rejected": [dataclasses.asdict(r) for r in self.rejected],
+                "fallbacks": [dataclasses.asdict(f) for f in self.fallbacks], "graphs": self.graphs,
+                "dynamo_graphs": self.dynamo_graphs, "ops_in_compiled": self.ops_in_compiled(),
+                "memory": self.memory}
+
+    def __str__(self) -> str:
+        lines = [f"fxopt report: {self.dynamo_graphs} dynamo graph(s), {self.graphs} compiled graph(s)",
+                 f"{'pattern':<22}{'matched':>8}{'rejected':>10}"]
+        rej = collections.Counter(r.pattern for r in self.rejected)
+        for p, n in sorted(self.matched.items()):
+            lines.append(f"{p:<22}{n:>8}{rej.get(p, 0):>10}")
+        reasons = collections.Counter((r.pattern, r.reason) for r in self.rejected)
+        for (p, why), n in reasons.most_common():
+            lines.append(f"  rejected {p} x{n}: {why}")
+        for f in self.fallbacks:
+            lines.append(f"  FALLBACK {f.what}: {f.error}")
+        if self.memory:
+            m = self.memory
+            lines.append(f"memory: budget {m['budget']} B, predicted peak {m['predicted_peak']} B, "
+                         f"{len(m['saved'])} saved, {len(m['recomputed'])} recomputed")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Report({json.dumps(self.matched)})"
+
+
+_lock = threading.Lock()
+_current: Report | None = None
+_fresh = False          # set by torch._dynamo.reset(): the next compilation starts a new report
+_warned: set = set()
+
+
+def report_for(key, patterns) -> Report:
+    """The report of the torch.compile call identified by `key`; a new key starts a new report."""
+    global _current, _fresh
+    with _lock:
+        if _current is None or _current.key != key or _fresh:
+            _current = Report(key, patterns)
+            _fresh = False
+        return _current
+
+
+def start_new() -> None:
+    global _fresh
+    _fresh = True
+
+
+def last_report() -> Report | None:
+    """The report of the most recent fxopt compilation, or None before any."""
+    return _current
+
+
+def warn_once(what: str, error: str) -> None:
+    msg = f"fxopt: {what} failed, keeping the original computation: {error}"
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        log.warning(msg)
+
+
+def record_runtime_fallback(what: str, error: str) -> None:
+    warn_once(what, error)
+    if _current is not None:
+        _current.runtime_fallbacks.append(Fallback(what, error))
