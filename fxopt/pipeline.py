@@ -17,7 +17,12 @@ log = logging.getLogger("fxopt.pipeline")
 def copy_graph(graph: fx.Graph) -> fx.Graph:
     """A structural copy (node metadata shared shallowly), used to undo a failed pass."""
     new = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
-    new.output(new.graph_copy(graph, {}))
+    val_map: dict = {}
+    new.output(new.graph_copy(graph, val_map))
+    for old, copied in val_map.items():   # attributes dynamo/AOT attach to nodes (e.g. _dynamo_source)
+        for k, v in vars(old).items():
+            if k not in vars(copied):
+                setattr(copied, k, v)
     return new
 
 

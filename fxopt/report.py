@@ -162,7 +162,11 @@ def warn_once(what: str, error: str) -> None:
         log.warning(msg)
 
 
+RUNTIME_FALLBACKS: list[Fallback] = []   # every kernel failure of the process (tests assert it stays empty)
+
+
 def record_runtime_fallback(what: str, error: str) -> None:
     warn_once(what, error)
+    RUNTIME_FALLBACKS.append(Fallback(what, error))
     if _current is not None:
         _current.runtime_fallbacks.append(Fallback(what, error))

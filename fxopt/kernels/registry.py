@@ -49,7 +49,7 @@ def run_kernel(what: str, kernel: Callable, reference: Callable):
     try:
         return kernel()
     except Exception as e:  # noqa: BLE001 - any kernel failure must not break training
-        if _strict:
+        if _strict or os.environ.get("FXOPT_STRICT", "") == "1":
             raise FxoptError(f"fxopt kernel {what} failed: {type(e).__name__}: {e}") from e
         record_runtime_fallback(f"kernel {what}", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return reference()

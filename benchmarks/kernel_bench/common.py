@@ -1,0 +1,70 @@
+"""Timing helpers shared by the per-op kernel benchmarks (GPU only).
+
+Method (DESIGN.md, GPU protocol): triton.testing.do_bench median after warm-up, random inputs, the reference
+compared on the same run, bandwidth against the copy ceiling measured in the same process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+
+def do_bench(fn, warmup=50, rep=200):
+    from triton.testing import do_bench as _db
+    return _db(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def fwd_bwd(fn, args, grads, leaves=None, accumulate=True):
+    """ms of fn(*args) + backward(grads). accumulate=True keeps leaf .grad accumulation (as the anchors measured);
+    False sets the leaves' .grad to None before each run (kernel bytes only)."""
+    leaves = leaves if leaves is not None else [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def run():
+        if not accumulate:
+            for t in leaves:
+                t.grad = None
+        outs = fn(*args)
+        torch.autograd.backward(outs, grads)
+    return do_bench(run)
+
+
+def copy_ceiling_tbps(nbytes=2 * 2**30):
+    """Device-to-device copy bandwidth (read + write bytes / time), TB/s."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a))
+    return 2 * a.numel() / ms / 1e9
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def environment(command=None):
+    def ver(name):
+        try:
+            return __import__(name).__version__
+        except Exception:
+            return None
+    sha = os.environ.get("FXOPT_GIT_SHA")
+    if not sha:
+        try:
+            sha = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        except Exception:
+            sha = None
+    return dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                torch=torch.__version__, triton=ver("triton"), transformers=ver("transformers"),
+                liger_kernel=ver("liger_kernel"), python=platform.python_version(), git_sha=sha,
+                command=command or " ".join([sys.executable.split("/")[-1]] + sys.argv))
+
+
+def write_json(path, payload):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)

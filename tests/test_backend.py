@@ -1,0 +1,146 @@
+"""The backend contract: entry point, report, fallback and strict, graph breaks and recompiles."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fxopt
+from fxopt.errors import FxoptError
+from fxopt.patterns.rms_norm import RMS_NORM
+from tests.helpers import rel
+
+
+def rms(x, w):
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+def test_entry_point_without_importing_fxopt():
+    code = r"""
+import sys, torch
+def rms(x, w):
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+x, w = torch.randn(4, 32, requires_grad=True), torch.randn(32, requires_grad=True)
+y = torch.compile(rms, backend="fxopt", options={"inductor": False})(x, w)
+y.sum().backward()
+assert "fxopt" in sys.modules   # loaded by dynamo through the entry point, not by us
+import fxopt
+assert torch._dynamo.lookup_backend("fxopt") is fxopt.backend
+print("MATCHED", fxopt.last_report().matched["rms_norm"])
+"""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "MATCHED 1" in out.stdout
+
+
+def test_backend_signature_and_options_error():
+    x, w = torch.randn(2, 8), torch.randn(8)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as e:
+        torch.compile(rms, backend="fxopt", options={"nope": 1})(x, w)
+    assert "valid keys" in str(e.value)
+
+
+def test_report_table_and_json():
+    torch._dynamo.reset()
+    x, w = torch.randn(2, 8, requires_grad=True), torch.randn(8, requires_grad=True)
+    torch.compile(rms, backend="fxopt", options={"inductor": False})(x, w).sum().backward()
+    rep = fxopt.last_report()
+    d = json.loads(json.dumps(rep.to_dict()))
+    assert d["matched"]["rms_norm"] == 1 and d["graphs"] == 2 and d["fallbacks"] == []
+    assert set(fxopt.PATTERNS) <= set(d["matched"])
+    assert "rms_norm" in str(rep) and "matched" in str(rep)
+    assert rep.memory is None
+
+
+def _boom(*a, **k):
+    raise RuntimeError("injected failure")
+
+
+def test_rewrite_failure_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(RMS_NORM, "replace", _boom)
+    torch._dynamo.reset()
+    x, w = torch.randn(3, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = torch.compile(rms, backend="fxopt", options={"inductor": False})(x, w)
+    y.sum().backward()
+    rep = fxopt.last_report()
+    assert rep.matched["rms_norm"] == 0
+    assert [f.what for f in rep.fallbacks] == ["rms_norm"] and "injected failure" in rep.fallbacks[0].error
+    assert sum("injected failure" in str(c.message) for c in caught) == 1
+    assert rel(y, rms(x, w)) == 0.0
+
+
+def test_rewrite_failure_strict_raises(monkeypatch):
+    monkeypatch.setattr(RMS_NORM, "replace", _boom)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as e:
+        torch.compile(rms, backend="fxopt", options={"inductor": False, "strict": True})(torch.randn(2, 8),
+                                                                                       torch.randn(8))
+    assert "rms_norm" in str(e.value) and "injected failure" in str(e.value)
+
+
+def test_kernel_failure_at_run_time_falls_back(monkeypatch):
+    import fxopt.kernels.rms_norm as K
+    monkeypatch.setattr(K, "use_triton", lambda *t: True)
+    monkeypatch.setattr(K, "_fwd_triton", _boom)
+    torch._dynamo.reset()
+    x, w = torch.randn(3, 16), torch.randn(16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = torch.compile(rms, backend="fxopt", options={"inductor": False})(x, w)
+    assert rel(y, rms(x, w)) <= 1e-6
+    assert any("kernel rms_norm" in f.what for f in fxopt.last_report().fallbacks)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="kernel rms_norm failed"):
+        torch.compile(rms, backend="fxopt", options={"inductor": False, "strict": True})(x, w)
+
+
+def test_compile_failure_compiles_the_original(monkeypatch):
+    import fxopt.dynamo_backend as B
+    real = B._compile
+    calls = []
+
+    def flaky(gm, ex, config, gr):
+        calls.append(any("fxopt" in str(n.target) for n in gm.graph.nodes))
+        if calls[-1]:
+            raise RuntimeError("inductor exploded")
+        return real(gm, ex, config, gr)
+    monkeypatch.setattr(B, "_compile", flaky)
+    torch._dynamo.reset()
+    x, w = torch.randn(3, 16), torch.randn(16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = torch.compile(rms, backend="fxopt", options={"inductor": False})(x, w)
+    assert calls == [True, False]
+    rep = fxopt.last_report()
+    assert rep.matched["rms_norm"] == 0 and rep.fallbacks[0].what == "compile"
+    assert rel(y, rms(x, w)) <= 1e-6
+
+
+def test_graph_breaks_and_recompiles_in_one_report():
+    def f(x, w):
+        a = rms(x, w)
+        torch._dynamo.graph_break()
+        return rms(a, w)
+    torch._dynamo.reset()
+    cf = torch.compile(f, backend="fxopt", options={"inductor": False})
+    x, w = torch.randn(3, 16), torch.randn(16)
+    cf(x, w)
+    rep = fxopt.last_report()
+    assert rep.dynamo_graphs == 2 and rep.matched["rms_norm"] == 2
+    cf(torch.randn(3, 16, dtype=torch.float64), w.double())   # guard failure: recompile of both frames
+    rep2 = fxopt.last_report()
+    assert rep2 is rep and rep.dynamo_graphs == 2   # the latest compile of each frame replaces the earlier one
+    assert rel(cf(x, w), f(x, w)) <= 1e-6
+    torch.compile(rms, backend="fxopt", options={"inductor": False})(x, w)   # a new torch.compile call
+    assert fxopt.last_report() is not rep and fxopt.last_report().dynamo_graphs == 1

@@ -1,0 +1,56 @@
+"""Option validation (API.md): unknown keys and bad values are ValueErrors naming what is valid."""
+import pytest
+
+from fxopt.config import PATTERNS, parse, parse_budget
+
+
+def test_defaults():
+    c = parse(None, environ={})
+    assert c.patterns == frozenset(PATTERNS) and c.memory_budget is None and not c.strict and c.inductor
+
+
+@pytest.mark.parametrize("opts,needle", [
+    ({"bogus": 1}, "valid keys"),
+    ({"patterns": ["rmsnorm"]}, "valid names"),
+    ({"disable": "nope"}, "valid names"),
+    ({"patterns": 3}, "list of pattern names"),
+    ({"strict": "yes"}, "True or False"),
+    ({"inductor": 1}, "True or False"),
+    ({"memory_budget": 1.5}, "fraction in (0, 1]"),
+    ({"memory_budget": 0.0}, "fraction in (0, 1]"),
+    ({"memory_budget": -3}, "must be > 0"),
+    ({"memory_budget": "lots"}, "12GiB"),
+    ({"memory_budget": True}, "fraction"),
+])
+def test_bad_options(opts, needle):
+    with pytest.raises(ValueError, match=None) as e:
+        parse(opts, environ={})
+    assert needle in str(e.value)
+
+
+def test_patterns_and_disable():
+    c = parse({"patterns": ["rms_norm", "rope"], "disable": ["rope"]}, environ={})
+    assert c.patterns == {"rms_norm"}
+    c = parse({}, environ={"FXOPT_DISABLE": "rope, attention"})
+    assert "rope" not in c.patterns and "attention" not in c.patterns and "rms_norm" in c.patterns
+    with pytest.raises(ValueError, match="FXOPT_DISABLE"):
+        parse({}, environ={"FXOPT_DISABLE": "ropee"})
+
+
+def test_strict_env():
+    assert parse({}, environ={"FXOPT_STRICT": "1"}).strict
+    assert not parse({}, environ={"FXOPT_STRICT": "0"}).strict
+    with pytest.raises(ValueError, match="FXOPT_STRICT"):
+        parse({}, environ={"FXOPT_STRICT": "true"})
+
+
+@pytest.mark.parametrize("value,expected", [("12GiB", 12 * 2**30), ("800MiB", 800 * 2**20), ("2GB", 2 * 10**9),
+                                            ("1.5 gib", int(1.5 * 2**30)), (1000, 1000), (0.25, 0.25), (None, None)])
+def test_budget_parsing(value, expected):
+    assert parse_budget(value) == expected
+
+
+def test_mode_validation():
+    assert parse({}, mode="max-autotune", environ={}).inductor
+    with pytest.raises(ValueError, match="mode"):
+        parse({}, mode="turbo", environ={})
