@@ -1,0 +1,3 @@
+from fxopt.cli import main
+
+main()
