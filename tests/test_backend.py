@@ -33,12 +33,13 @@ import fxopt
 assert torch._dynamo.lookup_backend("fxopt") is fxopt.backend
 print("MATCHED", fxopt.last_report().matched["rms_norm"])
 """
-    env = dict(os.environ)
+    env = dict(os.environ, TORCH_LOGS="+fxopt")
     env.pop("PYTHONPATH", None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "MATCHED 1" in out.stdout
+    assert "rms_norm matched 1" in out.stderr      # TORCH_LOGS="+fxopt" shows the passes
 
 
 def test_backend_signature_and_options_error():
