@@ -1,0 +1,186 @@
+"""Run a list of train-step benchmarks, each in its own process with a timeout; append one JSON line per run.
+
+  python benchmarks/run_suite.py quick --out $OUT/train_step.jsonl
+  python benchmarks/run_suite.py qlora8b --only nogc          # a regex over the run ids
+  python benchmarks/run_suite.py full --list                  # show the run ids, run nothing
+
+A run that fails (package missing, crash, OOM, timeout) still gives a row, with "error". The whole suite stops
+starting runs when --time-limit is near (default 530 s where $OUT is set, i.e. on the device machine, whose
+commands are cut at 600 s), and records the runs it skipped. Full child logs go to <out>.log.
+"""
+import argparse, importlib.util, json, os, re, shutil, signal, subprocess, sys, tempfile, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN_STEP = os.path.join(HERE, "train_step.py")
+
+
+def run(shape, mode, variant, gc=False, batch=4, seq=2048, steps=8, warmup=3, timeout=420):
+    return dict(shape=shape, mode=mode, variant=variant, gc=gc, batch=batch, seq=seq, steps=steps, warmup=warmup,
+                timeout=timeout)
+
+
+def run_id(r):
+    return f"{r['shape']}-{r['mode']}-b{r['batch']}x{r['seq']}-{'gc' if r['gc'] else 'nogc'}-{r['variant']}"
+
+
+def grid(shape, mode, variants, gcs=(False,), **kw):
+    return [run(shape, mode, v, gc=g, **kw) for g in gcs for v in variants]
+
+
+# fxopt runs right after eager in each group, so a suite cut short by its time limit still measures it.
+QUICK = grid("1b", "lora", ["eager", "fxopt", "inductor", "liger", "unsloth"], steps=6, warmup=2, timeout=300)
+QLORA8B = grid("8b", "qlora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(True, False), batch=2, steps=6,
+               warmup=2, timeout=420)
+FULL = (
+    grid("1b", "lora", ["eager", "fxopt", "fxopt:8GiB", "inductor", "liger", "unsloth"])
+    + grid("1b", "lora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(True,))
+    + grid("1b", "full", ["eager", "fxopt", "inductor", "liger"])
+    + grid("8b", "qlora", ["eager", "fxopt", "fxopt:0.5", "inductor", "liger", "unsloth"], gcs=(True, False), batch=2,
+           timeout=480)
+    + grid("gemma2-2b", "lora", ["eager", "fxopt", "inductor", "liger", "unsloth"], timeout=480)
+    + grid("qwen2-7b", "lora", ["eager", "fxopt", "inductor", "liger", "unsloth"], gcs=(True,), batch=2, timeout=480)
+    + grid("qwen2-7b", "qlora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(True,), batch=2, timeout=480)
+)
+# CPU smoke test of this machinery (shape "tiny", --device cpu): no GPU needed.
+SMOKE = grid("tiny", "lora", ["eager", "fxopt", "liger"], batch=2, seq=64, steps=3, warmup=1, timeout=300)
+SUITES = {"quick": QUICK, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
+
+NEEDS = {"liger": ["liger_kernel"], "unsloth": ["unsloth", "bitsandbytes"], "fxopt": ["fxopt"]}
+
+
+def missing_packages(r):
+    need = list(NEEDS.get(r["variant"].split(":")[0], []))
+    if r["mode"] == "qlora":
+        need.append("bitsandbytes")
+    return [m for m in dict.fromkeys(need) if importlib.util.find_spec(m) is None]
+
+
+def tail(text, n_lines=6, n_chars=1500):
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    return "\n".join(lines[-n_lines:])[-n_chars:]
+
+
+def run_child(argv, timeout, log_fh=None, title="", cold=True):
+    """Run argv in a new process group; kill the group on timeout. Returns (status, row, wall_s).
+
+    status: ok | oom | error | timeout; row: the child's last RESULT dict, or one made from its stderr.
+    cold: fresh, empty Inductor and Triton caches, so warm-up seconds are first-compile seconds; the child's
+    TMPDIR is that same folder, removed afterwards (a killed unsloth run leaves no 16 GB checkpoint behind).
+    """
+    t0 = time.time()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cache = tempfile.mkdtemp(prefix="fxopt_bench_run_") if cold else None
+    if cache:
+        env.update(TMPDIR=cache, TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+                   TRITON_CACHE_DIR=os.path.join(cache, "triton"))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # inductor's compile workers too
+        out, err = proc.communicate()
+        timed_out = True
+    finally:
+        if cache:
+            shutil.rmtree(cache, ignore_errors=True)
+    wall = round(time.time() - t0, 1)
+    if log_fh:
+        log_fh.write(f"===== {title} rc={proc.returncode} wall={wall}s\n$ {' '.join(argv)}\n--- stdout\n{out}\n"
+                     f"--- stderr\n{err}\n")
+        log_fh.flush()
+    rows = []
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            try:
+                rows.append(json.loads(line[len("RESULT "):]))
+            except json.JSONDecodeError:
+                pass
+    row = rows[-1] if rows else {}
+    if timed_out:
+        row.setdefault("error", f"timeout after {timeout:.0f} s")
+        return "timeout", row, wall
+    if not rows:
+        row["error"] = f"no RESULT line (exit code {proc.returncode}): " + (tail(err, 2, 400) or "no stderr")
+    if "error" in row:
+        row.setdefault("stderr_tail", tail(err))
+        return ("oom" if row.get("oom") else "error"), row, wall
+    return "ok", row, wall
+
+
+def child_argv(r, device):
+    argv = [sys.executable, TRAIN_STEP, "--shape", r["shape"], "--mode", r["mode"], "--variant", r["variant"],
+            "--batch", str(r["batch"]), "--seq", str(r["seq"]), "--steps", str(r["steps"]),
+            "--warmup", str(r["warmup"])]
+    if r["gc"]:
+        argv.append("--gc")
+    if device != "cuda":
+        argv += ["--device", device]
+    return argv
+
+
+def summary(status, row, wall):
+    if status == "ok":
+        return (f"{row['tok_per_s']:>8,} tok/s  {row['tflops']:6.1f} TFLOP/s  peak {row['peak_gib']:6.2f} GiB  "
+                f"warm-up {row['warm_s']:6.1f} s  (wall {wall:.0f} s)")
+    word = "SKIPPED" if status == "skipped" else f"FAILED ({status})"
+    return f"{word}: {str(row.get('error', ''))[:200]}  (wall {wall:.0f} s)"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("suite", choices=sorted(SUITES))
+    default_out = os.path.join(os.environ["OUT"], "train_step.jsonl") if os.environ.get("OUT") else \
+        os.path.join(HERE, "results", "train_step.jsonl")
+    p.add_argument("--out", default=default_out, help=f"JSONL to append to (default {default_out})")
+    p.add_argument("--only", default=None, help="regex: run only the ids that match (see --list)")
+    p.add_argument("--skip", default=None, help="regex: leave out the ids that match")
+    p.add_argument("--list", action="store_true", help="print the run ids and exit")
+    p.add_argument("--time-limit", type=float, default=530 if os.environ.get("OUT") else None,
+                   help="seconds for the whole suite; runs that would start later are recorded as skipped")
+    p.add_argument("--device", default="cuda", help="cpu only with the smoke suite")
+    p.add_argument("--warm-caches", action="store_true",
+                   help="share Inductor/Triton caches between runs (default: each run compiles from cold)")
+    a = p.parse_args()
+
+    runs = [r for r in SUITES[a.suite] if (not a.only or re.search(a.only, run_id(r)))
+            and not (a.skip and re.search(a.skip, run_id(r)))]
+    if a.list:
+        for r in runs:
+            print(run_id(r), f"steps {r['steps']} warm-up {r['warmup']} timeout {r['timeout']} s")
+        return 0
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    t_start, n_ok = time.time(), 0
+    print(f"suite {a.suite}: {len(runs)} runs -> {a.out}" + (f" (time limit {a.time_limit:.0f} s)" if a.time_limit
+                                                             else ""), flush=True)
+    with open(a.out, "a") as out_fh, open(os.path.splitext(a.out)[0] + ".log", "a") as log_fh:
+        for i, r in enumerate(runs, 1):
+            rid = run_id(r)
+            base = dict(suite=a.suite, run_id=rid, **{k: r[k] for k in ("shape", "mode", "variant", "gc", "batch",
+                                                                            "seq", "steps", "warmup")})
+            timeout = r["timeout"]
+            left = a.time_limit - (time.time() - t_start) if a.time_limit else None
+            missing = missing_packages(r)
+            if missing:
+                status, row, wall = "skipped", dict(error=f"not installed: {', '.join(missing)}", skipped=True), 0.0
+            elif left is not None and left < 60:
+                status, row, wall = "skipped", dict(error=f"skipped: suite time limit ({left:.0f} s left)",
+                                                    skipped=True), 0.0
+            else:
+                if left is not None:
+                    timeout = min(timeout, left - 15)
+                status, row, wall = run_child(child_argv(r, a.device), timeout, log_fh, rid, cold=not a.warm_caches)
+            row = {**base, **row, "status": status, "wall_s": wall}
+            out_fh.write(json.dumps(row, default=str) + "\n")
+            out_fh.flush()
+            n_ok += status == "ok"
+            print(f"[{i}/{len(runs)}] {rid:<44} {summary(status, row, wall)}", flush=True)
+            if status in ("error", "oom") and row.get("stderr_tail"):
+                print("    " + row["stderr_tail"].replace("\n", "\n    ")[-600:], flush=True)
+    print(f"suite {a.suite}: {n_ok}/{len(runs)} ok in {time.time() - t_start:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
