@@ -23,7 +23,10 @@ def run(ceiling_tbps):
     gy = torch.randn(T, D, device="cuda", dtype=dt)
     # minimal bytes: fwd reads x writes y; bwd reads dy, x writes dx (w, dw, rstd negligible)
     nbytes = 5 * T * D * 2
-    impls = {"eager": eager, "inductor": torch.compile(eager), "fxopt": fxopt_rms}
+    # fxopt: what users get (the eager function compiled with backend="fxopt"); fxopt_op: the op called in eager
+    # mode, which adds the custom-op dispatch and autograd-wrapper overhead on the CPU side.
+    impls = {"eager": eager, "inductor": torch.compile(eager), "fxopt": torch.compile(eager, backend="fxopt"),
+             "fxopt_op": fxopt_rms}
     try:
         from liger_kernel.transformers.functional import liger_rms_norm
         impls["liger"] = lambda x, w: liger_rms_norm(x, w, 1e-6)
@@ -44,9 +47,37 @@ def run(ceiling_tbps):
                              frac_of_copy=round(nbytes / ms / 1e9 / ceiling_tbps, 3)))
     # frozen weight (LoRA): no dw work
     wf = w.detach()
-    for name in ("inductor", "fxopt") + (("liger",) if "liger" in impls else ()):
+    for name in ("inductor", "fxopt", "fxopt_op") + (("liger",) if "liger" in impls else ()):
         ms = fwd_bwd(impls[name], (x, wf), gy, leaves=[x], accumulate=False)
         rows.append(dict(op="rms_norm", impl=name, shape=[T, D], dtype="bf16", weight_grad=False,
                          leaf_grad_accumulation=False, ms=round(ms, 4), tbps=round(nbytes / ms / 1e9, 3),
                          frac_of_copy=round(nbytes / ms / 1e9 / ceiling_tbps, 3)))
     return rows, check
+
+
+def sweep():
+    """Launch-config sweep of the fxopt kernels at the benchmark shape (fwd+bwd, no accumulation)."""
+    import itertools
+
+    import fxopt.kernels.rms_norm as K
+    from benchmarks.kernel_bench.common import do_bench
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(D, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    orig = (K._block_m, K._num_warps, K._bwd_programs)
+    rows = []
+    try:
+        for bm, warps, per_sm in itertools.product((1, 2, 4), (4, 8, 16), (1, 2, 4, 8)):
+            K._block_m = lambda n, d, bm=bm: bm
+            K._num_warps = lambda e, warps=warps: warps
+            K._bwd_programs = lambda nb, wp, dev, per_sm=per_sm: min(nb, K.num_sms(dev) * per_sm)
+            # (the sweep drives fwd and bwd with the same rows per program)
+            y, rstd = K._fwd_triton(x, w, 1e-6, 0.0, x.dtype, x.dtype)
+            f = do_bench(lambda: K._fwd_triton(x, w, 1e-6, 0.0, x.dtype, x.dtype))
+            b = do_bench(lambda: K._bwd_triton(dy, x, w, rstd, 0.0, x.dtype, True))
+            rows.append(dict(block_m=bm, warps=warps, progs_per_sm=per_sm, fwd_ms=round(f, 4), bwd_ms=round(b, 4),
+                             total_ms=round(f + b, 4)))
+    finally:
+        K._block_m, K._num_warps, K._bwd_programs = orig
+    rows.sort(key=lambda r: r["total_ms"])
+    return rows
