@@ -58,6 +58,8 @@ def _counting(compiler, graph_report, kind=None):
 
 
 def _compile(gm, example_inputs, config, graph_report):
+    if config.memory_budget is not None:
+        return _compile_with_budget(gm, example_inputs, config, graph_report)
     if config.inductor:
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
         return compile_fx(gm, example_inputs, inner_compile=_counting(compile_fx_inner, graph_report))
@@ -71,6 +73,32 @@ def _compile(gm, example_inputs, config, graph_report):
                         keep_inference_input_mutations=True)(gm, example_inputs)
 
 
+def _compile_with_budget(gm, example_inputs, config, graph_report):
+    """As _compile, with fxopt's recompute planner as the partitioner (fxopt/recompute/partition.py)."""
+    from fxopt.recompute import partition
+    part = partition.partitioner(config, graph_report)
+    with partition.autograd_cache_off():
+        if config.inductor:
+            from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+            return compile_fx(gm, example_inputs, inner_compile=_counting(compile_fx_inner, graph_report),
+                              config_patches={"custom_partitioner_fn": part})
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._dynamo.backends.debugging import boxed_nop
+        return aot_autograd(fw_compiler=_counting(boxed_nop, graph_report, "forward"),
+                            bw_compiler=_counting(boxed_nop, graph_report, "backward"),
+                            inference_compiler=_counting(boxed_nop, graph_report, "inference"),
+                            partition_fn=part, keep_inference_input_mutations=True)(gm, example_inputs)
+
+
+def _control_flow(e: BaseException) -> bool:
+    """Dynamo's own restart signals pass through untouched (they are not failures)."""
+    try:
+        from torch._dynamo.exc import RestartAnalysis
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(e, RestartAnalysis)
+
+
 def backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
     """torch.compile(model, backend="fxopt", options={...}); options as in API.md."""
     config = _config.parse(options, mode)
@@ -78,6 +106,15 @@ def backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
     report = _report.report_for(_compile_key(), config.patterns)
     cid = _compile_id()
     graph_report = report.new_graph(cid)
+    try:
+        return _backend(gm, example_inputs, config, graph_report, cid)
+    except BaseException as e:
+        if _control_flow(e):   # dynamo restarts this compile: it will call us again for the same frame
+            report.discard(graph_report)
+        raise
+
+
+def _backend(gm, example_inputs, config, graph_report, cid):
     where = f"graph {cid if cid is not None else graph_report.name}"
     original = pipeline.copy_graph(gm.graph)
     try:
@@ -85,6 +122,8 @@ def backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
     except FxoptError:
         raise
     except Exception as e:  # noqa: BLE001
+        if _control_flow(e):
+            raise
         if config.strict:
             raise FxoptError(f"fxopt pipeline failed on {where}: {type(e).__name__}: {e}") from e
         _fall_back(gm, original, graph_report, "pipeline", e)
@@ -93,6 +132,8 @@ def backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
     try:
         return _compile(gm, example_inputs, config, graph_report)
     except Exception as e:  # noqa: BLE001
+        if _control_flow(e):
+            raise
         if config.strict:
             raise FxoptError(f"compiling the fxopt-rewritten {where} failed: {type(e).__name__}: {e}") from e
         _fall_back(gm, original, graph_report, "compile", e)

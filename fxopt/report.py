@@ -33,7 +33,7 @@ class GraphReport:
         self.rejected: list[Rejected] = []
         self.fallbacks: list[Fallback] = []
         self.compiled = collections.Counter()   # "forward"/"backward"/"inference" graphs handed to the compiler
-        self.ops_in_compiled = collections.Counter()  # fxopt op calls still present in the compiled aten graphs
+        self.ops_in_compiled = collections.Counter()  # fxopt op calls in the aten graphs the hand-off compiled
         self.memory = None
 
 
@@ -57,6 +57,13 @@ class Report:
             old[1].append(g)
         return g
 
+    def discard(self, g: GraphReport) -> None:
+        for frame, (count, gs) in list(self._frames.items()):
+            if g in gs:
+                gs.remove(g)
+                if not gs:
+                    del self._frames[frame]
+
     def _all(self) -> list[GraphReport]:
         return [g for _, gs in self._frames.values() for g in gs]
 
@@ -78,12 +85,19 @@ class Report:
 
     @property
     def graphs(self) -> int:
-        """FX graphs compiled: forward, backward and inference graphs handed to Inductor / aot_eager."""
-        return sum(sum(g.compiled.values()) for g in self._all())
+        """FX graphs fxopt compiled (dynamo graphs; graph breaks give several)."""
+        return len(self._all())
 
     @property
     def dynamo_graphs(self) -> int:
         return len(self._all())
+
+    def compiled(self) -> dict[str, int]:
+        """forward/backward/inference graphs seen by the hand-off compiler (an AOTAutograd cache hit skips it)."""
+        c = collections.Counter()
+        for g in self._all():
+            c.update(g.compiled)
+        return dict(c)
 
     @property
     def memory(self):
@@ -104,11 +118,12 @@ class Report:
     def to_dict(self) -> dict:
         return {"matched": self.matched, "rejected": [dataclasses.asdict(r) for r in self.rejected],
                 "fallbacks": [dataclasses.asdict(f) for f in self.fallbacks], "graphs": self.graphs,
-                "dynamo_graphs": self.dynamo_graphs, "ops_in_compiled": self.ops_in_compiled(),
+                "compiled": self.compiled(), "ops_in_compiled": self.ops_in_compiled(),
                 "memory": self.memory}
 
     def __str__(self) -> str:
-        lines = [f"fxopt report: {self.dynamo_graphs} dynamo graph(s), {self.graphs} compiled graph(s)",
+        comp = ", ".join(f"{v} {k}" for k, v in sorted(self.compiled().items())) or "none seen"
+        lines = [f"fxopt report: {self.graphs} graph(s); hand-off compiled: {comp}",
                  f"{'pattern':<22}{'matched':>8}{'rejected':>10}"]
         rej = collections.Counter(r.pattern for r in self.rejected)
         for p, n in sorted(self.matched.items()):

@@ -56,7 +56,8 @@ def test_report_table_and_json():
     torch.compile(rms, backend="fxopt", options={"inductor": False})(x, w).sum().backward()
     rep = fxopt.last_report()
     d = json.loads(json.dumps(rep.to_dict()))
-    assert d["matched"]["rms_norm"] == 1 and d["graphs"] == 2 and d["fallbacks"] == []
+    assert d["matched"]["rms_norm"] == 1 and d["graphs"] == 1 and d["fallbacks"] == []
+    assert d["compiled"] == {"forward": 1, "backward": 1}
     assert set(fxopt.PATTERNS) <= set(d["matched"])
     assert "rms_norm" in str(rep) and "matched" in str(rep)
     assert rep.memory is None
@@ -126,6 +127,21 @@ def test_compile_failure_compiles_the_original(monkeypatch):
     rep = fxopt.last_report()
     assert rep.matched["rms_norm"] == 0 and rep.fallbacks[0].what == "compile"
     assert rel(y, rms(x, w)) <= 1e-6
+
+
+def test_dynamic_shapes_restart_is_not_a_failure():
+    """dynamo's RestartAnalysis (e.g. tensorified scalars with dynamic=True) must pass through, counted once."""
+    def f(x, w, s: float):
+        return rms(x, w) * s
+    torch._dynamo.reset()
+    cf = torch.compile(f, backend="fxopt", options={"inductor": False, "strict": True}, dynamic=True)
+    x, w = torch.randn(3, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    for n in (3, 5, 7):
+        x = torch.randn(n, 16, requires_grad=True)
+        y = cf(x, w, 0.5)
+        assert rel(y, f(x, w, 0.5)) <= 1e-6
+    rep = fxopt.last_report()
+    assert rep.fallbacks == [] and rep.matched["rms_norm"] == rep.graphs
 
 
 def test_graph_breaks_and_recompiles_in_one_report():

@@ -1,4 +1,5 @@
 """Pattern passes, in the order the pipeline runs them (each: candidates, guard with a reason, replacement)."""
 from fxopt.patterns.rms_norm import RMS_NORM
+from fxopt.patterns.gated_mlp import GEGLU, SWIGLU
 
-PATTERNS = [RMS_NORM]
+PATTERNS = [RMS_NORM, SWIGLU, GEGLU]
