@@ -1,5 +1,6 @@
 """Pattern passes, in the order the pipeline runs them (each: candidates, guard with a reason, replacement)."""
 from fxopt.patterns.rms_norm import RMS_NORM
 from fxopt.patterns.gated_mlp import GEGLU, SWIGLU
+from fxopt.patterns.lora import LORA, LORA_NF4
 
-PATTERNS = [RMS_NORM, SWIGLU, GEGLU]
+PATTERNS = [RMS_NORM, SWIGLU, GEGLU, LORA, LORA_NF4]

@@ -1,0 +1,112 @@
+"""LoRA / QLoRA linear layer fwd+bwd at Llama-3-8B shapes, 4096 tokens, r=16: peft(+bitsandbytes) eager, Inductor
+(torch.compile of the peft module) and fxopt (torch.compile(backend="fxopt") and the op called directly).
+
+Per shape and base (NF4 double-quant bf16-compute, or dense bf16), adapters as peft makes them by default over a bf16
+model (fp32, autocast_adapter_dtype=True) and in bf16. Time: fwd + bwd (grads of x, A, B), leaf grads reset each
+run. Memory: torch.cuda.max_memory_allocated over one fwd+bwd above what was allocated before it — a dequantized bf16
+copy of W (K*N*2 bytes) kept or re-materialized would show there. Correctness: fxopt vs peft eager on the same run.
+"""
+import torch
+
+from benchmarks.kernel_bench.common import do_bench, rel
+
+T, R, ALPHA = 4096, 16, 32          # tokens, rank, lora_alpha (scale 2)
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]   # (in_features K, out_features N)
+
+
+class Proj(torch.nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.proj = lin
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def make_layer(k, n, nf4, adapter_fp32):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    if nf4:
+        import bitsandbytes as bnb
+        q = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                              quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(lin.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+        lin = q.cuda()
+    lin.requires_grad_(False)
+    cfg = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"], init_lora_weights=False)
+    return get_peft_model(Proj(lin), cfg, autocast_adapter_dtype=adapter_fp32).train()
+
+
+def peak_mib(fn, x, gy):
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(x).backward(gy)
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
+def bench(fn, x, gy, leaves):
+    def step():
+        for t in leaves:
+            t.grad = None
+        fn(x).backward(gy)
+    return do_bench(step, warmup=10, rep=50)
+
+
+def grads(fn, x, gy, leaves):
+    for t in leaves:
+        t.grad = None
+    y = fn(x)
+    y.backward(gy)
+    return [y.detach().float()] + [t.grad.float() for t in leaves]
+
+
+def run(ceiling_tbps):
+    import fxopt  # noqa: F401
+    from fxopt.kernels import nf4 as nf4_kernels
+    rows, check = [], {}
+    variants = [(True, True), (True, False), (False, True), (False, False)]   # (nf4 base, fp32 adapters)
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        print("bitsandbytes unavailable, bf16 base only:", repr(e)[:120])
+        variants = [v for v in variants if not v[0]]
+    for k, n in SHAPES:
+        for nf4, fp32_adapters in variants:
+            layer = make_layer(k, n, nf4, fp32_adapters)
+            leaves = [p for p in layer.parameters() if p.requires_grad]
+            x = torch.randn(T, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            gy = torch.randn(T, n, device="cuda", dtype=torch.bfloat16)
+            leaves = [x] + leaves
+            torch._dynamo.reset()
+            impls = {"eager": layer, "inductor": torch.compile(layer),
+                     "fxopt": torch.compile(layer, backend="fxopt")}
+            base = "nf4" if nf4 else "bf16"
+            tag = f"{base}_{k}x{n}_{'a32' if fp32_adapters else 'a16'}"
+            ref = grads(layer, x, gy, leaves)
+            got = grads(impls["fxopt"], x, gy, leaves)
+            rep = fxopt.last_report()
+            check[tag] = dict(matched=rep.matched.get("lora_nf4" if nf4 else "lora", 0),
+                              **{name: rel(g, r) for name, g, r in zip(("y", "dx", "dA", "dB"), got, ref)})
+            flops = 2 * 2 * T * k * n + 3 * 2 * T * R * (k + n)   # fwd + dx (no dW); LoRA: 3 skinny GEMMs each way
+            for name, f in impls.items():
+                try:
+                    ms = bench(f, x, gy, leaves)
+                    mem = peak_mib(f, x, gy)
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(op="lora", impl=name, base=base, k=k, n=n, error=f"{type(e).__name__}: {e}"))
+                    continue
+                rows.append(dict(op="lora", impl=name, base=base, adapters="fp32" if fp32_adapters else "bf16",
+                                 tokens=T, k=k, n=n, r=R, ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1),
+                                 peak_extra_mib=mem, dequant_w_mib=round(k * n * 2 / 2**20, 1)))
+            del impls, layer
+            torch.cuda.empty_cache()
+    from fxopt.kernels.lora import _DENSE_CHOICE
+    from fxopt.report import RUNTIME_FALLBACKS
+    check["tuned_configs"] = {str(key): cfg for key, cfg in nf4_kernels._TUNED.items()}
+    check["dense_gemm_choice"] = {str(key): v for key, v in _DENSE_CHOICE.items()}
+    check["runtime_fallbacks"] = [str(f) for f in RUNTIME_FALLBACKS]   # must be empty: a fallback is not a kernel
+    return rows, check

@@ -1,0 +1,333 @@
+"""LoRA over a dense or an NF4 base weight, one op each:  y = x W^T + bias + s * (x A^T) B^T.
+
+Shapes: x [..., K], W [N, K] (dense, or bitsandbytes NF4 — see nf4.py), A [r, K], B [N, r], bias [N], s a float.
+Dtypes: the base product runs in `compute dtype` (dense: W's dtype; NF4: bnb's compute dtype) with x rounded to it;
+the rank-r branch runs in A's dtype (peft may keep adapters in fp32 over a bf16 base). Accumulation is fp32 and the
+sum is rounded once to out_dtype.
+
+Forward (xa = x A^T [M, r], a skinny GEMM):  y = fused_matmul(x, W^T) + s * xa @ B^T + bias  — the LoRA term is the
+epilogue of the base GEMM (no extra pass over y); NF4 is dequantized inside the GEMM's operand load.
+Backward (dy [M, N]; only x, A, B — and bias / dense W when they require grad — get gradients):
+  dxa = s * dy B            [M, r]
+  dB  = s * dy^T xa         [N, r]
+  dA  = dxa^T x             [r, K]
+  dx  = dy W + dxa A        one fused GEMM (NF4 dequantized in the operand load again), the rank-r term in its epilogue
+Saved for backward: x and xa only (the weights are inputs; nothing dequantized is kept).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
+from fxopt.kernels.registry import next_pow2, num_sms, register_cost, run_kernel, triton_available, use_triton
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from fxopt.kernels.nf4 import _rne_bf16
+
+    @triton.jit
+    def _lowp(v, HALF: tl.constexpr, INTERP: tl.constexpr):
+        """fp32 -> nearest bf16 (HALF=0) / fp16 (HALF=1): the low dtype itself, or its fp32 value in the interpreter."""
+        if HALF == 1:
+            r = v.to(tl.float16)
+            return r.to(tl.float32) if INTERP else r
+        if INTERP:
+            return _rne_bf16(v)
+        return v.to(tl.bfloat16)
+
+    @triton.jit
+    def _skinny_kernel(BIG, SMALL, OUT, P, Q, RANK, s_bp, s_bq, s_sq, s_sr, s_os, s_op, s_or,
+                       HALF: tl.constexpr, INTERP: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
+                       RB: tl.constexpr):
+        """OUT[split, p, :r] = sum over this program's share of q of BIG[p, q] * SMALL[q, :r]; BIG half precision,
+        SMALL fp32 split as hi + lo half values (hi = half(s), lo = half(s - hi)): two tensor-core dots with fp32
+        accumulation give ~2^-17 relative accuracy without an fp32 copy of BIG."""
+        pid_p = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        per = tl.cdiv(tl.cdiv(Q, tl.num_programs(1)), BQ) * BQ
+        p = pid_p * BP + tl.arange(0, BP)
+        r = tl.arange(0, RB)
+        p_ok = p < P
+        r_ok = r < RANK
+        p64 = p.to(tl.int64)
+        acc = tl.zeros((BP, RB), dtype=tl.float32)
+        for q0 in range(pid_s * per, tl.minimum(Q, pid_s * per + per), BQ):
+            q = q0 + tl.arange(0, BQ)
+            q_ok = q < Q
+            b = tl.load(BIG + p64[:, None] * s_bp + q.to(tl.int64)[None, :] * s_bq, mask=p_ok[:, None] & q_ok[None, :],
+                        other=0.0)
+            sm = tl.load(SMALL + q.to(tl.int64)[:, None] * s_sq + r[None, :] * s_sr, mask=q_ok[:, None] & r_ok[None, :],
+                         other=0.0).to(tl.float32)
+            hi = _lowp(sm, HALF, INTERP)
+            lo = _lowp(sm - hi.to(tl.float32), HALF, INTERP)
+            if INTERP:
+                b = b.to(tl.float32)
+                acc = tl.dot(b, hi, acc, input_precision="ieee")
+                acc = tl.dot(b, lo, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(b, hi, acc)
+                acc = tl.dot(b, lo, acc)
+        tl.store(OUT + pid_s * s_os + p64[:, None] * s_op + r[None, :] * s_or, acc, mask=p_ok[:, None] & r_ok[None, :])
+
+
+def skinny_mm(big: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """fp32 big @ small for a half-precision big [P, Q] (any strides) and an fp32 small [Q, r], r <= 128, without
+    materializing big in fp32 (peft's fp32 adapters over a bf16 model: x A^T, dy B, dy^T xa, x^T dxa)."""
+    P, Q = big.shape
+    rank = small.shape[1]
+    interp = big.device.type != "cuda"
+    bp, bq = (64, 64) if not interp else (max(16, min(64, next_pow2(P))), max(16, min(64, next_pow2(Q))))
+    n_p = triton.cdiv(P, bp)
+    # split the reduction so that ~2 programs per SM run (partials summed after; [split, P, r] fp32 is small)
+    split = 1 if interp else max(1, min(triton.cdiv(Q, 4 * bq), triton.cdiv(2 * num_sms(big.device), n_p)))
+    part = torch.empty((split, P, rank), dtype=torch.float32, device=big.device)
+    _skinny_kernel[(n_p, split)](big, small, part, P, Q, rank, big.stride(0), big.stride(1), small.stride(0),
+                                 small.stride(1), part.stride(0), part.stride(1), part.stride(2),
+                                 HALF=int(big.dtype == torch.float16), INTERP=interp, BP=bp, BQ=bq,
+                                 RB=max(16, next_pow2(rank)), num_warps=4)
+    return part[0] if split == 1 else part.sum(0)
+
+
+def _mm(big, small, triton_gemm):
+    """big @ small for the rank-r products: the split fp32 kernel when big is half and small fp32, else torch.mm."""
+    if triton_gemm and small.dtype == torch.float32 and big.dtype in (torch.float16, torch.bfloat16) \
+            and big.shape[1] > 0:
+        return skinny_mm(big, small)
+    return big.to(small.dtype) @ small
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _empty(x):
+    return x.new_empty(0)
+
+
+# ---- the big GEMM: fused Triton, the reference, or (dense base on CUDA, when measured faster) cuBLAS ----
+
+_DENSE_CHOICE: dict = {}   # (direction, M, P, Q, dtypes) -> "triton" | "cublas"; env FXOPT_LORA_DENSE forces one
+
+
+def _cublas(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype):
+    """Dense weight only: cuBLAS GEMM, then the rank-r term as an in-place addmm (one extra pass over C)."""
+    w = weight.to(compute_dtype)
+    w = w.t() if trans else w
+    xc = x2.to(compute_dtype)
+    c = torch.addmm(bias.to(compute_dtype), xc, w) if bias is not None else xc @ w
+    if left is not None:
+        c.addmm_(left.to(compute_dtype), right.to(compute_dtype), alpha=scale)
+    return c.to(out_dtype)
+
+
+def _gemm(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype, triton_gemm):
+    if not triton_gemm:
+        return fused_matmul_reference(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype)
+    args = (x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype)
+    if isinstance(weight, NF4Weight) or x2.device.type != "cuda":
+        return fused_matmul(*args)
+    choice = os.environ.get("FXOPT_LORA_DENSE") or _DENSE_CHOICE.get(
+        key := (trans, *x2.shape, *weight.shape, x2.dtype, weight.dtype, left is not None))
+    if choice is None:   # measured once per shape: the fused epilogue GEMM vs cuBLAS + addmm
+        from triton.testing import do_bench
+        t_fused = do_bench(lambda: fused_matmul(*args), warmup=5, rep=20)
+        t_cublas = do_bench(lambda: _cublas(*args), warmup=5, rep=20)
+        choice = _DENSE_CHOICE[key] = "triton" if t_fused <= t_cublas else "cublas"
+    return fused_matmul(*args) if choice == "triton" else _cublas(*args)
+
+
+def _forward(x, weight, bias, lora_a, lora_b, scale, compute_dtype, out_dtype, triton_gemm: bool):
+    x2 = _rows(x)
+    n_out = weight.n if isinstance(weight, NF4Weight) else weight.shape[0]
+    has_lora = lora_a is not None
+    xa = _mm(x2, lora_a.t(), triton_gemm) if has_lora else _empty(x)
+    y = _gemm(x2, weight, True, xa if has_lora else None, lora_b.t() if has_lora else None, scale, bias, out_dtype,
+              compute_dtype, triton_gemm)
+    return y.view(*x.shape[:-1], n_out), xa
+
+
+def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, need_da, need_db, need_dbias,
+              need_dw, triton_gemm: bool):
+    x2, dy2 = _rows(x), _rows(dy)
+    has_lora = lora_a is not None
+    dx, da, db, dbias, dw = (_empty(x) for _ in range(5))   # distinct: outputs may not alias each other
+    dxa = None
+    if has_lora and (need_dx or need_da):
+        dxa = _mm(dy2, lora_b, triton_gemm) * scale
+    if has_lora and need_db:
+        db = (_mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm) * scale).to(lora_b.dtype)
+    if has_lora and need_da:
+        da = _mm(x2.t(), dxa, triton_gemm).t().to(lora_a.dtype).contiguous()
+    if need_dx:
+        dx = _gemm(dy2, weight, False, dxa, lora_a if has_lora else None, 1.0, None, x.dtype, compute_dtype,
+                   triton_gemm).view(x.shape)
+    if need_dbias:
+        dbias = dy2.float().sum(0)
+    if need_dw:   # dense base weight that requires grad (not LoRA's usual frozen base)
+        dw = dy2.to(compute_dtype).t() @ x2.to(compute_dtype)
+    return dx, da, db, dbias, dw
+
+
+def _run(what, fn, *tensors):
+    if use_triton(*tensors):
+        return run_kernel(what, lambda: fn(True), lambda: fn(False))
+    return fn(False)
+
+
+# ---- dense base: fxopt::lora ----
+
+@torch.library.custom_op("fxopt::lora", mutates_args=())
+def lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: Optional[torch.Tensor],
+         lora_b: Optional[torch.Tensor], scale: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (y, xa); xa = x A^T [M, r] (empty without an adapter) is saved for backward."""
+    return _run("lora", lambda t: _forward(x, weight, bias, lora_a, lora_b, scale, weight.dtype, out_dtype, t),
+                x, weight, lora_a, lora_b)
+
+
+@lora.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, out_dtype):
+    m = x.numel() // x.shape[-1]
+    xa = x.new_empty((m, lora_a.shape[0]), dtype=lora_a.dtype) if lora_a is not None else x.new_empty(0)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype), xa
+
+
+@torch.library.custom_op("fxopt::lora_backward", mutates_args=())
+def lora_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: Optional[torch.Tensor],
+                  lora_b: Optional[torch.Tensor], xa: torch.Tensor, scale: float, need_dx: bool, need_da: bool,
+                  need_db: bool, need_dbias: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor, torch.Tensor]:
+    """Returns (dx, dA, dB, dbias (fp32), dW); a gradient not asked for is an empty tensor."""
+    return _run("lora_backward", lambda t: _backward(dy, x, weight, lora_a, lora_b, xa, scale, weight.dtype, need_dx,
+                                                     need_da, need_db, need_dbias, need_dw, t),
+                dy, x, weight, lora_a, lora_b)
+
+
+def _fake_grads(x, lora_a, lora_b, need_dx, need_da, need_db, dbias_n, dw_shape, dw_dtype):
+    e = x.new_empty(0)
+    return (x.new_empty(x.shape) if need_dx else e,
+            lora_a.new_empty(lora_a.shape) if need_da else e,
+            lora_b.new_empty(lora_b.shape) if need_db else e,
+            x.new_empty((dbias_n,), dtype=torch.float32) if dbias_n else e,
+            x.new_empty(dw_shape, dtype=dw_dtype) if dw_shape else e)
+
+
+@lora_backward.register_fake
+def _(dy, x, weight, lora_a, lora_b, xa, scale, need_dx, need_da, need_db, need_dbias, need_dw):
+    return _fake_grads(x, lora_a, lora_b, need_dx, need_da and lora_a is not None, need_db and lora_b is not None,
+                       weight.shape[0] if need_dbias else 0, tuple(weight.shape) if need_dw else None, weight.dtype)
+
+
+def _setup_lora(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, out_dtype = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
+    ctx.scale, ctx.has_bias = scale, bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward_lora(ctx, dy, _dxa):
+    x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+    g = ctx.needs_input_grad
+    has = lora_a is not None
+    need = dict(need_dx=g[0], need_da=has and g[3], need_db=has and g[4], need_dbias=ctx.has_bias and g[2],
+                need_dw=g[1])
+    dx, da, db, dbias, dw = torch.ops.fxopt.lora_backward(dy, x, weight, lora_a, lora_b, xa, ctx.scale, **need)
+    pick = lambda t, flag, dt=None: (t.to(dt) if dt is not None else t) if flag else None
+    return (pick(dx, need["need_dx"]), pick(dw, need["need_dw"]), pick(dbias, need["need_dbias"], ctx.bias_dtype),
+            pick(da, need["need_da"]), pick(db, need["need_db"]), None, None)
+
+
+lora.register_autograd(_backward_lora, setup_context=_setup_lora)
+
+
+# ---- NF4 base: fxopt::lora_nf4 ----
+
+def _nf4(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, out_features, in_features):
+    return NF4Weight(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, out_features, in_features)
+
+
+@torch.library.custom_op("fxopt::lora_nf4", mutates_args=())
+def lora_nf4(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, absmax2: Optional[torch.Tensor],
+             code2: Optional[torch.Tensor], offset: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], scale: float, blocksize: int,
+             blocksize2: int, out_features: int, in_features: int, compute_dtype: torch.dtype,
+             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x W^T + bias (+ s (x A^T) B^T) with W bitsandbytes NF4 [out_features, in_features]; absmax2/code2/offset
+    given with double quantization. Returns (y, xa); without an adapter xa is empty (a frozen NF4 linear)."""
+    w = _nf4(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, out_features, in_features)
+    return _run("lora_nf4", lambda t: _forward(x, w, bias, lora_a, lora_b, scale, compute_dtype, out_dtype, t),
+                x, packed, lora_a, lora_b)
+
+
+@lora_nf4.register_fake
+def _(x, packed, absmax, absmax2, code2, offset, bias, lora_a, lora_b, scale, blocksize, blocksize2, out_features,
+      in_features, compute_dtype, out_dtype):
+    m = x.numel() // x.shape[-1]
+    xa = x.new_empty((m, lora_a.shape[0]), dtype=lora_a.dtype) if lora_a is not None else x.new_empty(0)
+    return x.new_empty((*x.shape[:-1], out_features), dtype=out_dtype), xa
+
+
+@torch.library.custom_op("fxopt::lora_nf4_backward", mutates_args=())
+def lora_nf4_backward(dy: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                      absmax2: Optional[torch.Tensor], code2: Optional[torch.Tensor], offset: Optional[torch.Tensor],
+                      lora_a: Optional[torch.Tensor], lora_b: Optional[torch.Tensor], xa: torch.Tensor, scale: float,
+                      blocksize: int, blocksize2: int, out_features: int, in_features: int,
+                      compute_dtype: torch.dtype, need_dx: bool, need_da: bool, need_db: bool,
+                      need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx, dA, dB, dbias (fp32)); a gradient not asked for is an empty tensor."""
+    w = _nf4(packed, absmax, absmax2, code2, offset, blocksize, blocksize2, out_features, in_features)
+    return _run("lora_nf4_backward",
+                lambda t: _backward(dy, x, w, lora_a, lora_b, xa, scale, compute_dtype, need_dx, need_da, need_db,
+                                    need_dbias, False, t)[:4], dy, x, packed, lora_a, lora_b)
+
+
+@lora_nf4_backward.register_fake
+def _(dy, x, packed, absmax, absmax2, code2, offset, lora_a, lora_b, xa, scale, blocksize, blocksize2, out_features,
+      in_features, compute_dtype, need_dx, need_da, need_db, need_dbias):
+    return _fake_grads(x, lora_a, lora_b, need_dx, need_da and lora_a is not None, need_db and lora_b is not None,
+                       out_features if need_dbias else 0, None, None)[:4]
+
+
+_NF4_STATE = ("blocksize", "blocksize2", "out_features", "in_features", "compute_dtype")
+
+
+def _setup_lora_nf4(ctx, inputs, output):
+    (x, packed, absmax, absmax2, code2, offset, bias, lora_a, lora_b, scale, blocksize, blocksize2, out_features,
+     in_features, compute_dtype, out_dtype) = inputs
+    ctx.save_for_backward(x, packed, absmax, absmax2, code2, offset, lora_a, lora_b, output[1])
+    ctx.scale, ctx.has_bias = scale, bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.state = (blocksize, blocksize2, out_features, in_features, compute_dtype)
+
+
+def _backward_lora_nf4(ctx, dy, _dxa):
+    x, packed, absmax, absmax2, code2, offset, lora_a, lora_b, xa = ctx.saved_tensors
+    g = ctx.needs_input_grad
+    has = lora_a is not None
+    need = dict(need_dx=g[0], need_da=has and g[7], need_db=has and g[8], need_dbias=ctx.has_bias and g[6])
+    dx, da, db, dbias = torch.ops.fxopt.lora_nf4_backward(dy, x, packed, absmax, absmax2, code2, offset, lora_a,
+                                                          lora_b, xa, ctx.scale, *ctx.state, **need)
+    pick = lambda t, flag: t if flag else None
+    return (pick(dx, need["need_dx"]), None, None, None, None, None,
+            dbias.to(ctx.bias_dtype) if need["need_dbias"] else None,
+            pick(da, need["need_da"]), pick(db, need["need_db"])) + (None,) * 7
+
+
+lora_nf4.register_autograd(_backward_lora_nf4, setup_context=_setup_lora_nf4)
+
+
+@register_cost("lora")
+def lora_cost(m, n, k, rank, dtype_bytes=2):
+    """(flops, bytes) of the forward: read x, W, A, B; write y (+ xa)."""
+    return 2 * m * n * k + 2 * m * rank * (n + k), (m * k + n * k + m * n + rank * (n + k) + m * rank) * dtype_bytes
+
+
+@register_cost("lora_nf4")
+def lora_nf4_cost(m, n, k, rank, dtype_bytes=2, blocksize=64):
+    """(flops, bytes) of the forward: W read at half a byte per element plus fp32 block scales."""
+    act = (m * k + m * n + rank * (n + k) + m * rank) * dtype_bytes
+    return 2 * m * n * k + 2 * m * rank * (n + k), act + n * k // 2 + 4 * (n * k // blocksize)

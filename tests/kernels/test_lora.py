@@ -1,0 +1,167 @@
+"""fxopt::lora / fxopt::lora_nf4 vs peft's math over torch / bitsandbytes eager (Triton interpreter on CPU, natively
+on GPU): forward, gradients of x, A, B (and bias / dense W when asked), opcheck, what is saved for backward."""
+import pytest
+import torch
+
+import fxopt  # noqa: F401
+from tests.helpers import rel
+
+bnb = pytest.importorskip("bitsandbytes")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def nf4_linear(k, n, bias, nested, compute_dtype, blocksize=64):
+    """A bitsandbytes Linear4bit (NF4) holding a random weight, quantized on DEV."""
+    lin = torch.nn.Linear(k, n, bias=bias)
+    q = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=compute_dtype, compress_statistics=nested,
+                          quant_type="nf4", quant_storage=torch.uint8)
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                 compress_statistics=nested, blocksize=blocksize)
+    if bias:
+        q.bias = torch.nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
+    return q.to(DEV)
+
+
+def nf4_args(q):
+    """The op's quant-state arguments of a Linear4bit."""
+    st = q.weight.quant_state
+    n, k = st.shape
+    if st.nested:
+        return (q.weight, st.absmax, st.state2.absmax, st.state2.code, st.offset), (st.blocksize, 256, n, k)
+    return (q.weight, st.absmax, None, None, None), (st.blocksize, 256, n, k)
+
+
+def adapter(k, n, r, dtype):
+    a = (torch.randn(r, k, device=DEV) / k ** 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(n, r, device=DEV) * 0.3).to(dtype).requires_grad_()
+    return a, b
+
+
+def peft_math(base_out, x, a, b, scale):
+    """peft LoRA forward: result + lora_B(lora_A(x)) * scaling (dropout 0)."""
+    return base_out + torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.dtype), a), b) * scale
+
+
+def check_grads(y, y_ref, inputs, dtype):
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    assert rel(y, y_ref) <= TOL[dtype]
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, inputs, dy)
+    exp = torch.autograd.grad(y_ref, inputs, dy)
+    for g, e in zip(got, exp):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        assert rel(g, e) <= 2 * TOL[dtype]
+
+
+NF4_CASES = [  # shape of x, n, r, nested, bias, dtype, scale
+    ((3, 7, 64), 96, 4, True, False, torch.float32, 2.0),
+    ((37, 128), 48, 8, False, True, torch.float32, 8 / 8 ** 0.5),   # rsLoRA scale alpha/sqrt(r)
+    ((1, 64), 33, 1, True, True, torch.float32, 1.0),
+    ((2, 9, 64), 80, 4, True, True, torch.float16, 2.0),
+]
+
+
+@pytest.mark.parametrize("shape,n,r,nested,bias,dtype,scale", NF4_CASES)
+def test_lora_nf4_vs_bitsandbytes(shape, n, r, nested, bias, dtype, scale, no_fallback):
+    k = shape[-1]
+    q = nf4_linear(k, n, bias, nested, dtype)
+    x = torch.randn(shape, device=DEV, dtype=dtype, requires_grad=True)
+    a, b = adapter(k, n, r, dtype)
+    qargs, state = nf4_args(q)
+    y, xa = torch.ops.fxopt.lora_nf4(x, *qargs, q.bias, a, b, scale, *state, dtype, dtype)
+    assert xa.shape == (x.numel() // k, r)
+    check_grads(y, peft_math(q(x), x, a, b, scale), (x, a, b), dtype)
+
+
+def test_frozen_nf4_linear_and_no_input_grad(no_fallback):
+    q = nf4_linear(64, 40, True, True, torch.float32)
+    qargs, state = nf4_args(q)
+    x = torch.randn(5, 64, device=DEV, requires_grad=True)
+    y, xa = torch.ops.fxopt.lora_nf4(x, *qargs, q.bias, None, None, 1.0, *state, torch.float32, torch.float32)
+    assert xa.numel() == 0
+    check_grads(y, q(x), (x,), torch.float32)
+    # x needs no grad (bnb's direct gemm_4bit form): only A and B get gradients
+    a, b = adapter(64, 40, 4, torch.float32)
+    x0 = x.detach()
+    y, _ = torch.ops.fxopt.lora_nf4(x0, *qargs, q.bias, a, b, 2.0, *state, torch.float32, torch.float32)
+    check_grads(y, peft_math(q(x0), x0, a, b, 2.0), (a, b), torch.float32)
+
+
+DENSE_CASES = [  # shape of x, n, r, bias, dtype, adapter dtype
+    ((3, 7, 64), 96, 4, True, torch.float32, torch.float32),
+    ((1, 40), 24, 2, False, torch.float32, torch.float32),
+    ((2, 9, 48), 80, 8, True, torch.float16, torch.float16),
+    ((2, 9, 48), 80, 8, False, torch.float16, torch.float32),   # peft's fp32 adapters over a half base
+]
+
+
+@pytest.mark.parametrize("shape,n,r,bias,dtype,adt", DENSE_CASES)
+def test_lora_dense_vs_eager(shape, n, r, bias, dtype, adt, no_fallback):
+    k = shape[-1]
+    w = (torch.randn(n, k, device=DEV) / k ** 0.5).to(dtype)
+    bb = torch.randn(n, device=DEV, dtype=dtype) if bias else None
+    x = torch.randn(shape, device=DEV, dtype=dtype, requires_grad=True)
+    a, b = adapter(k, n, r, adt)
+    out_dtype = torch.promote_types(dtype, adt)
+    y, _ = torch.ops.fxopt.lora(x, w, bb, a, b, 2.0, out_dtype)
+    y_ref = peft_math(torch.nn.functional.linear(x, w, bb), x, a, b, 2.0)
+    check_grads(y, y_ref, (x, a, b), dtype)
+
+
+def test_dense_weight_and_bias_grads(no_fallback):
+    w = torch.randn(32, 64, device=DEV, requires_grad=True)
+    bb = torch.randn(32, device=DEV, requires_grad=True)
+    x = torch.randn(3, 5, 64, device=DEV, requires_grad=True)
+    a, b = adapter(64, 32, 4, torch.float32)
+    y, _ = torch.ops.fxopt.lora(x, w, bb, a, b, 0.5, torch.float32)
+    check_grads(y, peft_math(torch.nn.functional.linear(x, w, bb), x, a, b, 0.5), (x, w, bb, a, b), torch.float32)
+
+
+def test_saves_only_x_and_xa():
+    """Backward keeps x, xa [M, r] and the (already resident) weights: nothing of weight size is created."""
+    q = nf4_linear(128, 96, False, True, torch.float32)
+    qargs, state = nf4_args(q)
+    x = torch.randn(2, 16, 128, device=DEV, requires_grad=True)
+    a, b = adapter(128, 96, 4, torch.float32)
+    resident = {t.data_ptr() for t in (x, a, b, *[t for t in qargs if t is not None])}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y, _ = torch.ops.fxopt.lora_nf4(x, *qargs, None, a, b, 2.0, *state, torch.float32, torch.float32)
+    new = [tuple(t.shape) for t in saved if t.data_ptr() not in resident]
+    assert new == [(32, 4)], new   # only xa
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                                "test_aot_dispatch_dynamic"))
+
+
+def test_opcheck(no_fallback):
+    q = nf4_linear(64, 48, True, True, torch.float32)
+    qargs, state = nf4_args(q)
+    x = torch.randn(2, 3, 64, device=DEV, requires_grad=True)
+    a, b = adapter(64, 48, 4, torch.float32)
+    _opcheck(torch.ops.fxopt.lora_nf4.default, (x, *qargs, q.bias, a, b, 2.0, *state, torch.float32, torch.float32))
+    _opcheck(torch.ops.fxopt.lora_nf4.default, (x, *qargs, None, None, None, 1.0, *state, torch.float32,
+                                                torch.float32))
+    w = torch.randn(48, 64, device=DEV)
+    _opcheck(torch.ops.fxopt.lora.default, (x, w, torch.randn(48, device=DEV), a, b, 2.0, torch.float32))
+    dy = torch.randn(2, 3, 48, device=DEV)
+    xa = (x.detach().reshape(-1, 64) @ a.detach().t())
+    _opcheck(torch.ops.fxopt.lora_backward.default, (dy, x.detach(), w, a.detach(), b.detach(), xa, 2.0, True, True,
+                                                     True, True, False))
+    _opcheck(torch.ops.fxopt.lora_nf4_backward.default, (dy, x.detach(), *qargs, a.detach(), b.detach(), xa, 2.0,
+                                                         *state, torch.float32, True, True, True, False))
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_skinny_mm_fp32_accuracy_from_half(half):
+    """fp32 adapters over a half model: big (half) @ small (fp32) with hi/lo split dots, vs an fp32 matmul."""
+    from fxopt.kernels.lora import skinny_mm
+    big = torch.randn(70, 150, device=DEV).to(half)
+    small = torch.randn(150, 5, device=DEV)
+    for b in (big, big.t().contiguous().t(), torch.randn(150, 70, device=DEV).to(half).t()):
+        out = skinny_mm(b, small)
+        assert out.dtype == torch.float32 and out.shape == (70, 5)
+        assert rel(out, b.float() @ small) <= 1e-5
