@@ -48,8 +48,9 @@ def rel(a, b):
 
 def environment(command=None):
     def ver(name):
+        import importlib.metadata as md
         try:
-            return __import__(name).__version__
+            return md.version(name.replace("_", "-"))
         except Exception:
             return None
     sha = os.environ.get("FXOPT_GIT_SHA")
