@@ -294,12 +294,20 @@ def measure(a):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     run_model = model
+    if a.loss_only:   # the step uses only .loss: compile a function that returns only it (logits become dead,
+        # so the lm_head + loss can fuse); applied to every compiled variant alike
+        from transformers.modeling_outputs import CausalLMOutput
+
+        def loss_only(**batch):
+            return CausalLMOutput(loss=model(**batch).loss)
+        run_model = loss_only
+        rec["loss_only"] = True
     if kind == "inductor":
-        run_model = torch.compile(model)
+        run_model = torch.compile(run_model)
     elif kind == "fxopt":
         backend, rec["fxopt_backend"] = resolve_fxopt_backend()
         rec["fxopt_options"] = fx_opts
-        run_model = torch.compile(model, backend=backend, options=fx_opts or None)
+        run_model = torch.compile(run_model, backend=backend, options=fx_opts or None)
     rec["build_s"] = round(time.time() - t0, 1)
     rec["trainable"] = sum(p.numel() for p in params)
     log(f"build done in {rec['build_s']} s, {rec['trainable']:,} trainable params")
@@ -397,6 +405,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=8, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing (HF non-reentrant; unsloth's own)")
+    p.add_argument("--loss-only", action="store_true",
+                   help="compile a function returning only the loss (no logits output), for every compiled variant")
     p.add_argument("--fxopt-options", default=None, help="extra fxopt options as JSON, e.g. '{\"disable\":[\"rope\"]}'")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script (shape tiny)")
     p.add_argument("--dry-run", action="store_true", help="print config and FLOPs formula; no CUDA")
