@@ -14,21 +14,26 @@ from typing import Optional
 
 import torch
 
+from fxopt.kernels.rounding import round_to, rounding_code
 from fxopt.kernels.registry import next_pow2, num_sms, register_cost, run_kernel, triton_available, use_triton
 
-_MID = {None: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 0}
+
+def _mid_code(mid_dtype) -> int:
+    return rounding_code(mid_dtype) if mid_dtype is not None else 0
+
+
+class _MidCodes:   # `_MID[dtype]` for kernels that share rms_norm's MID convention
+    def __getitem__(self, mid_dtype):
+        return _mid_code(mid_dtype)
+
+
+_MID = _MidCodes()
 
 if triton_available():
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _round_mid(v, MID: tl.constexpr):
-        if MID == 1:
-            v = v.to(tl.float16).to(tl.float32)
-        elif MID == 2:
-            v = v.to(tl.bfloat16).to(tl.float32)
-        return v
+    _round_mid = round_to
 
     @triton.jit
     def _rms_norm_fwd(X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps, offset,
@@ -42,7 +47,7 @@ if triton_available():
         # eps/offset arrive as Python floats -> fp32 scalars in Triton.
         ms = tl.sum(x * x, axis=1) / n_cols
         rstd = 1.0 / tl.sqrt(ms + eps)
-        n = _round_mid(x * rstd[:, None], MID)
+        n = round_to(x * rstd[:, None], MID)
         if HAS_W:
             w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32) + offset
             n = n * w[None, :]
@@ -73,7 +78,7 @@ if triton_available():
             if HAS_W:
                 g = dy * w[None, :]
                 if COMPUTE_DW:
-                    dw += tl.sum(dy * _round_mid(n, MID), axis=0)
+                    dw += tl.sum(dy * round_to(n, MID), axis=0)
             else:
                 g = dy
             dot = tl.sum(g * n, axis=1) / n_cols
@@ -118,7 +123,7 @@ def _fwd_triton(x, weight, eps, offset, mid_dtype, out_dtype):
     w = weight.contiguous() if weight is not None else x2
     grid = (triton.cdiv(n_rows, block_m),)
     _rms_norm_fwd[grid](x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps, offset,
-                        HAS_W=weight is not None, MID=_MID[mid_dtype], BLOCK_M=block_m, BLOCK_N=block_n,
+                        HAS_W=weight is not None, MID=_mid_code(mid_dtype), BLOCK_M=block_m, BLOCK_N=block_n,
                         num_warps=_num_warps(block_m * block_n))
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
@@ -136,7 +141,7 @@ def _bwd_triton(dy, x, weight, rstd, offset, mid_dtype, need_dw):
     part = torch.empty((nprog, n_cols), dtype=torch.float32, device=x.device) if compute_dw else dx
     w = weight.contiguous() if weight is not None else x2
     _rms_norm_bwd[(nprog,)](dy2, x2, w, rstd.reshape(-1), dx, part, n_rows, n_cols, dy2.stride(0), x2.stride(0),
-                            dx.stride(0), offset, HAS_W=weight is not None, MID=_MID[mid_dtype],
+                            dx.stride(0), offset, HAS_W=weight is not None, MID=_mid_code(mid_dtype),
                             COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     dw = part.sum(0).to(weight.dtype) if compute_dw else x.new_empty(0)
     return dx.view(x.shape), dw

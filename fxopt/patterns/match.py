@@ -151,7 +151,7 @@ def apply_pattern(gm: fx.GraphModule, pattern: Pattern, graph_report, where: str
     from fxopt.report import Rejected
     count = 0
     for anchor in list(pattern.candidates(gm.graph)):
-        if anchor.graph is not gm.graph:   # erased by an earlier replacement
+        if getattr(anchor, "_erased", False) or anchor.graph is not gm.graph:   # erased by an earlier replacement
             continue
         try:
             m = pattern.match(anchor)

@@ -1,0 +1,262 @@
+"""rope: x * cos + rotate(x) * sin on q and k sharing cos/sin  ->  one fxopt::rope call (one match per pair).
+
+Anchored at the rotation, which has two spellings in transformers:
+  rotate-half   cat((-x[..., d/2:], x[..., :d/2]), -1)              (llama, mistral, qwen2, gemma, phi3, neox, ...)
+  interleaved   stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) (cohere, glm, gptj's rotate_every_two, ...)
+then `add(mul(x, cos), mul(rot, sin))` (operands in either order). Absorbed around it (see fxopt/kernels/rope.py):
+  an fp32 upcast of x (`q.float()`, cohere), used only by the rope;
+  partial rotary: x = y[..., :r], output cat([out, y[..., r:]], -1) -> the op takes y and passes the rest through;
+  a downcast of an fp32 result to fp16/bf16 (`q_embed.to(dtype)`).
+Rounding is eager's: products and sum in the dtype of `x * cos` (mid_dtype), gradients in x's dtype (grad_dtype).
+Two units (q and k) that use the same cos and sin nodes with the same dtypes/layout become one op; a unit without a
+partner (only q or only k roped, or cos/sin recomputed per tensor as in gptj) becomes one op of its own.
+Not matched (reason in the report): cos/sin that require grad (no cos/sin gradients are computed), cos/sin that
+vary along every leading dim of a 4-D q, other slicings, intermediates used outside the rope.
+`view_as_complex`/`polar` forms (llama4, deepseek_v2) are not matched: their rotation is a complex multiply, with no
+cat/stack anchor; they stay as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx as fx
+
+from fxopt.kernels import rope as _ops
+from fxopt.normalize import meta
+from fxopt.patterns.match import (Match, NoMatch, Pattern, arg, call, cast_dtype, insert_op, only_user,
+                                  other_operand, replace_output, require, single_use)
+
+_LOW = (torch.float16, torch.bfloat16)
+_FLOATS = _LOW + (torch.float32,)
+
+
+@dataclasses.dataclass
+class _Unit:
+    anchor: fx.Node
+    x: fx.Node            # the op's input (q or k, or y of the partial rotary y[..., :r])
+    cos: fx.Node
+    sin: fx.Node
+    interleaved: bool
+    mid: torch.dtype      # dtype of x * cos in the graph
+    grad_dtype: torch.dtype   # dtype of the tensor multiplied by cos (its gradients are rounded to it)
+    out: fx.Node          # the node whose value the op produces
+    nodes: list           # matched nodes, erased once `out` is replaced
+
+
+def _is_neg_first(n) -> bool:
+    seq = n.args[0] if n.args else n.kwargs.get("tensors")
+    return isinstance(seq, (list, tuple)) and len(seq) > 0 and call(seq[0], torch.neg)
+
+
+def _rotations(graph):
+    return [n for n in graph.nodes if call(n, torch.cat, torch.stack) and _is_neg_first(n)]
+
+
+def _candidates(graph):
+    """Rotation nodes, less those that will be matched as the partner of an earlier one (a replacement erases the
+    partner's nodes, and the driver must not be handed an erased anchor)."""
+    out, claimed = [], set()
+    for n in _rotations(graph):
+        if n in claimed:
+            continue
+        out.append(n)
+        try:
+            m = match_rope(n)
+        except NoMatch:
+            continue
+        claimed.update(u.anchor for u in m.params["units"][1:])
+    return out
+
+
+def _last_dim_slice(n):
+    """(base, start, stop, step) if n = base[..., start:stop:step] slices only the last dim, else None."""
+    if not call(n, operator.getitem) or not isinstance(meta(n.args[0]), torch.Tensor):
+        return None
+    base, idx = n.args
+    nd = meta(base).dim()
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice):
+        s = idx[1]
+    elif nd >= 1 and len(idx) == nd and all(i == slice(None) for i in idx[:-1]) and isinstance(idx[-1], slice):
+        s = idx[-1]
+    else:
+        return None
+    try:
+        start, stop, step = s.indices(int(meta(base).shape[-1]))
+    except TypeError:   # symbolic bounds
+        return None
+    return (base, start, stop, step)
+
+
+def _rotation(anchor):
+    """(rotated node, r, interleaved, nodes) for cat((-x2, x1), -1) or stack((-x2, x1), -1).flatten(-2) of r."""
+    seq = anchor.args[0] if anchor.args else anchor.kwargs.get("tensors")
+    dim = arg(anchor, 1, "dim", 0)
+    require(isinstance(meta(anchor), torch.Tensor), "no tensor metadata on the rotation")
+    require(len(seq) == 2, f"{anchor.target.__name__} of {len(seq)} tensors, not (-x2, x1)")
+    nd = meta(anchor).dim()
+    require(dim in (-1, nd - 1), f"{anchor.target.__name__} over dim {dim}, not the last dim")
+    neg, x1 = seq
+    x2 = neg.args[0]
+    s1, s2 = _last_dim_slice(x1), _last_dim_slice(x2)
+    require(s1 is not None and s2 is not None and s1[0] is s2[0],
+            "rotation halves are not constant last-dim slices of one tensor")
+    r = s1[0]
+    d = int(meta(r).shape[-1])
+    if call(anchor, torch.cat):
+        require(d % 2 == 0 and s1[1:] == (0, d // 2, 1) and s2[1:] == (d // 2, d, 1),
+                f"cat((-x[{s2[1]}:{s2[2]}], x[{s1[1]}:{s1[2]}])) is not rotate-half of a {d}-wide tensor")
+        return anchor, r, False, [x1, x2, neg, anchor]
+    flat = only_user(anchor)
+    is_flat = flat is not None and (
+        (flat.op == "call_method" and flat.target == "flatten") or call(flat, torch.flatten)) \
+        and flat.args[0] is anchor
+    start, end = (arg(flat, 1, "start_dim", 0), arg(flat, 2, "end_dim", -1)) if is_flat else (None, None)
+    require(is_flat and start in (-2, nd - 2) and end in (-1, nd - 1),
+            "stack((-x2, x1), -1) is not flattened over its last two dims")
+    require(d % 2 == 0 and s1[1:] == (0, d, 2) and s2[1:] == (1, d, 2),
+            f"stack((-x[{s2[1]}::{s2[3]}], x[{s1[1]}::{s1[3]}])) is not the interleaved rotation")
+    return flat, r, True, [x1, x2, neg, anchor, flat]
+
+
+def _upcast_source(n, allowed_users):
+    """n's input when n is an fp32 upcast of an fp16/bf16 tensor used only by `allowed_users`, else None."""
+    if cast_dtype(n) == torch.float32 and meta(n.args[0]).dtype in _LOW and set(n.users) <= set(allowed_users):
+        return n.args[0]
+    return None
+
+
+def _partial(x, x_users, out):
+    """(y, pass slice, cat) if x = y[..., :r] and out is only used by cat([out, y[..., r:]], -1), else None."""
+    s = _last_dim_slice(x)
+    cat = only_user(out)
+    if s is None or cat is None or not call(cat, torch.cat) or set(x.users) != set(x_users):
+        return None
+    y, start, stop, step = s
+    d = int(meta(y).shape[-1])
+    seq, dim = cat.args[0] if cat.args else cat.kwargs.get("tensors"), arg(cat, 1, "dim", 0)
+    if not (start == 0 and step == 1 and stop < d and dim in (-1, meta(cat).dim() - 1)
+            and isinstance(seq, (list, tuple)) and len(seq) == 2 and seq[0] is out):
+        return None
+    p = _last_dim_slice(seq[1])
+    if p is None or p != (y, stop, d, 1) or len(seq[1].users) != 1:
+        return None
+    return y, seq[1], cat
+
+
+def _unit(anchor) -> _Unit:
+    rot, r, interleaved, nodes = _rotation(anchor)
+    mul_s = only_user(rot)
+    require(mul_s is not None and call(mul_s, torch.mul), "rotated tensor is not only multiplied by sin")
+    sin = other_operand(mul_s, rot)
+    add = only_user(mul_s)
+    require(add is not None and call(add, torch.add) and len(add.args) == 2 and not add.kwargs,
+            "rotate(x) * sin is not only added to x * cos")
+    mul_c = other_operand(add, mul_s)
+    require(call(mul_c, torch.mul) and other_operand(mul_c, r) is not None,
+            "rotate(x) * sin is not added to (x * cos) of the same x")
+    cos = other_operand(mul_c, r)
+    require(isinstance(cos, fx.Node) and isinstance(sin, fx.Node) and cos is not r,
+            "cos/sin are not tensors")
+    mc, ms = meta(cos), meta(sin)
+    require(isinstance(mc, torch.Tensor) and isinstance(ms, torch.Tensor), "cos/sin are not tensors")
+    require(not mc.requires_grad and not ms.requires_grad,
+            "cos/sin require grad (fxopt::rope computes no cos/sin gradients; HF derives them from a buffer)")
+    mid, mr = meta(mul_c).dtype, meta(r)
+    require(meta(mul_s).dtype == mid and meta(add).dtype == mid and mid in _FLOATS,
+            f"x*cos, rot*sin, sum in dtypes {mid}/{meta(mul_s).dtype}/{meta(add).dtype} (need one of fp16/bf16/fp32)")
+    require(mr.dtype in _FLOATS and mc.dtype in _FLOATS and ms.dtype in _FLOATS,
+            f"x/cos/sin dtypes {mr.dtype}/{mc.dtype}/{ms.dtype} not supported")
+    require(meta(add).shape == mr.shape, f"cos/sin broadcast x {tuple(mr.shape)} to {tuple(meta(add).shape)}")
+    nodes += [mul_s, mul_c, add]
+    x, users, out = r, [mul_c, nodes[0], nodes[1]], add
+    src = _upcast_source(x, users)
+    if src is not None:            # q.float() * cos ...: the kernel upcasts itself
+        nodes.append(x)
+        x, users = src, [x]
+    fold = _partial(x, users, out)
+    if fold is not None:           # partial rotary: cat([rope(y[..., :r]), y[..., r:]], -1)
+        y, pass_node, cat = fold
+        nodes += [x, pass_node, cat]
+        x, out = y, cat
+        src = _upcast_source(x, [nodes[-3], pass_node])
+        if src is not None:
+            nodes.append(x)
+            x = src
+    c = only_user(out)
+    if c is not None and meta(out).dtype == torch.float32 and cast_dtype(c) in _LOW:
+        nodes.append(c)            # q_embed.to(bf16): one more rounding, done by the kernel's store
+        out = c
+    reason = single_use([n for n in nodes if n is not out], set(nodes))
+    require(reason is None, reason or "")
+    try:
+        _ops.plan_dims(meta(x).shape, None, mc.shape, ms.shape)
+    except ValueError as e:
+        raise NoMatch(str(e)) from None
+    return _Unit(anchor, x, cos, sin, interleaved, mid, mr.dtype, out, nodes)
+
+
+def _key(u: _Unit):
+    return (u.sin, u.interleaved, u.mid, u.grad_dtype, meta(u.out).dtype, meta(u.x).dtype)
+
+
+def _partner_anchors(u: _Unit):
+    """Rotation anchors of other `x * cos` products with u's cos."""
+    for m in list(u.cos.users):
+        if m in u.nodes or not call(m, torch.mul):
+            continue
+        add = only_user(m)
+        mul_s = other_operand(add, m) if add is not None and call(add, torch.add) else None
+        if not call(mul_s, torch.mul):
+            continue
+        for rot in mul_s.args:
+            if isinstance(rot, fx.Node) and (rot.op == "call_method" and rot.target == "flatten"
+                                             or call(rot, torch.flatten)):
+                rot = rot.args[0]
+            if call(rot, torch.cat, torch.stack) and _is_neg_first(rot):
+                yield rot
+
+
+def _pair(u: _Unit, positions):
+    """(partner unit, insertion node) for u, or (None, u.out)."""
+    for anchor in _partner_anchors(u):
+        try:
+            v = _unit(anchor)
+        except NoMatch:
+            continue
+        if v.cos is not u.cos or _key(v) != _key(u):
+            continue
+        try:
+            _ops.plan_dims(meta(u.x).shape, meta(v.x).shape, meta(u.cos).shape, meta(u.sin).shape)
+        except ValueError:
+            continue
+        before = min((u.out, v.out), key=positions.__getitem__)
+        if all(positions[n] < positions[before] for n in (u.x, v.x, u.cos, u.sin)):
+            return v, before
+    return None, u.out
+
+
+def match_rope(anchor):
+    u = _unit(anchor)
+    positions = {n: i for i, n in enumerate(anchor.graph.nodes)}
+    v, before = _pair(u, positions)
+    return Match(anchor=anchor, output=u.out, nodes=u.nodes + (v.nodes if v else []),
+                 params=dict(units=[u] + ([v] if v else []), before=before))
+
+
+def replace_rope(graph, m):
+    units, before = m.params["units"], m.params["before"]
+    u, v = units[0], (units[1] if len(units) > 1 else None)
+    args = (u.x, v.x if v else None, u.cos, u.sin, u.interleaved, u.mid, u.grad_dtype, meta(u.out).dtype)
+    yq, yk = insert_op(graph, before, torch.ops.fxopt.rope.default, args, n_outputs=2)
+    replace_output(graph, Match(u.anchor, u.out, u.nodes, {}), yq)
+    if v is not None:
+        replace_output(graph, Match(v.anchor, v.out, v.nodes, {}), yk)
+    else:
+        graph.erase_node(yk)
+    return yq
+
+
+ROPE = Pattern("rope", _candidates, match_rope, replace_rope)
