@@ -4,3 +4,4 @@ from fxopt.kernels import gated_mlp  # noqa: F401  (registers torch.ops.fxopt.ga
 from fxopt.kernels import rope  # noqa: F401  (registers torch.ops.fxopt.rope*)
 from fxopt.kernels import lora  # noqa: F401  (registers torch.ops.fxopt.lora*, lora_nf4*; nf4.py holds the GEMM)
 from fxopt.kernels import linear_cross_entropy  # noqa: F401  (registers torch.ops.fxopt.linear_cross_entropy)
+from fxopt.kernels import attention  # noqa: F401  (registers torch.ops.fxopt.attention, attention_backward)

@@ -1,0 +1,327 @@
+"""attention: scaled_dot_product_attention or the eager chain -> fxopt::attention (see docs/attention.md).
+
+SDPA (anchor): F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal, scale, enable_gqa).
+Eager (anchor = softmax):
+  matmul(q [*s], K^T [*s]) [*s | /s]* [c * tanh(. / c)] [+ mask | masked_fill(cond, -big) | where(cond, ., -big)]
+  -> softmax(-1 [, fp32]) [.to(dtype)] [dropout(p=0 | eval)] -> matmul(., V)
+K, V: the un-repeated kv heads when they went through repeat_kv (x[:, :, None].expand(..).reshape(..)) or
+repeat_interleave(n, dim=1): the kernel maps q head h to kv head h // n. Dtype casts inside the chain are absorbed
+(the kernel keeps scores in fp32, as SDPA does). The mask is classified by fxopt/patterns/attention_mask.py.
+Dropout with p > 0 in training is not fused: rejected with a reason.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from fxopt.kernels import attention as _ops  # noqa: F401  (registers the op)
+from fxopt.normalize import meta
+from fxopt.patterns.attention_mask import classify
+from fxopt.patterns.match import (Match, NoMatch, Pattern, arg, call, cast_dtype, insert_op, number, only_user,
+                                  replace_output, require, split_scalar)
+
+log = logging.getLogger("fxopt.patterns.attention")
+
+_SDPA = (torch._C._nn.scaled_dot_product_attention,)
+_SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+_DROPOUT = (torch.nn.functional.dropout, torch.dropout)
+_MATMUL = (torch.matmul, operator.matmul)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _method(node, *names) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def _candidates(graph):
+    return [n for n in graph.nodes if call(n, *_SDPA, *_SOFTMAX)]
+
+
+def _shape(node):
+    v = meta(node)
+    require(isinstance(v, torch.Tensor), f"{getattr(node, 'name', node)} has no tensor metadata")
+    return tuple(v.shape)
+
+
+# ---- k / v: look through repeat_kv ----
+
+def _unrepeat(node: fx.Node):
+    """(un-repeated kv node, repeat nodes) for repeat_kv / repeat_interleave(dim=1); (node, []) otherwise."""
+    if call(node, torch.repeat_interleave) and number(arg(node, 1, "repeats")) and \
+            arg(node, 2, "dim") in (1, -3) and len(_shape(node)) == 4:
+        return node.args[0], [node]
+    if not (_method(node, "reshape", "view") or call(node, torch.reshape)):
+        return node, []
+    e = node.args[0]
+    if not (_method(e, "expand") and isinstance(e.args[0], fx.Node)):
+        return node, []
+    u = e.args[0]
+    if call(u, operator.getitem) and isinstance(u.args[1], tuple) and len(u.args[1]) >= 3 and \
+            u.args[1][2] is None and all(s == slice(None) for s in u.args[1][:2]) and \
+            all(s == slice(None) for s in u.args[1][3:]):
+        base = u.args[0]
+    elif call(u, torch.unsqueeze) and arg(u, 1, "dim") in (2, -3):
+        base = u.args[0]
+    else:
+        return node, []
+    bs, es, rs = _shape(base), _shape(e), _shape(node)
+    if len(bs) == 4 and len(es) == 5 and es[:2] == bs[:2] and es[3:] == bs[2:] and \
+            rs == (bs[0], bs[1] * es[2], bs[2], bs[3]):
+        return base, [node, e, u]
+    return node, []
+
+
+def _check_qkv(q, k, v):
+    qs, ks, vs = _shape(q), _shape(k), _shape(v)
+    require(len(qs) == 4 and len(ks) == 4 and len(vs) == 4, f"q/k/v are not 4-D [B, H, S, D] ({qs}, {ks}, {vs})")
+    require(ks == vs, f"k {ks} and v {vs} shapes differ")
+    if all(isinstance(s, int) for s in (qs[1], ks[1], qs[3], ks[3])):   # symbolic (dynamic=True): checked at run
+        require(qs[3] == ks[3], f"q {qs} and k {ks} differ in head dim")
+        require(qs[1] % ks[1] == 0, f"{qs[1]} q heads are not a multiple of {ks[1]} kv heads")
+        require(qs[3] <= MAX_HEAD_DIM, f"head dim {qs[3]} > {MAX_HEAD_DIM}")
+    dts = {meta(q).dtype, meta(k).dtype, meta(v).dtype}
+    require(len(dts) == 1 and next(iter(dts)) in _FLOATS, f"q/k/v dtypes {sorted(map(str, dts))} not one float type")
+    return qs, ks
+
+
+def _mask_params(mask, qs, ks, allowed_is_not=False):
+    """(mask node or None, causal, window, why) for a mask operand."""
+    mv = meta(mask)
+    require(isinstance(mv, torch.Tensor), "mask is not a tensor")
+    require(not mv.requires_grad, "attention mask requires grad (its gradient is not computed)")
+    require(mv.dtype == torch.bool or mv.is_floating_point(), f"mask dtype {mv.dtype}")
+    # the original add / SDPA accepted it, so it broadcasts to the 4-D scores
+    require(mv.dim() <= 4, f"{mv.dim()}-D mask")
+    info = classify(mask, qs[2], ks[2], allowed_is_not)
+    return (mask if info.tensor else None), info.causal, info.window, info.why
+
+
+# ---- SDPA ----
+
+def _dropout_p(p):
+    require(number(p), f"dropout_p is not a constant ({p})")
+    require(p == 0, f"dropout p={p} in training is not fused (fxopt attention has no dropout; docs/attention.md)")
+
+
+def match_sdpa(n):
+    q, k, v = n.args[:3]
+    mask = arg(n, 3, "attn_mask")
+    _dropout_p(arg(n, 4, "dropout_p", 0.0))
+    is_causal = arg(n, 5, "is_causal", False)
+    scale = arg(n, 6, "scale", None)
+    require(isinstance(is_causal, bool), "is_causal is not a constant")
+    require(scale is None or number(scale), "scale is not a constant")
+    k0, krep = _unrepeat(k)
+    v0, vrep = _unrepeat(v)
+    if _shape(k0)[1] != _shape(v0)[1]:
+        k0, krep, v0, vrep = k, [], v, []
+    qs, ks = _check_qkv(q, k0, v0)
+    tmask, causal, window, why = None, bool(is_causal), 0, "is_causal" if is_causal else "no mask"
+    if isinstance(mask, fx.Node):
+        tmask, causal, window, why = _mask_params(mask, qs, ks)
+    require(scale is not None or isinstance(qs[3], int), "default scale with a symbolic head dim")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(qs[3])
+    return Match(anchor=n, output=n, nodes=[n, *krep, *vrep],
+                 params=dict(q=q, k=k0, v=v0, mask=tmask, invert=False, scale=scale, causal=causal, window=window,
+                             softcap=0.0, why=why))
+
+
+# ---- eager ----
+
+def _skip_casts(node):
+    while cast_dtype(node) in _FLOATS:
+        node = node.args[0]
+    return node
+
+
+def _scalar_factor(node):
+    """(input, factor) if node is x * c or x / c with a constant c, else (None, None)."""
+    if call(node, torch.mul, torch.div):
+        t, c = split_scalar(node)
+        if t is not None and (call(node, torch.mul) or node.args[0] is t):
+            if call(node, torch.div):
+                return (t, 1.0 / c) if c != 0 else (None, None)
+            return t, float(c)
+    return None, None
+
+
+def _softcap(node):
+    """(input, c, nodes) of c * tanh(x / c) (also x * (1/c)), else (node, 0.0, [])."""
+    t, c_out = _scalar_factor(node)
+    if t is None or not call(t, torch.tanh):
+        return node, 0.0, []
+    inner, f = _scalar_factor(t.args[0])
+    if inner is None or f <= 0 or not math.isclose(c_out * f, 1.0, rel_tol=1e-6):
+        return node, 0.0, []
+    return inner, c_out, [node, t, t.args[0]]
+
+
+def _key_transposed(kt):
+    """k from k^T (transpose of the last two dims or permute(0, 1, 3, 2)), else None."""
+    if call(kt, torch.transpose):
+        dims = kt.args[1:3]
+    elif _method(kt, "permute"):
+        dims = kt.args[1:] if len(kt.args) > 2 else kt.args[1]
+    else:
+        return None
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    dims = tuple(d % 4 for d in dims)
+    return kt.args[0] if dims in ((2, 3), (3, 2), (0, 1, 3, 2)) else None
+
+
+def _mask_step(node):
+    """(scores input, mask node, allowed_is_not) of the mask application at `node`, else None."""
+    if call(node, torch.add) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+        a, b = node.args
+        sa = _reaches_matmul(a)
+        require(sa or _reaches_matmul(b), "softmax input is not (scores + mask)")
+        return (a, b, False) if sa else (b, a, False)
+    if call(node, torch.masked_fill):
+        val = arg(node, 2, "value")
+        require(number(val) and val <= -1.0e4, f"masked_fill value {val} is not a large negative number")
+        return node.args[0], node.args[1], True
+    if call(node, torch.where) and len(node.args) == 3:
+        c, a, b = node.args
+        if number(b) and b <= -1.0e4 and isinstance(a, fx.Node):
+            return a, c, False
+        if number(a) and a <= -1.0e4 and isinstance(b, fx.Node):
+            return b, c, True
+    return None
+
+
+def _walk_scores(x):
+    """From the softmax input back to matmul(q, k^T): (matmul, scale, softcap, mask, invert, nodes)."""
+    nodes, mask, invert = [], None, False
+    x0 = _skip_casts(x)
+    nodes += _between(x, x0)
+    step = _mask_step(x0)
+    if step is not None:
+        x1, mask, invert = step
+        nodes.append(x0)
+    else:
+        x1 = x0
+    x2 = _skip_casts(x1)
+    nodes += _between(x1, x2)
+    x3, cap, capnodes = _softcap(x2)
+    nodes += capnodes
+    scale = 1.0
+    while True:
+        x4 = _skip_casts(x3)
+        nodes += _between(x3, x4)
+        inner, f = _scalar_factor(x4)
+        if inner is None:
+            break
+        scale *= f
+        nodes.append(x4)
+        x3 = inner
+    require(call(x3, *_MATMUL), f"softmax input does not come from matmul(q, k^T) ({x3.target})")
+    return x3, scale, cap, mask, invert, nodes
+
+
+def _between(a, b):
+    out = []
+    while a is not b:
+        out.append(a)
+        a = a.args[0]
+    return out
+
+
+def _reaches_matmul(x, depth=12):
+    for _ in range(depth):
+        if not isinstance(x, fx.Node):
+            return False
+        if call(x, *_MATMUL):
+            return True
+        if not x.args or not isinstance(x.args[0], fx.Node):
+            return False
+        x = x.args[0]
+    return False
+
+
+def _scaled(node):
+    """(x, factor) of x [* s | / s]*."""
+    f = 1.0
+    while True:
+        inner, g = _scalar_factor(node)
+        if inner is None:
+            return node, f
+        f *= g
+        node = inner
+
+
+def match_eager(sm):
+    dim = arg(sm, 1, "dim")
+    x = sm.args[0]
+    require(isinstance(x, fx.Node) and len(_shape(x)) == 4, "softmax input is not 4-D scores")
+    require(dim in (-1, 3), f"softmax over dim {dim}, not the key dim")
+    mm1, scale, cap, mask, invert, chain = _walk_scores(x)
+    q_in, kt = mm1.args[:2]
+    q, sq = _scaled(q_in)
+    k_in = _key_transposed(_skip_casts(kt))
+    require(k_in is not None, "first matmul's rhs is not k^T")
+    k, sk = _scaled(k_in)
+    k0, krep = _unrepeat(k)
+    # forward: softmax [-> cast] [-> dropout] -> matmul(., v)
+    cur, tail = sm, []
+    while True:
+        nxt = only_user(cur)
+        require(nxt is not None, f"attention probabilities {cur.name} have several users (output_attentions?)")
+        if cast_dtype(nxt) in _FLOATS:
+            pass
+        elif call(nxt, *_DROPOUT):
+            training = arg(nxt, 2, "training", True)
+            require(isinstance(training, bool), "dropout training flag is not a constant")
+            if training:
+                _dropout_p(arg(nxt, 1, "p", 0.5))
+        else:
+            break
+        tail.append(nxt)
+        cur = nxt
+    require(call(nxt, *_MATMUL) and nxt.args[0] is cur, "softmax result is not multiplied by v")
+    v0, vrep = _unrepeat(nxt.args[1])
+    if _shape(k0)[1] != _shape(v0)[1]:
+        k0, krep, v0, vrep = k, [], nxt.args[1], []
+    qs, ks = _check_qkv(q, k0, v0)
+    require(meta(nxt).dtype == meta(q).dtype, f"output dtype {meta(nxt).dtype} differs from q's {meta(q).dtype}")
+    for n in (mm1, *chain):
+        require(len(n.users) == 1, f"intermediate {n.name} is also used outside the attention")
+    tmask, causal, window, why = None, False, 0, "no mask"
+    if mask is not None:
+        tmask, causal, window, why = _mask_params(mask, qs, ks, invert)
+    nodes = [nxt, *tail, sm, *chain, mm1, *krep, *vrep]
+    return Match(anchor=sm, output=nxt, nodes=nodes,
+                 params=dict(q=q, k=k0, v=v0, mask=tmask, invert=invert and tmask is not None,
+                             scale=scale * sq * sk, causal=causal, window=window, softcap=cap, why=why))
+
+
+def match_attention(n):
+    try:
+        return match_sdpa(n) if call(n, *_SDPA) else match_eager(n)
+    except NoMatch:
+        raise
+    except Exception as e:  # noqa: BLE001 - an unexpected graph shape rejects this candidate, not the whole pass
+        return f"unexpected graph ({type(e).__name__}: {e})"
+
+
+def replace_attention(graph, m):
+    p = m.params
+    mask = p["mask"]
+    if mask is not None and p["invert"]:
+        mask = insert_op(graph, m.output, torch.logical_not, (mask,))
+    out, _lse = insert_op(graph, m.output, torch.ops.fxopt.attention.default,
+                          (p["q"], p["k"], p["v"], mask, p["scale"], p["causal"], int(p["window"]),
+                           float(p["softcap"])), n_outputs=2)
+    replace_output(graph, m, out)
+    log.info("attention %s -> fxopt::attention (triton flash): causal=%s window=%s softcap=%s mask=%s (%s)",
+             m.anchor.name, p["causal"], p["window"], p["softcap"], "tensor" if mask is not None else "none",
+             p["why"])
+    return out
+
+
+ATTENTION = Pattern("attention", _candidates, match_attention, replace_attention)

@@ -1,0 +1,232 @@
+"""What an attention mask in the graph allows: causal / sliding window (the kernel skips blocks, reads no mask), or a
+tensor the kernel reads (padding, packed sequences, anything else).
+
+A mask computed only from constants (HF's `sdpa_mask`/`eager_mask`: arange, comparisons, and_, where(.., 0, min)) is
+evaluated once at compile time on its device and compared with the causal / window masks: this proves the pattern for
+the shapes the graph was specialized to, whatever ops built it. A mask that depends on graph inputs (a padding
+`attention_mask`, packed position ids, symbolic shapes) is passed to the kernel as a tensor; if one of its
+conjuncts (through and_ / expand / device moves / where(c, 0, -big)) is constant and contained in a causal/window
+mask, the flags are set as well so fully masked blocks are still skipped (mask & flags = mask).
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx as fx
+
+from fxopt.normalize import meta
+
+MAX_EVAL_NUMEL = 1 << 30        # larger constant masks are read as tensors instead of being evaluated
+_BIG_NEG = -1.0e4               # additive values at or below this mask (fxopt.kernels.attention.MASKED_BELOW)
+_IMPURE = ("rand", "dropout", "bernoulli", "normal", "empty", "uniform", "multinomial", "poisson", "exponential",
+           "cauchy", "geometric", "log_api_usage", "print", "assert")
+_AND = {operator.and_, torch.logical_and, torch.bitwise_and, torch.Tensor.__and__}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskInfo:
+    causal: bool = False
+    window: int = 0
+    tensor: bool = False        # the kernel must read the mask tensor
+    why: str = ""               # for the log: how the mask was classified
+
+
+def _name(target) -> str:
+    return getattr(target, "__name__", str(target))
+
+
+def _inplace(n: fx.Node) -> bool:
+    name = _name(n.target)
+    if n.op == "call_function" and getattr(n.target, "__module__", "") in ("_operator", "operator"):
+        return name.startswith("i")        # iadd, iand, ... (and_, or_ are not in-place)
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _constant_subgraph(node: fx.Node):
+    """Ancestors of `node` in graph order if none is a graph input or impure op (else None)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("placeholder", "call_module", "get_attr", "output"):
+            return None
+        name = _name(n.target).lower()
+        if any(w in name for w in _IMPURE):
+            return None
+        stack.extend(n.all_input_nodes)
+    for n in seen:   # an in-place op on an ancestor (not itself an ancestor) would change the value
+        if any(u not in seen and _inplace(u) for u in n.users):
+            return None
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def evaluate_constant(node: fx.Node):
+    """The real value of a node computed only from constants, or None."""
+    v = meta(node)
+    if not isinstance(v, torch.Tensor) or v.numel() > MAX_EVAL_NUMEL:
+        return None
+    if any(not isinstance(s, int) for s in v.shape):
+        return None
+    nodes = _constant_subgraph(node)
+    if nodes is None:
+        return None
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # pragma: no cover
+        import contextlib
+        unset_fake_temporarily = contextlib.nullcontext
+    env = {}
+    try:
+        with unset_fake_temporarily(), torch.no_grad():
+            for n in nodes:
+                args = fx.node.map_arg(n.args, env.__getitem__)
+                kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+                if n.op == "call_function":
+                    env[n] = n.target(*args, **kwargs)
+                else:
+                    env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+    except Exception:  # noqa: BLE001 - anything unexpected: treat the mask as unknown
+        return None
+    out = env[node]
+    return out if isinstance(out, torch.Tensor) and out.shape == v.shape else None
+
+
+def _allowed_of_value(t: torch.Tensor):
+    """Allowed positions of a bool or binary additive (0 / <= -1e4) mask value; None for a real bias."""
+    if t.dtype == torch.bool:
+        return t
+    if not t.is_floating_point():
+        return None
+    neg = t <= _BIG_NEG
+    return ~neg if bool(((t == 0) | neg).all()) else None
+
+
+def _as_rows(allowed: torch.Tensor, Sq: int, Sk: int):
+    """(any over leading dims [Sq, Sk], uniform over leading dims?)."""
+    a = allowed.expand(*allowed.shape[:-2], Sq, Sk) if allowed.dim() >= 2 else allowed.expand(Sq, Sk)
+    a = a.reshape(-1, Sq, Sk)
+    any_, all_ = a.any(0), a.all(0)
+    return any_, bool(torch.equal(any_, all_))
+
+
+def _flag_mask(Sq, Sk, causal, window, device):
+    i = torch.arange(Sq, device=device)[:, None]
+    j = torch.arange(Sk, device=device)[None, :]
+    ok = torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+    if causal:
+        ok = ok & (j <= i)
+    if window > 0:
+        ok = ok & (i - j < window)
+    return ok
+
+
+def _tightest_flags(rows: torch.Tensor, Sq: int, Sk: int):
+    """Smallest (causal, window) whose allowed set contains `rows` ([Sq, Sk] bool, Sq == Sk)."""
+    if Sq != Sk or not bool(rows.any()):
+        return False, 0
+    i = torch.arange(Sq, device=rows.device)[:, None]
+    j = torch.arange(Sk, device=rows.device)[None, :]
+    d = (i - j).expand(Sq, Sk)[rows]
+    causal = bool((d >= 0).all())
+    w = int(d.max()) + 1
+    return causal, (w if w < Sq else 0)
+
+
+def classify_constant(t: torch.Tensor, Sq: int, Sk: int):
+    """MaskInfo for a constant mask value: flags only when it is exactly causal/window, else read as a tensor."""
+    allowed = _allowed_of_value(t)
+    if allowed is None:
+        return MaskInfo(tensor=True, why="constant additive mask with non-binary values")
+    rows, uniform = _as_rows(allowed, Sq, Sk)
+    if not uniform:
+        return MaskInfo(tensor=True, why="constant mask that differs across batch/heads")
+    if bool(rows.all()):
+        return MaskInfo(why="constant mask that allows everything")
+    causal, window = _tightest_flags(rows, Sq, Sk)
+    if (causal or window) and torch.equal(rows, _flag_mask(Sq, Sk, causal, window, rows.device)):
+        return MaskInfo(causal=causal, window=window, why="constant mask == causal/window (evaluated)")
+    return MaskInfo(causal=causal, window=window, tensor=True, why="constant mask, not causal/window: read")
+
+
+def _transparent_input(n: fx.Node):
+    """For ops that keep each element's (q, k) position (broadcast, device move, bool cast), the input."""
+    if n.op == "call_method" and n.target == "expand":
+        return n.args[0]
+    if n.op == "call_method" and n.target in ("to", "contiguous") and isinstance(meta(n.args[0]), torch.Tensor) \
+            and meta(n.args[0]).shape == meta(n).shape and meta(n).dtype in (meta(n.args[0]).dtype, torch.bool):
+        return n.args[0]
+    if n.op == "call_function" and n.target is operator.getitem and isinstance(meta(n.args[0]), torch.Tensor) \
+            and meta(n.args[0]).shape == meta(n).shape:
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        if all(isinstance(s, slice) and s.start in (None, 0) and s.step in (None, 1) for s in idx):
+            return n.args[0]
+    return None
+
+
+def _conjuncts(n: fx.Node, out: list, depth=0):
+    """Nodes whose AND (after broadcasting) is the allowed set of bool mask `n`."""
+    if depth > 32:
+        out.append(n)
+        return
+    inner = _transparent_input(n) if isinstance(n, fx.Node) else None
+    if inner is not None:
+        return _conjuncts(inner, out, depth + 1)
+    if isinstance(n, fx.Node) and n.op == "call_function" and n.target in _AND and len(n.args) == 2:
+        for a in n.args:
+            if isinstance(a, fx.Node):
+                _conjuncts(a, out, depth + 1)
+        return
+    out.append(n)
+
+
+def _additive_to_bool(n: fx.Node):
+    """cond of an additive mask where(cond, 0, -big), else None."""
+    if n.op == "call_function" and n.target is torch.where and len(n.args) == 3:
+        c, a, b = n.args
+        if isinstance(a, fx.Node):
+            z = evaluate_constant(a)
+            a = 0 if z is not None and z.numel() == 1 and float(z) == 0 else a
+        if isinstance(b, fx.Node):
+            z = evaluate_constant(b)
+            b = float(z) if z is not None and z.numel() == 1 else b
+        if isinstance(c, fx.Node) and a == 0 and isinstance(b, (int, float)) and b <= _BIG_NEG:
+            return c
+    return None
+
+
+def classify(mask: fx.Node, Sq, Sk, allowed_is_not: bool = False) -> MaskInfo:
+    """MaskInfo of mask node `mask` (bool: True = attend, unless allowed_is_not; float: additive)."""
+    if not (isinstance(Sq, int) and isinstance(Sk, int)):
+        return MaskInfo(tensor=True, why="symbolic sequence length: mask read")
+    key = ("fxopt_attention_mask", str(Sq), str(Sk), allowed_is_not)
+    cached = mask.meta.get(key)
+    if cached is not None:
+        return cached
+    val = evaluate_constant(mask)
+    if val is not None:
+        info = classify_constant(~val if allowed_is_not else val, Sq, Sk)
+    else:
+        info = MaskInfo(tensor=True, why="mask depends on graph inputs: read")
+        root = _additive_to_bool(mask) if meta(mask).is_floating_point() else mask
+        if root is not None and not allowed_is_not:
+            parts = []
+            _conjuncts(root, parts)
+            causal, window = False, 0
+            for p in parts:
+                v = evaluate_constant(p) if isinstance(p, fx.Node) else None
+                if v is None or v.dtype != torch.bool or v.dim() < 2:
+                    continue
+                rows, _ = _as_rows(v, Sq, Sk)
+                c, w = _tightest_flags(rows, Sq, Sk)
+                if c or w:
+                    causal, window = causal or c, (min(window, w) if window and w else (window or w))
+            if causal or window:
+                info = MaskInfo(causal=causal, window=window, tensor=True,
+                                why="mask depends on graph inputs: read, with constant causal/window conjunct")
+    mask.meta[key] = info
+    return info

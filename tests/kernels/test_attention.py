@@ -1,0 +1,193 @@
+"""fxopt::attention (+ backward) vs float64 softmax attention (Triton interpreter on CPU, natively with -m gpu)."""
+import math
+
+import pytest
+import torch
+
+import fxopt  # noqa: F401
+from fxopt.kernels import attention as K
+from tests.helpers import rel
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """16x16 blocks under the interpreter so that a tiny sequence spans several blocks (all three loop phases)."""
+    monkeypatch.setattr(K, "INTERPRET_CONFIG", (16, 16, 4, 1))
+
+
+def _err(a, b):
+    """rel(a, b) with a floor on |b| (dq is exactly 0 for a single key)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / max(float(b.norm()), 0.1 * math.sqrt(b.numel())))
+
+
+def _truth(q, k, v, mask, scale, causal, window, softcap):
+    """float64 eager math (softmax, repeat_interleave for GQA) with autograd for the gradients."""
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    s = qd @ kd.repeat_interleave(g, 1).transpose(-1, -2) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    Sq, Sk = q.shape[2], k.shape[2]
+    i, j = torch.arange(Sq, device=q.device)[:, None], torch.arange(Sk, device=q.device)[None, :]
+    ok = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        ok &= j <= i
+    if window:
+        ok &= i - j < window
+    if mask is not None and mask.dtype == torch.bool:
+        ok = ok & mask
+    elif mask is not None:      # additive: values <= -1e4 mask (rows with no key left give 0, as SDPA)
+        ok = ok & (mask > -1e4)
+        s = s + mask.double().clamp(min=-1e4)
+    s = s.masked_fill(~ok, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)        # fully masked rows: 0 (the op's convention)
+    out = p @ vd.repeat_interleave(g, 1)
+    return out, (qd, kd, vd)
+
+
+def _inputs(B, Hq, Hkv, S, D, dtype, strided=False, Sk=None):
+    Sk = Sk or S
+    if strided:   # HF layout: [B, S, H, D] projections viewed as [B, H, S, D]
+        q = torch.randn(B, S, Hq, D, device=DEV, dtype=dtype).transpose(1, 2)
+        k = torch.randn(B, Sk, Hkv, D, device=DEV, dtype=dtype).transpose(1, 2)
+        v = torch.randn(B, Sk, Hkv, D, device=DEV, dtype=dtype).transpose(1, 2)
+    else:
+        q, k, v = (torch.randn(B, h, s, D, device=DEV, dtype=dtype) for h, s in ((Hq, S), (Hkv, Sk), (Hkv, Sk)))
+    return tuple(t.requires_grad_() for t in (q, k, v))
+
+
+CASES = [  # (B, Hq, Hkv, S, D, causal, window, softcap, mask, dtype, strided)
+    (2, 4, 2, 40, 16, True, 0, 0.0, None, torch.float32, False),
+    (1, 2, 2, 37, 16, False, 0, 0.0, None, torch.float32, True),
+    (1, 4, 1, 45, 16, True, 7, 0.0, None, torch.float32, False),
+    (1, 2, 1, 33, 16, True, 9, 4.0, None, torch.float32, True),
+    (1, 2, 2, 20, 16, False, 0, 3.0, None, torch.float32, False),
+    (1, 2, 1, 33, 64, True, 0, 0.0, None, torch.float32, False),
+    (1, 2, 1, 21, 80, True, 0, 0.0, None, torch.float32, True),
+    (1, 2, 1, 35, 16, False, 0, 0.0, "bool", torch.float32, False),
+    (2, 2, 1, 30, 16, True, 0, 0.0, "additive", torch.float32, False),
+    (1, 1, 1, 1, 16, True, 0, 0.0, None, torch.float32, False),
+    (1, 4, 2, 40, 16, True, 0, 0.0, None, torch.float16, True),
+    (1, 2, 1, 36, 80, True, 11, 5.0, "bool", torch.float16, False),
+]
+
+
+def _mask(kind, B, Hq, S, Sk, dtype):
+    if kind == "bool":   # [B, 1, S, Sk], every row keeps key 0 -> no fully masked row
+        m = torch.rand(B, 1, S, Sk, device=DEV) > 0.4
+        m[..., 0] = True
+        return m
+    if kind == "additive":
+        return torch.randn(1, Hq, S, Sk, device=DEV, dtype=dtype)
+    return None
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,S,D,causal,window,softcap,mask,dtype,strided", CASES)
+def test_forward_backward(B, Hq, Hkv, S, D, causal, window, softcap, mask, dtype, strided, no_fallback):
+    q, k, v = _inputs(B, Hq, Hkv, S, D, dtype, strided)
+    m = _mask(mask, B, Hq, S, S, dtype)
+    scale = 1.0 / math.sqrt(D)
+    out, lse = torch.ops.fxopt.attention(q, k, v, m, scale, causal, window, softcap)
+    ref, leaves = _truth(q, k, v, m, scale, causal, window, softcap)
+    assert out.shape == ref.shape and out.dtype == dtype and lse.dtype == torch.float32
+    assert out.transpose(1, 2).is_contiguous()   # [B, S, H, D] memory
+    assert rel(out, ref) <= TOL[dtype]
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    for name, a, b, like in zip("qkv", got, want, (q, k, v)):
+        assert a.shape == like.shape and a.dtype == dtype, name
+        assert _err(a, b) <= TOL[dtype] * 2, (name, _err(a, b))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[7], CASES[11]], ids=["gqa", "window-cap", "bool", "fp16"])
+def test_dq_atomic_mode(case, monkeypatch, no_fallback):
+    """dq added atomically by the dk/dv kernel (fp32 buffer) instead of the separate dq kernel."""
+    monkeypatch.setattr("fxopt.kernels.attention_bwd.DQ_MODE", "atomic")
+    test_forward_backward(*case, no_fallback=None)
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_fully_masked_rows_give_zero(additive, no_fallback):
+    q, k, v = _inputs(1, 2, 1, 20, 16, torch.float32)
+    m = torch.rand(1, 1, 20, 20, device=DEV) > 0.5
+    m[0, 0, 3] = False                      # row 3 sees nothing
+    m[0, 0, 5, 0] = True
+    if additive:                            # HF eager's form: where(allowed, 0, finfo.min)
+        m = torch.where(m, 0.0, torch.finfo(torch.float32).min)
+    out, lse = torch.ops.fxopt.attention(q, k, v, m, 0.25, False, 0, 0.0)
+    assert torch.all(out[:, :, 3] == 0) and torch.all(lse[:, :, 3] == float("-inf"))
+    ref, leaves = _truth(q, k, v, m, 0.25, False, 0, 0.0)
+    assert rel(out, ref) <= 2e-5
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    want = torch.autograd.grad(ref.sum(), leaves)
+    assert max(rel(a, b) for a, b in zip(grads, want)) <= 4e-5
+
+
+@pytest.mark.parametrize("causal,mask", [(False, "bool"), (True, None)])
+def test_cross_lengths(causal, mask, no_fallback):
+    """Sq != Sk (causal is top-left aligned, j <= i, as SDPA's is_causal)."""
+    q, _, _ = _inputs(1, 2, 1, 24, 16, torch.float32)
+    _, k, v = _inputs(1, 2, 1, 41, 16, torch.float32)
+    m = _mask(mask, 1, 2, 24, 41, torch.float32)
+    out, _ = torch.ops.fxopt.attention(q, k, v, m, 0.25, causal, 0, 0.0)
+    ref, leaves = _truth(q, k, v, m, 0.25, causal, 0, 0.0)
+    assert rel(out, ref) <= 2e-5
+    dout = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, leaves, dout.double())):
+        assert _err(a, b) <= 4e-5
+
+
+def test_reference_matches_truth(monkeypatch):
+    """The PyTorch reference (CPU without the interpreter) is the same math."""
+    monkeypatch.setattr(K, "use_triton", lambda *a: False)
+    monkeypatch.setattr("fxopt.kernels.attention_bwd.use_triton", lambda *a: False)
+    q, k, v = _inputs(2, 4, 2, 19, 16, torch.float32, strided=True)
+    m = _mask("bool", 2, 4, 19, 19, torch.float32)
+    out, _ = torch.ops.fxopt.attention(q, k, v, m, 0.3, True, 6, 2.5)
+    ref, leaves = _truth(q, k, v, m, 0.3, True, 6, 2.5)
+    assert rel(out, ref) <= 1e-6
+    dout = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, leaves, dout.double())):
+        assert rel(a, b) <= 1e-6
+
+
+def test_opcheck(no_fallback):
+    q, k, v = _inputs(1, 2, 1, 20, 16, torch.float32, strided=True)
+    m = _mask("bool", 1, 2, 20, 20, torch.float32)
+    torch.library.opcheck(torch.ops.fxopt.attention.default, (q, k, v, None, 0.25, True, 5, 0.0))
+    torch.library.opcheck(torch.ops.fxopt.attention.default, (q, k, v, m, 0.25, False, 0, 3.0))
+    out, lse = torch.ops.fxopt.attention(q, k, v, m, 0.25, False, 0, 3.0)
+    do = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.fxopt.attention_backward.default,
+                          (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, m, 0.25, False, 0, 3.0))
+
+
+GPU_CASES = [  # (D, dtype, causal, window, softcap, mask): every head dim, both half types, every mask kind
+    (64, torch.bfloat16, True, 0, 0.0, None),
+    (80, torch.bfloat16, True, 300, 30.0, None),
+    (96, torch.float16, False, 0, 0.0, "bool"),
+    (128, torch.bfloat16, True, 0, 0.0, "additive"),
+    (256, torch.bfloat16, True, 300, 50.0, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,dtype,causal,window,softcap,mask", GPU_CASES)
+def test_gpu_head_dims(D, dtype, causal, window, softcap, mask, no_fallback):
+    q, k, v = _inputs(2, 8, 2, 1000, D, dtype, strided=True)
+    m = _mask(mask, 2, 8, 1000, 1000, dtype)
+    scale = 1.0 / math.sqrt(D)
+    out, _ = torch.ops.fxopt.attention(q, k, v, m, scale, causal, window, softcap)
+    ref, leaves = _truth(q, k, v, m, scale, causal, window, softcap)
+    assert rel(out, ref) <= TOL[dtype]
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    for name, a, b in zip("qkv", got, want):
+        assert _err(a, b) <= 2 * TOL[dtype], (name, _err(a, b))
