@@ -21,19 +21,9 @@ from fxopt.kernels.registry import next_pow2, num_sms, register_cost, run_kernel
 def _mid_code(mid_dtype) -> int:
     return rounding_code(mid_dtype) if mid_dtype is not None else 0
 
-
-class _MidCodes:   # `_MID[dtype]` for kernels that share rms_norm's MID convention
-    def __getitem__(self, mid_dtype):
-        return _mid_code(mid_dtype)
-
-
-_MID = _MidCodes()
-
 if triton_available():
     import triton
     import triton.language as tl
-
-    _round_mid = round_to
 
     @triton.jit
     def _rms_norm_fwd(X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps, offset,

@@ -69,6 +69,9 @@ def match_rms_norm(r):
     require(mx.dtype == torch.float32, f"variance computed in {mx.dtype}, not fp32 "
             "(kernels compute in fp32; matching would change the numerics)")
     x = x32.args[0] if cast_dtype(x32) == torch.float32 else x32
+    for t in {x, x32}:
+        require(not (call(t, torch.sub) and call(t.args[1], torch.mean) and t.args[1].args[0] is t.args[0]),
+                "input is x - mean(x): a LayerNorm (left to layer_norm)")
     require(meta(x).dtype in _LOW + (torch.float32,), f"input dtype {meta(x).dtype} not supported")
     mul = only_user(r)
     require(mul is not None and call(mul, torch.mul) and other_operand(mul, r) is x32,

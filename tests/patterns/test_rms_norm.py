@@ -129,3 +129,11 @@ def test_disabled_pattern_is_not_matched(monkeypatch):
     assert "rms_norm" not in rep.matched or rep.matched["rms_norm"] == 0
     out, rep = _compile(LlamaForm(16), torch.randn(2, 16), patterns=["rope"])
     assert rep.matched.get("rms_norm", 0) == 0
+
+
+def test_centered_input_is_left_to_layer_norm():
+    def f(x):
+        xc = x - x.mean(-1, keepdim=True)
+        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5)
+    out, rep = _compile(f, torch.randn(4, 24), patterns=["rms_norm"])
+    assert rep.matched["rms_norm"] == 0 and any("LayerNorm" in r for r in _reasons(rep))
