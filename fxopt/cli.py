@@ -63,6 +63,43 @@ def demo(args) -> int:
     return 0 if ok else 1
 
 
+def plan(args) -> int:
+    """Memory plan for a transformers config: predicted peak, what to recompute, the largest seq that fits."""
+    import json
+
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        print("fxopt plan needs transformers: pip install 'fxopt[hf]'", file=sys.stderr)
+        return 2
+    import torch
+
+    from fxopt.config import parse_budget
+    from fxopt.recompute.model_plan import format_plan, plan_for_config
+    if args.config.endswith(".json"):
+        with open(args.config) as f:
+            d = json.load(f)
+        cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    else:
+        cfg = AutoConfig.from_pretrained(args.config)    # a local directory (no downloads here)
+    for kv in args.set or []:
+        k, v = kv.split("=", 1)
+        setattr(cfg, k, json.loads(v))
+    budget = args.budget
+    try:
+        budget = float(budget) if "." in budget and budget.replace(".", "", 1).isdigit() else \
+            int(budget) if budget.isdigit() else budget
+        parse_budget(budget)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    r = plan_for_config(cfg, args.batch, args.seq, budget, dtype=getattr(torch, args.dtype), lora_rank=args.lora_rank,
+                        fit=not args.no_fit)
+    r.pop("joint", None)
+    print(json.dumps(r, indent=1, default=str) if args.json else format_plan(r))
+    return 0 if r["feasible"] else 1
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="fxopt", description="fxopt: torch.compile backend for LLM fine-tuning")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -72,5 +109,19 @@ def main(argv=None) -> None:
     d.add_argument("--cpu", action="store_true", help="stay on the CPU even if CUDA is available")
     d.add_argument("--no-inductor", action="store_true", help="hand off to aot_eager instead of Inductor")
     d.set_defaults(fn=demo)
+    pl = sub.add_parser("plan", help="memory plan for a model config: predicted peak, recompute plan, largest seq")
+    pl.add_argument("config", help="a transformers config.json (with model_type) or a local model directory")
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--seq", type=int, default=2048)
+    pl.add_argument("--budget", required=True, help="bytes, a size like 12GiB, or a fraction like 0.5")
+    pl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    pl.add_argument("--lora-rank", type=int, default=0, help="LoRA on all linear layers (peft) instead of full FT")
+    pl.add_argument("--set", action="append", help="override a config field, e.g. --set num_hidden_layers=4")
+    pl.add_argument("--no-fit", action="store_true", help="one trace only (no largest-seq answer)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(fn=plan)
+    from fxopt import cli_bench, explain
+    explain.add_parser(sub)
+    cli_bench.add_parser(sub)
     args = p.parse_args(argv)
     sys.exit(args.fn(args))

@@ -5,6 +5,7 @@ compile, the original graph is compiled instead; `strict` turns each of these in
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -58,36 +59,24 @@ def _counting(compiler, graph_report, kind=None):
 
 
 def _compile(gm, example_inputs, config, graph_report):
+    """Hand-off: Inductor (or aot_eager); with a memory budget, fxopt's recompute planner is the partitioner."""
+    part, ctx = None, contextlib.nullcontext()
     if config.memory_budget is not None:
-        return _compile_with_budget(gm, example_inputs, config, graph_report)
-    if config.inductor:
-        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-        return compile_fx(gm, example_inputs, inner_compile=_counting(compile_fx_inner, graph_report))
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._dynamo.backends.debugging import boxed_nop
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    return aot_autograd(fw_compiler=_counting(boxed_nop, graph_report, "forward"),
-                        bw_compiler=_counting(boxed_nop, graph_report, "backward"),
-                        inference_compiler=_counting(boxed_nop, graph_report, "inference"),
-                        partition_fn=min_cut_rematerialization_partition,
-                        keep_inference_input_mutations=True)(gm, example_inputs)
-
-
-def _compile_with_budget(gm, example_inputs, config, graph_report):
-    """As _compile, with fxopt's recompute planner as the partitioner (fxopt/recompute/partition.py)."""
-    from fxopt.recompute import partition
-    part = partition.partitioner(config, graph_report)
-    with partition.autograd_cache_off():
+        from fxopt.recompute import partition
+        part, ctx = partition.partitioner(config, graph_report), partition.autograd_cache_off()
+    with ctx:
         if config.inductor:
             from torch._inductor.compile_fx import compile_fx, compile_fx_inner
             return compile_fx(gm, example_inputs, inner_compile=_counting(compile_fx_inner, graph_report),
-                              config_patches={"custom_partitioner_fn": part})
+                              config_patches={"custom_partitioner_fn": part} if part is not None else None)
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
         return aot_autograd(fw_compiler=_counting(boxed_nop, graph_report, "forward"),
                             bw_compiler=_counting(boxed_nop, graph_report, "backward"),
                             inference_compiler=_counting(boxed_nop, graph_report, "inference"),
-                            partition_fn=part, keep_inference_input_mutations=True)(gm, example_inputs)
+                            partition_fn=part or min_cut_rematerialization_partition,
+                            keep_inference_input_mutations=True)(gm, example_inputs)
 
 
 def _control_flow(e: BaseException) -> bool:
@@ -131,6 +120,8 @@ def _backend(gm, example_inputs, config, graph_report, cid):
         return _compile(gm, example_inputs, config, graph_report)
     try:
         return _compile(gm, example_inputs, config, graph_report)
+    except FxoptError:   # e.g. an infeasible memory budget: the user must hear it, not get a silent fallback
+        raise
     except Exception as e:  # noqa: BLE001
         if _control_flow(e):
             raise

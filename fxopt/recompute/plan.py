@@ -1,0 +1,161 @@
+"""The planner: which saved activations to recompute so that the predicted peak fits a budget, at least recompute time.
+
+Solver: greedy by bytes-per-second over "moves", each checked against the exact liveness model (cost.Joint).
+  move(g)   for a saved recomputable group g: recompute g and, transitively, every input group that is neither
+            saved nor already recomputed (a segment recomputed back to saved tensors, as checkpointing does);
+            gain = saved bytes it frees, cost = roofline time of the groups it adds. A second, shorter move
+            recomputes g alone and saves its missing inputs instead (gain = bytes(g) - bytes(new inputs)).
+  step      in order of gain/cost, take the first move that the exact model says lowers the peak (and the saved
+            bytes); if none does (within SCAN more), the first that lowers the saved bytes and keeps the peak (a
+            plateau: e.g. the peak sits in the last layer, whose recomputes are materialized right at the peak);
+            a move that raises the peak (its backward transient outweighs its saving) is rejected for good.
+            Stop at the first plan whose predicted peak <= budget.
+Why greedy and not a knapsack DP or an ILP: the exact objective (peak of a liveness schedule) is not additive over
+moves, so a DP on (bytes, time) would optimize a proxy anyway; the greedy re-checks every step on the exact model.
+When it is optimal: if moves are independent (a transformer: L identical layers, moves per layer disjoint) and the
+peak falls by each move's gain, this is the fractional-knapsack greedy, optimal for the relaxation, so its time is
+within one move (the last one taken) of the 0/1 optimum; with L copies of each move type the plan recomputes the
+best types in every layer and splits at most one type across layers.
+Monotone in the budget by construction: the sequence of plans does not depend on the budget (only where it stops),
+each accepted plan recomputes a superset of the previous one with a peak that does not rise.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from fxopt.errors import FxoptError
+from fxopt.recompute.cost import ACT, Joint, Sim
+
+
+class BudgetError(FxoptError, ValueError):
+    """The budget is below the smallest predicted peak the planner can reach."""
+
+    def __init__(self, budget: int, smallest: int, base: int):
+        self.budget, self.smallest, self.base = budget, smallest, base
+        super().__init__(f"fxopt memory_budget {fmt_bytes(budget)} ({budget} B) is infeasible: the smallest "
+                         f"achievable predicted peak is {fmt_bytes(smallest)} ({smallest} B); saving everything "
+                         f"needs {fmt_bytes(base)} ({base} B)")
+
+
+def fmt_bytes(n) -> str:
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n} B"
+
+
+@dataclasses.dataclass
+class Plan:
+    budget: int              # bytes (a float budget resolved against `base`)
+    base: Sim                # save everything
+    sim: Sim                 # the chosen plan
+    steps: int               # moves taken
+
+    def recompute_nodes(self, joint: Joint) -> list:
+        return [joint.groups[g].node for g in sorted(self.sim.recompute)]
+
+
+def resolve_budget(budget, base_peak: int) -> int:
+    """int bytes as given; float = fraction of the save-everything predicted peak."""
+    if isinstance(budget, float):
+        return int(budget * base_peak)
+    return int(budget)
+
+
+def _moves(joint: Joint, sim: Sim, sizes):
+    """Candidate moves from the state `sim`: (gain bytes, cost s, groups to add)."""
+    R = sim.recompute
+    saved = set(sim.saved)
+    out = []
+    gains_of = {}
+    for sid in sim.act_saved:
+        g = joint.storages[sid].group
+        if g is not None and not joint.groups[g].fixed:
+            gains_of.setdefault(g, 0)
+            gains_of[g] += sizes[sid]
+    for g, own in gains_of.items():
+        # segment back to saved tensors
+        members, stack, extra, seen_extra = [g], list(joint.groups[g].in_sids), 0, set()
+        seen = {g}
+        while stack:
+            sid = stack.pop()
+            st = joint.storages[sid]
+            if st.kind != ACT or sid in saved:
+                continue
+            h = st.group
+            if h is None or h in R or h in seen:
+                continue
+            if joint.groups[h].fixed:
+                if sid not in seen_extra:
+                    seen_extra.add(sid)
+                    extra += sizes[sid]
+                continue
+            seen.add(h)
+            members.append(h)
+            stack.extend(joint.groups[h].in_sids)
+        gain = own + sum(gains_of.get(h, 0) for h in members[1:]) - extra
+        cost = sum(joint.groups[h].time for h in members)
+        if gain > 0:
+            out.append((gain, cost, tuple(sorted(members))))
+        if len(members) > 1:   # g alone, its missing inputs saved instead
+            new_in = {s for s in joint.groups[g].in_sids if joint.storages[s].kind == ACT and s not in saved
+                      and joint.storages[s].group not in R}
+            gain1 = own - sum(sizes[s] for s in new_in)
+            if gain1 > 0:
+                out.append((gain1, joint.groups[g].time, (g,)))
+    out.sort(key=lambda m: (-m[0] / max(m[1], 1e-12), m[2]))
+    return out
+
+
+SCAN = 8   # moves simulated past the first one that keeps the peak, looking for one that lowers it
+
+
+def trajectory(joint: Joint, sizes=None, stop=None):
+    """Yield the plans (Sim) of the greedy, from save-everything on, until no move is accepted or stop(sim)."""
+    sizes = sizes or joint.sizes
+    sim = joint.simulate(frozenset(), sizes)
+    yield sim
+    rejected = set()
+    while not (stop and stop(sim)):
+        weak, tried_after_weak = None, 0
+        for gain, cost, members in _moves(joint, sim, sizes):
+            if members in rejected:
+                continue
+            if weak is not None:
+                tried_after_weak += 1
+                if tried_after_weak > SCAN:
+                    trial = weak
+                    break
+            trial = joint.simulate(sim.recompute | set(members), sizes)
+            if trial.saved_bytes >= sim.saved_bytes or trial.peak > sim.peak:
+                rejected.add(members)
+            elif trial.peak < sim.peak:
+                break
+            elif weak is None:
+                weak = trial
+        else:
+            if weak is None:
+                return
+            trial = weak           # nothing lowers the peak now: the best move that keeps it
+        sim = trial
+        yield sim
+
+
+def make_plan(joint: Joint, budget, sizes=None) -> Plan:
+    """The plan for `budget` (int bytes or float fraction); BudgetError when no plan fits."""
+    base = joint.simulate(frozenset(), sizes or joint.sizes)
+    target = resolve_budget(budget, base.peak)
+    last, steps = base, 0
+    for steps, sim in enumerate(trajectory(joint, sizes, stop=lambda s: s.peak <= target)):
+        last = sim
+    if last.peak > target:
+        raise BudgetError(target, last.peak, base.peak)
+    return Plan(target, base, last, steps)
+
+
+def smallest_peak(joint: Joint, sizes=None) -> Sim:
+    """The lowest predicted peak the planner reaches (every accepted move taken)."""
+    last = None
+    for last in trajectory(joint, sizes):
+        pass
+    return last

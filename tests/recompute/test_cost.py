@@ -1,0 +1,150 @@
+"""The memory/time model against what the partitioner and autograd really save (tiny models, aot_eager, CPU)."""
+import pytest
+import torch
+
+import fxopt
+from fxopt.recompute import cost, partition
+from fxopt.recompute.model_plan import capture_joint
+from tests.helpers import batch, tiny_model
+
+
+def _runtime_saved_bytes(cm, model, ids, labels):
+    """Bytes of the distinct storages autograd keeps for backward (parameters and inputs excluded)."""
+    cm(input_ids=ids, labels=labels).loss.backward()            # compile outside the hooks
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    skip |= {ids.untyped_storage().data_ptr(), labels.untyped_storage().data_ptr()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = cm(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return sum(seen.values()), len(seen)
+
+
+@pytest.mark.parametrize("patterns,budget", [(None, 1.0), (None, 0.75), ([], 0.6)])
+def test_predicted_saved_equals_partition_and_runtime(patterns, budget, fresh_dynamo):
+    """Predicted saved activations == the partitioned forward's saved outputs == what autograd really keeps."""
+    m = tiny_model("llama")
+    ids, labels = batch(s=64)
+    opts = {"inductor": False, "memory_budget": budget}
+    if patterns is not None:
+        opts["patterns"] = patterns
+    cm = torch.compile(m, backend="fxopt", options=opts)
+    nbytes, count = _runtime_saved_bytes(cm, m, ids, labels)
+    rep = fxopt.last_report()
+    assert rep.fallbacks == []
+    if patterns is None:
+        assert rep.matched["rms_norm"] == 5 and rep.matched["swiglu"] == 2
+    mem = rep.memory
+    last = partition.LAST
+    assert last["predicted"] == last["partitioned"]               # the same nodes, by name
+    assert mem["saved_bytes"] == nbytes and len(mem["saved"]) == count
+    assert mem["predicted_peak"] <= mem["budget"]
+    assert sum(s["bytes"] for s in mem["saved"]) == nbytes
+    if budget < 1.0:
+        assert mem["recomputed"] and mem["saved_bytes"] < mem["save_all_bytes"]
+
+
+def test_symbolic_sizes_follow_dynamic_shapes(fresh_dynamo):
+    """With a dynamic sequence the bytes are sympy expressions; at another length they equal a static trace's."""
+    m = tiny_model("llama")
+    ids, _ = batch(s=24)
+    dyn, _, _ = capture_joint(m, {"input_ids": ids, "labels": ids}, patterns=[],
+                              dynamic_dims={"input_ids": (1,)})
+    syms = dyn.symbols()
+    assert len(syms) == 1
+    s = next(iter(syms))
+    ids40, _ = batch(s=40)
+    static, _, _ = capture_joint(m, {"input_ids": ids40, "labels": ids40}, patterns=[])
+    sim_dyn = dyn.simulate(frozenset(), dyn.sizes_at({s: 40}))
+    sim_static = static.simulate(frozenset())
+    assert sim_dyn.saved_bytes == sim_static.saved_bytes
+    peak = dyn.peak_expr(dyn.simulate())
+    assert s in peak.free_symbols and int(peak.subs(s, 24)) == dyn.simulate().peak
+
+
+def test_costs_from_kernel_files_and_roofline(fresh_dynamo):
+    """fxopt ops take their cost from COSTS (bound by argument name); GEMMs get 2mnk; the rest bytes / copy."""
+    m = tiny_model("llama")
+    ids, _ = batch(s=64)
+    j, _, _ = capture_joint(m, {"input_ids": ids, "labels": ids})
+    by_op = {}
+    for g in j.groups:
+        by_op.setdefault(cost._op_name(g.node), g.node)
+    flops, nbytes, src = cost.op_flops_bytes(by_op["fxopt.rms_norm"])
+    assert src == "COSTS[rms_norm]" and flops == 4 * 2 * 64 * 64
+    flops, nbytes, src = cost.op_flops_bytes(by_op["aten.mm"])
+    a, b = [cost._val(x) for x in by_op["aten.mm"].args]
+    assert src == "roofline" and flops == 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    t = cost.op_time(by_op["aten.mm"])
+    assert t == pytest.approx(max(flops / cost.GEMM_FLOPS[torch.float32], nbytes / cost.COPY_BYTES))
+    # an op without a bindable cost falls back to its bytes
+    from fxopt.kernels.registry import COSTS
+    fn = COSTS.pop("rms_norm")
+    try:
+        assert cost.op_flops_bytes(by_op["fxopt.rms_norm"])[2] == "bytes"
+    finally:
+        COSTS["rms_norm"] = fn
+
+
+def test_every_forward_node_is_tagged(fresh_dynamo):
+    """No forward tensor op is left to the min-cut heuristics: aliases recompute, ops follow the plan."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    m = tiny_model("llama")
+    ids, labels = batch(s=32)
+    cm = torch.compile(m, backend="fxopt", options={"inductor": False, "memory_budget": 0.9})
+    cm(input_ids=ids, labels=labels).loss.backward()
+    j = partition.LAST["joint"]
+    rec = set(j.groups[g].node for g in partition.LAST["plan"].sim.recompute)
+    for n in j.fwd_order:
+        if n.op == "call_function" and isinstance(cost._val(n), (torch.Tensor, tuple, list)):
+            pol = n.meta.get("recompute")
+            assert pol in (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE), n
+            if n in rec:
+                assert pol == CheckpointPolicy.MUST_RECOMPUTE
+    assert rec
+
+
+def _cpu_alloc_peak(fn):
+    """Peak of CPU bytes allocated minus freed while fn() runs (the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        ev = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        ev.sort(key=lambda e: e.start_ns())
+        nbytes = [e.nbytes() for e in ev]
+    except AttributeError:
+        pytest.skip("this torch's profiler does not expose memory events")
+    cur = peak = 0
+    for n in nbytes:
+        cur += n
+        peak = max(peak, cur)
+    return peak
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.7])
+def test_predicted_peak_equals_measured_cpu_peak_aten_graph(budget, fresh_dynamo):
+    """aot_eager runs the aten graph op by op, as the model assumes: the measured CPU allocation peak of a step
+    (profiler memory events) equals the prediction. (fxopt ops on CPU run PyTorch references whose internal
+    temporaries the model does not count; with them the measured peak was 1.4-1.6x the prediction here.)"""
+    m = tiny_model("llama", hidden_size=128, intermediate_size=512, head_dim=32, vocab_size=256)
+    ids, labels = batch(vocab=256, b=2, s=256)
+    cm = torch.compile(m, backend="fxopt", options={"inductor": False, "memory_budget": budget, "patterns": []})
+    for _ in range(2):
+        cm(input_ids=ids, labels=labels).loss.backward()
+        m.zero_grad(set_to_none=True)
+    mem = fxopt.last_report().memory
+
+    def step():
+        out = cm(input_ids=ids, labels=labels)
+        out.loss.backward()
+
+    measured = _cpu_alloc_peak(step)
+    assert abs(measured / mem["predicted_peak"] - 1) <= 0.01, (measured, mem["predicted_peak"])

@@ -1,0 +1,136 @@
+"""The planner: monotone in the budget, a clear error below the smallest peak, training unchanged under a budget."""
+import re
+
+import pytest
+import torch
+
+import fxopt
+from fxopt.recompute import BudgetError, make_plan, smallest_peak
+from fxopt.recompute.cost import _op_name
+from fxopt.recompute.model_plan import capture_joint
+from fxopt.recompute.plan import trajectory
+from tests.helpers import batch, compare_with_eager, tiny_model
+
+
+@pytest.fixture(scope="module")
+def joint():
+    torch._dynamo.reset()
+    m = tiny_model("llama")
+    ids, _ = batch(s=64)
+    j, _, matched = capture_joint(m, {"input_ids": ids, "labels": ids})
+    torch._dynamo.reset()
+    assert matched["rms_norm"] == 5 and matched["attention"] == 2
+    return j
+
+
+def test_plan_is_monotone_in_the_budget(joint):
+    base, best = joint.simulate(), smallest_peak(joint)
+    assert best.peak < base.peak
+    prev = None
+    for k in range(11):
+        budget = int(base.peak - (base.peak - best.peak) * k / 10)
+        p = make_plan(joint, budget)
+        assert p.sim.peak <= budget
+        if prev is not None:   # smaller budget: a superset recomputed, peak not higher
+            assert prev.sim.recompute <= p.sim.recompute
+            assert len(p.sim.recomputed) >= len(prev.sim.recomputed)
+            assert p.sim.peak <= prev.sim.peak and p.sim.time >= prev.sim.time
+        prev = p
+    assert make_plan(joint, 1.0).sim.recompute == frozenset()
+    assert make_plan(joint, 1.0).sim.peak == base.peak
+
+
+def test_infeasible_budget_names_the_smallest(joint):
+    best = smallest_peak(joint)
+    with pytest.raises(BudgetError) as e:
+        make_plan(joint, best.peak - 1)
+    assert e.value.smallest == best.peak
+    assert f"smallest achievable predicted peak is" in str(e.value) and f"({best.peak} B)" in str(e.value)
+    assert isinstance(e.value, ValueError) and isinstance(e.value, fxopt.FxoptError)
+    assert make_plan(joint, best.peak).sim.peak == best.peak    # exactly the smallest is feasible
+
+
+def test_infeasible_budget_through_torch_compile(fresh_dynamo):
+    m = tiny_model("llama")
+    ids, labels = batch(s=32)
+    cm = torch.compile(m, backend="fxopt", options={"inductor": False, "memory_budget": 1000, "patterns": []})
+    with pytest.raises(Exception) as e:
+        cm(input_ids=ids, labels=labels)
+    msg = str(e.value)
+    assert "infeasible" in msg and re.search(r"smallest achievable predicted peak is .* \((\d+) B\)", msg), msg
+
+
+def test_cheap_ops_recomputed_before_attention_and_gemms(joint):
+    """Norms / activations / rope go first; attention (it keeps its logsumexp) and GEMMs only later."""
+    first = {}
+    for i, sim in enumerate(trajectory(joint)):
+        for g in sim.recompute:
+            first.setdefault(_op_name(joint.groups[g].node), i)
+    assert "fxopt.rms_norm" in first and "fxopt.gated_mlp" in first
+    if "fxopt.attention" in first:
+        assert first["fxopt.attention"] > first["fxopt.rms_norm"]
+        assert first["fxopt.attention"] > first["fxopt.gated_mlp"]
+    grp = next(g for g in joint.groups if _op_name(g.node) == "fxopt.attention")
+    assert len(grp.sids) == 2    # (out, logsumexp): saved or recomputed together, never the scores
+
+
+def test_tight_budget_trains_like_eager(joint, fresh_dynamo):
+    """Loss and every grad match eager with most activations recomputed (aot_eager)."""
+    budget = int(smallest_peak(joint).peak * 1.02)
+    m = tiny_model("llama")
+    worst, _ = compare_with_eager(m, options={"inductor": False, "memory_budget": budget}, steps=2, s=64)
+    mem = fxopt.last_report().memory
+    assert worst <= 1e-5, worst
+    assert mem["predicted_peak"] <= budget
+    ops = {r["op"] for r in mem["recomputed"]}
+    assert any(op.startswith("fxopt.") for op in ops), ops      # fxopt ops are recomputable when tagged
+    assert fxopt.last_report().fallbacks == []
+
+
+def test_inductor_with_budget(fresh_dynamo, no_fallback):
+    """The Inductor hand-off through custom_partitioner_fn: plan reported, loss and grads as eager."""
+    m = tiny_model("llama")
+    worst, _ = compare_with_eager(m, options={"memory_budget": 0.85}, steps=1, s=32)
+    rep = fxopt.last_report()
+    assert worst <= 1e-4, worst
+    assert rep.memory is not None and rep.memory["recomputed"], rep.memory
+    assert rep.memory["predicted_peak"] <= rep.memory["budget"]
+    assert sum(sum(g.compiled.values()) for g in rep._all()) == 2 and rep.fallbacks == []   # fwd + bwd
+    from fxopt.recompute import partition
+    assert partition.LAST["predicted"] == partition.LAST["partitioned"]   # after Inductor's joint passes too
+
+
+def test_no_budget_leaves_partition_alone(fresh_dynamo):
+    m = tiny_model("llama")
+    ids, labels = batch(s=16)
+    torch.compile(m, backend="fxopt", options={"inductor": False})(input_ids=ids, labels=labels).loss.backward()
+    assert fxopt.last_report().memory is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inductor", [True, False])
+@pytest.mark.parametrize("frac", [1.0, 0.8, 0.6])
+def test_gpu_measured_peak_within_10pct(frac, inductor, fresh_dynamo):
+    """H200: the measured step peak (max_memory_allocated - allocated before) is within +-10% of the prediction."""
+    m = tiny_model("llama", dtype=torch.bfloat16, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                   num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=32000).cuda()
+    ids = torch.randint(3, 32000, (4, 2048), device="cuda")
+    cm = torch.compile(m, backend="fxopt", options={"memory_budget": frac, "inductor": inductor})
+    for _ in range(2):
+        cm(input_ids=ids, labels=ids).loss.backward()
+        m.zero_grad(set_to_none=True)
+    rep = fxopt.last_report()
+    if any("BudgetError" in f.error for f in rep.fallbacks):
+        pytest.skip(f"budget {frac} infeasible for the rewritten graph: {rep.fallbacks}")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = cm(input_ids=ids, labels=ids)
+    out.loss.backward()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - before
+    mem = rep.memory
+    print(f"inductor {inductor} frac {frac}: budget {mem['budget']} predicted {mem['predicted_peak']} measured "
+          f"{measured} ratio {measured / mem['predicted_peak']:.3f} saved {mem['saved_bytes']} "
+          f"recomputed {len(mem['recomputed'])} at {mem['peak_at']}")
+    assert abs(measured / mem["predicted_peak"] - 1) <= 0.10
