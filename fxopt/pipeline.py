@@ -27,7 +27,20 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
 
 
 def run(gm: fx.GraphModule, config, graph_report, where: str) -> fx.GraphModule:
-    """1. normalize  2. every enabled pattern, in PATTERNS order. Mutates and returns `gm`."""
+    """1. normalize  2. every enabled pattern, in PATTERNS order. Mutates and returns `gm`.
+
+    Subgraph bodies of higher-order ops (activation checkpointing's `wrap_body_*`) get the same passes, so a
+    checkpointed layer is matched like a plain one.
+    """
+    bodies = [(name, m) for name, m in gm.named_modules() if m is not gm and isinstance(m, fx.GraphModule)]
+    for name, mod in [("", gm)] + bodies:
+        _run_graph(mod, config, graph_report, f"{where}/{name}" if name else where)
+    if bodies:
+        gm.recompile()
+    return gm
+
+
+def _run_graph(gm: fx.GraphModule, config, graph_report, where: str) -> None:
     counts = normalize(gm)
     log.info("%s: normalize %s", where, counts)
     for pattern in PATTERNS:
@@ -49,4 +62,3 @@ def run(gm: fx.GraphModule, config, graph_report, where: str) -> fx.GraphModule:
             continue
         graph_report.matched[pattern.name] += n
         log.info("%s: %s matched %d", where, pattern.name, n)
-    return gm
