@@ -60,8 +60,7 @@ def main(argv=None) -> dict:
             offline_text.tiny_llama(len(tok)).save_pretrained(folder)
         model = load_4bit(folder, args.compute_dtype)
         model.config.use_cache = False
-        # Checkpointing off: fxopt plans recomputation itself (memory_budget); HF checkpointing hides the layers
-        # inside checkpoint regions.
+        # Checkpointing off: fxopt can plan recomputation by cost itself (memory_budget).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(
             r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",

@@ -9,8 +9,8 @@ the layers (norms, RoPE, attention, MLP, LoRA) get fxopt's kernels, TRL keeps it
 Three settings matter (all below):
   - bf16 weights and bf16=False, not SFTConfig's default autocast: under autocast q/k/v reach attention in
     different dtypes and fxopt rejects it.
-  - gradient_checkpointing=False (SFTConfig turns it on by default): HF checkpointing hides each layer inside a
-    checkpoint region where fxopt cannot match; fxopt's `memory_budget` option plans recomputation instead.
+  - gradient_checkpointing=False (SFTConfig turns it on by default): fxopt's `memory_budget` option plans
+    recomputation by cost instead of recomputing whole layers (checkpointed layers are matched too).
   - sequences of one fixed length (pad_to_multiple_of=max_length): with varying lengths dynamo recompiles with
     symbolic shapes and fxopt rejects attention there ("symbolic q/k/v shapes").
 """
