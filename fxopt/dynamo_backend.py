@@ -67,8 +67,13 @@ def _compile(gm, example_inputs, config, graph_report):
     with ctx:
         if config.inductor:
             from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+            from fxopt.inductor_passes import config_patches
+            patches = config_patches()
+            if part is not None:
+                patches["custom_partitioner_fn"] = part
             return compile_fx(gm, example_inputs, inner_compile=_counting(compile_fx_inner, graph_report),
-                              config_patches={"custom_partitioner_fn": part} if part is not None else None)
+                              config_patches=patches or None)
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop
         from torch._functorch.partitioners import min_cut_rematerialization_partition
