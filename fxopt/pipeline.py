@@ -29,15 +29,29 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
 def run(gm: fx.GraphModule, config, graph_report, where: str) -> fx.GraphModule:
     """1. normalize  2. every enabled pattern, in PATTERNS order. Mutates and returns `gm`.
 
-    Subgraph bodies of higher-order ops (activation checkpointing's `wrap_body_*`) get the same passes, so a
-    checkpointed layer is matched like a plain one.
+    Bodies of activation-checkpoint regions get the same passes, so a checkpointed layer is matched like a plain one.
+    Other higher-order-op bodies (e.g. an autograd.Function's forward, whose backward body is separate) are left alone.
     """
-    bodies = [(name, m) for name, m in gm.named_modules() if m is not gm and isinstance(m, fx.GraphModule)]
+    bodies = [(name, getattr(gm, name)) for name in _checkpoint_bodies(gm)]
     for name, mod in [("", gm)] + bodies:
         _run_graph(mod, config, graph_report, f"{where}/{name}" if name else where)
     if bodies:
         gm.recompile()
     return gm
+
+
+_CHECKPOINT_HOPS = ("tag_activation_checkpoint", "wrap_activation_checkpoint")
+
+
+def _checkpoint_bodies(gm: fx.GraphModule) -> list:
+    names = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "__name__", str(n.target)) in _CHECKPOINT_HOPS and n.args \
+                and isinstance(n.args[0], fx.Node) and n.args[0].op == "get_attr":
+            body = getattr(gm, n.args[0].target, None)
+            if isinstance(body, fx.GraphModule) and n.args[0].target not in names:
+                names.append(n.args[0].target)
+    return names
 
 
 def _run_graph(gm: fx.GraphModule, config, graph_report, where: str) -> None:
