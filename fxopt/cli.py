@@ -123,5 +123,7 @@ def main(argv=None) -> None:
     from fxopt import cli_bench, explain
     explain.add_parser(sub)
     cli_bench.add_parser(sub)
+    from fxopt import finetune as _finetune
+    _finetune.add_parser(sub)
     args = p.parse_args(argv)
     sys.exit(args.fn(args))
