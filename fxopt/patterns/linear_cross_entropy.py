@@ -152,7 +152,8 @@ def match_linear_cross_entropy(ce):
     xv, wv, zv = meta(x), meta(w), meta(lin)
     require(isinstance(wv, torch.Tensor) and wv.dim() == 2 and wv.shape[0] == lv.shape[1],
             "linear weight is not [V, H] with the loss's V")
-    require(xv.dtype in _FLOATS and xv.dtype == wv.dtype == zv.dtype,
+    require(xv.dtype in _FLOATS, f"lm_head input dtype {xv.dtype} not supported (fp16/bf16/fp32)")
+    require(xv.dtype == wv.dtype == zv.dtype,
             f"linear dtypes x {xv.dtype}, W {wv.dtype}, out {zv.dtype} differ (autocast?)")
     require(xv.device == wv.device == tv.device, "x, weight and target on different devices")
     inside = set(chain) | {lin, ce}

@@ -162,6 +162,19 @@ def _gemm_4bit_params(g, operand=lambda n: n):
     return p
 
 
+_SIZE_METHODS = ("numel", "size", "dim")
+_SIZE_FNS = (operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.add,
+             operator.sub, operator.mul, operator.floordiv, operator.mod, operator.not_)
+
+
+def _size_query(n) -> bool:
+    """A size computation that yields no tensor (with dynamic shapes bnb's `A.numel() == 0` check is traced into
+    the forward body as numel + eq); it cannot change what the gemm computes."""
+    if not isinstance(meta(n), (int, bool, torch.SymInt, torch.SymBool)):
+        return False
+    return (n.op == "call_method" and n.target in _SIZE_METHODS) or (n.op == "call_function" and n.target in _SIZE_FNS)
+
+
 def _hop_gemm(getitem):
     """(params, nodes) of getitem(autograd_function_apply(fwd_body, ...), 0) whose forward is one gemm_4bit."""
     require(call(getitem, operator.getitem) and getitem.args[1] == 0, "not output 0 of an autograd function")
@@ -175,7 +188,8 @@ def _hop_gemm(getitem):
     allowed = {"placeholder", "output"}
     for n in body.graph.nodes:
         ok = n.op in allowed or n is gemms[0] or (n.op == "call_function" and n.target is torch._C._set_grad_enabled) \
-            or (n.op == "call_method" and n.target in ("view", "reshape") and n.args[0].op == "placeholder")
+            or (n.op == "call_method" and n.target in ("view", "reshape") and n.args[0].op == "placeholder") \
+            or _size_query(n)
         require(ok, f"autograd function forward does more than gemm_4bit ({n.format_node()[:80]})")
     leaves = torch.utils._pytree.tree_leaves(list(body.graph.nodes)[-1].args[0])
     require(leaves and leaves[0] is gemms[0], "autograd function output 0 is not the gemm_4bit result")
