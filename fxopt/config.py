@@ -65,8 +65,9 @@ def _bool(key, value):
     return value
 
 
-def parse(options: dict | None = None, mode: str | None = None, environ=os.environ) -> Config:
+def parse(options: dict | None = None, mode: str | None = None, environ=None) -> Config:
     """Validate the options dict of `torch.compile(..., backend="fxopt", options=...)`."""
+    environ = os.environ if environ is None else environ   # read at call time (os.environ may be replaced)
     options = dict(options or {})
     unknown = [k for k in options if k not in OPTION_KEYS]
     if unknown:
