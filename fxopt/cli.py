@@ -100,6 +100,92 @@ def plan(args) -> int:
     return 0 if r["feasible"] else 1
 
 
+def coverage(args) -> int:
+    """Tiny random models of many architectures compiled with fxopt: matched counts, rejections -> markdown."""
+    import json
+    import os
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("fxopt coverage needs transformers: pip install 'fxopt[hf]'", file=sys.stderr)
+        return 2
+    from fxopt import coverage as cov
+    from fxopt.config import PATTERNS
+    exp = cov.load_expectations()
+    if exp is None and not args.archs:
+        print("no tests/models/expectations.py next to this fxopt: name the model types with --archs",
+              file=sys.stderr)
+        return 2
+    known = exp.ARCHS if exp is not None else {}
+    archs = args.archs.split(",") if args.archs else list(known)
+    attns = args.attn.split(",") if args.attn else None
+    adapters = args.adapters.split(",")
+    cases = []
+    for a in archs:
+        supported = known[a].attn if a in known else ("sdpa", "eager")
+        for t in attns or supported:
+            if t not in supported:
+                continue
+            for d in adapters:
+                if a not in known or d in known[a].adapters:
+                    cases.append((a, t, d))
+    small = exp.SMALL if exp is not None else None
+    if small is None:
+        print("no SMALL config (tests/models/expectations.py) found", file=sys.stderr)
+        return 2
+    print(f"fxopt coverage: {len(cases)} cases ({len(archs)} architectures)", file=sys.stderr, flush=True)
+    import warnings
+
+    import transformers
+    transformers.logging.set_verbosity_error()
+    with warnings.catch_warnings():         # model/peft warnings would break the progress line
+        warnings.simplefilter("ignore")
+        results = cov.run_matrix(cases, small, spec=lambda a: exp.spec(a) if a in known else {}, ops=args.ops)
+    expected = (lambda a, t, d: exp.counts_for(a, t, d) if a in known else None) if exp is not None else None
+    cmd = "python -m fxopt coverage" + "".join(f" {x}" for x in (argv_tail(args)))
+    notes = [f"{a} `{p}`: {why}" for a in archs if a in known for p, why in known[a].xfail.items()]
+    md = cov.render_markdown(results, list(PATTERNS), expected, command=cmd, notes=notes,
+                             header=f"torch {_ver('torch')}, transformers {_ver('transformers')}, peft "
+                                    f"{_ver('peft')}; {_where_ops_ran(args.ops)}; {time.strftime('%Y-%m-%d')}.")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(md)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in results], f, indent=1)
+    bad = [r for r in results if cov.problems(r)]
+    for r in bad:
+        print(f"PROBLEM {r.label}: {'; '.join(cov.problems(r))}", file=sys.stderr)
+    print(f"wrote {args.out}: {len(results) - len(bad)}/{len(results)} cases without problems", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _where_ops_ran(ops=None):
+    import os
+    if ops == "reference" or (ops is None and os.environ.get("TRITON_INTERPRET") != "1"):
+        return "CPU, fxopt ops as their PyTorch references"
+    return "CPU, fxopt ops as Triton kernels under TRITON_INTERPRET=1"
+
+
+def _ver(dist):
+    import importlib.metadata as md
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "?"
+
+
+def argv_tail(args):
+    out = []
+    for flag, v in (("--archs", args.archs), ("--attn", args.attn), ("--ops", args.ops), ("--out", args.out)):
+        if v and not (flag == "--out" and v == "docs/coverage.md"):
+            out.append(f"{flag} {v}")
+    if args.adapters != "plain,lora":
+        out.append(f"--adapters {args.adapters}")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="fxopt", description="fxopt: torch.compile backend for LLM fine-tuning")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -125,5 +211,15 @@ def main(argv=None) -> None:
     cli_bench.add_parser(sub)
     from fxopt import finetune as _finetune
     _finetune.add_parser(sub)
+    cv = sub.add_parser("coverage", help="architecture x pattern matrix of tiny random models -> docs/coverage.md")
+    cv.add_argument("--archs", help="comma-separated model types (default: tests/models/expectations.py's list)")
+    cv.add_argument("--attn", help="comma-separated attention implementations (default: each model's supported)")
+    cv.add_argument("--adapters", default="plain,lora", help="plain and/or lora (peft r=4, all-linear)")
+    cv.add_argument("--out", default="docs/coverage.md")
+    cv.add_argument("--json", help="also write the raw results as JSON")
+    cv.add_argument("--ops", choices=["reference", "triton"],
+                    help="fxopt ops on CPU: PyTorch references, or Triton kernels in the interpreter (needs "
+                         "TRITON_INTERPRET=1 in the environment); default: as TRITON_INTERPRET says")
+    cv.set_defaults(fn=coverage)
     args = p.parse_args(argv)
     sys.exit(args.fn(args))

@@ -193,7 +193,7 @@ def layer_norm_backward_reference(dy, x, weight, mean, rstd, mid_dtype=None, nee
     g = dyf * weight.float() if weight is not None else dyf
     dx = r * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
     h = x.shape[-1]
-    dw = db = x.new_empty(0)
+    dw, db = x.new_empty(0), x.new_empty(0)   # two tensors: a custom op's outputs may not alias each other
     if weight is not None and need_dw:
         xm = xhat.to(mid_dtype).float() if mid_dtype is not None else xhat
         dw = (dyf * xm).reshape(-1, h).sum(0).to(weight.dtype).view(weight.shape)
