@@ -12,6 +12,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config, items):
+    # `slow` tests (bigger fuzz budgets, the full architecture matrix) run only when asked: -m slow or FXOPT_SLOW=1
+    if "slow" not in (config.getoption("markexpr") or "") and os.environ.get("FXOPT_SLOW") != "1":
+        skip_slow = pytest.mark.skip(reason="slow: run with -m slow or FXOPT_SLOW=1")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
