@@ -165,21 +165,22 @@ def test_graph_breaks_and_recompiles_in_one_report():
 
 def test_inductor_cache_is_keyed_by_fxopt_sources(monkeypatch):
     """A cached compile from another fxopt version must not be replayed (the ops' code is not in the graph)."""
-    import random
+    import uuid
 
     import fxopt.inductor_passes as P
-    eps = random.uniform(1e-6, 1e-5)     # a fresh graph for this run: the first compile is a cache miss
 
     def f(x, w):
         h = x.float()
-        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
     x, w = torch.randn(4, 32, requires_grad=True), torch.randn(32, requires_grad=True)
 
     def compiled_graphs():
         torch._dynamo.reset()
         torch.compile(f, backend="fxopt")(x, w).sum().backward()
         return fxopt.last_report().compiled()
+    run = uuid.uuid4().hex                 # a source hash no earlier run has cached
+    monkeypatch.setattr(P, "source_hash", lambda: f"fxopt-version-{run}")
     assert compiled_graphs() == {"forward": 1, "backward": 1}
     assert compiled_graphs() == {}                       # same sources: served from the cache
-    monkeypatch.setattr(P, "source_hash", lambda: "another-fxopt-version")
+    monkeypatch.setattr(P, "source_hash", lambda: f"fxopt-version-{run}-next")
     assert compiled_graphs() == {"forward": 1, "backward": 1}
