@@ -40,7 +40,6 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import fxopt
 
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,14 +67,7 @@ def main(argv=None) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         print(f"step {step}: loss {losses[-1]:.4f}", flush=True)
-    report = fxopt.last_report()
-    print(report)
-    assert report is not None and sum(report.matched.values()) > 0, "fxopt matched nothing"
-    k = max(1, len(losses) // 5)
-    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    print(f"loss: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
-    assert last < first, f"loss did not decrease: {first:.3f} -> {last:.3f}"
-    return dict(losses=losses, matched=report.matched, rejected=len(report.rejected))
+    return offline_text.check_run(losses)
 
 
 if __name__ == "__main__":

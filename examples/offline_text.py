@@ -68,3 +68,16 @@ def tiny_llama(vocab_size: int, layers: int = 2, hidden: int = 64, seed: int = 0
 def loss_curve(log_history) -> list[float]:
     """The training losses a Trainer logged (trainer.state.log_history)."""
     return [row["loss"] for row in log_history if "loss" in row]
+
+
+def check_run(losses: list[float]) -> dict:
+    """What every example asserts: fxopt matched something, and the loss went down (first vs last fifth)."""
+    import fxopt
+    report = fxopt.last_report()
+    print(report)
+    assert report is not None and sum(report.matched.values()) > 0, "fxopt matched nothing"
+    k = max(1, len(losses) // 5)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    print(f"loss: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
+    assert last < first, f"loss did not decrease: {first:.3f} -> {last:.3f}"
+    return dict(losses=losses, matched=report.matched, rejected=len(report.rejected))

@@ -93,14 +93,7 @@ def main(argv=None) -> dict:
     data = offline_text.token_blocks(tok, args.seq_len, n_blocks=args.steps * args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         losses = train(model, data, args, args.output_dir or tmp)
-    report = fxopt.last_report()
-    print(report)
-    assert report is not None and sum(report.matched.values()) > 0, "fxopt matched nothing"
-    k = max(1, len(losses) // 5)
-    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    print(f"loss: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
-    assert last < first, f"loss did not decrease: {first:.3f} -> {last:.3f}"
-    return dict(losses=losses, matched=report.matched, rejected=len(report.rejected))
+    return offline_text.check_run(losses)
 
 
 if __name__ == "__main__":

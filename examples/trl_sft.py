@@ -72,14 +72,7 @@ def main(argv=None) -> dict:
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok)
         trainer.train()
     losses = offline_text.loss_curve(trainer.state.log_history)
-    report = fxopt.last_report()
-    print(report)
-    assert report is not None and sum(report.matched.values()) > 0, "fxopt matched nothing"
-    k = max(1, len(losses) // 5)
-    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    print(f"loss: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
-    assert last < first, f"loss did not decrease: {first:.3f} -> {last:.3f}"
-    return dict(losses=losses, matched=report.matched, rejected=len(report.rejected))
+    return offline_text.check_run(losses)
 
 
 if __name__ == "__main__":
