@@ -40,7 +40,6 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model
