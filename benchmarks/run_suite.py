@@ -41,9 +41,12 @@ FULL = (
     + grid("qwen2-7b", "lora", ["eager", "fxopt", "inductor", "liger", "unsloth"], gcs=(True,), batch=2, timeout=480)
     + grid("qwen2-7b", "qlora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(True,), batch=2, timeout=480)
 )
+# One device call's worth of what is new: fxopt with and without a memory budget, plus a same-run eager baseline
+# (the anchors hold Inductor, Liger and unsloth at these shapes from the same kind of machine).
+STEP1B = grid("1b", "lora", ["eager", "fxopt", "fxopt:4GiB"], steps=6, warmup=2, timeout=240)
 # CPU smoke test of this machinery (shape "tiny", --device cpu): no GPU needed.
 SMOKE = grid("tiny", "lora", ["eager", "fxopt", "liger"], batch=2, seq=64, steps=3, warmup=1, timeout=300)
-SUITES = {"quick": QUICK, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
+SUITES = {"quick": QUICK, "step1b": STEP1B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
 
 NEEDS = {"liger": ["liger_kernel"], "unsloth": ["unsloth", "bitsandbytes"], "fxopt": ["fxopt"]}
 

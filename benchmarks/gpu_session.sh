@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call = one stage of GPU work, each step in its own process under `timeout`, logs and results in $OUT.
+#   bash benchmarks/gpu_session.sh check     # pytest -m gpu (+ kernel files that run natively on CUDA), kernels.py
+#   bash benchmarks/gpu_session.sh step1b    # whole train step, 1B LoRA: eager, fxopt, fxopt:4GiB; then the
+#                                            # tiny-model CUDA tests (tests/models/test_gpu_models.py)
+#   bash benchmarks/gpu_session.sh qlora8b   # whole train step, 8B QLoRA: fxopt with and without checkpointing
+# Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+T0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - T0 )); }
+step() {   # step NAME SECONDS CMD...: run, log to $OUT/NAME.log, record rc and wall seconds
+    local name=$1 limit=$2; shift 2
+    local t=$(date +%s)
+    echo "== $name (limit ${limit}s, at $(elapsed)s)"
+    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc wall=$(( $(date +%s) - t ))s" | tee -a "$OUT/steps.txt"
+    tail -n 4 "$OUT/$name.log"
+}
+source benchmarks/gpu_env.sh
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/pip.log" 2>&1 || echo "pip -e failed"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; echo "sha $FXOPT_GIT_SHA"; } >"$OUT/env.txt" 2>&1
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
+case "${1:-check}" in
+check)
+    step pytest_gpu 130 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels tests/reliability \
+        tests/recompute tests/finetune -m gpu
+    step pytest_native 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora.py \
+        tests/kernels/test_nf4.py tests/kernels/test_rope.py
+    for op in ${KERNEL_OPS:-layer_norm rope gated_mlp lora}; do
+        step "kernels_$op" 75 python3 benchmarks/kernels.py --ops "$op" --out "$OUT/kernels_$op.json"
+    done
+    ;;
+step1b)
+    step train_step 400 python3 benchmarks/run_suite.py step1b --out "$OUT/train_step.jsonl" --time-limit 390
+    python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    step pytest_models $(( 570 - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE \
+        tests/models/test_gpu_models.py -m gpu
+    ;;
+qlora8b)
+    step train_step 560 python3 benchmarks/run_suite.py qlora8b --only "${2:-fxopt}" --out "$OUT/train_step.jsonl" \
+        --time-limit 550
+    python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    ;;
+*) echo "unknown stage $1"; exit 2 ;;
+esac
+echo "done at $(elapsed)s"
