@@ -3,35 +3,36 @@
 #   bash benchmarks/gpu_session.sh check     # pytest -m gpu (+ kernel files that run natively on CUDA), kernels.py
 #   bash benchmarks/gpu_session.sh step1b    # whole train step, 1B LoRA: eager, fxopt, fxopt:4GiB; then the
 #                                            # tiny-model CUDA tests (tests/models/test_gpu_models.py)
-#   bash benchmarks/gpu_session.sh qlora8b   # whole train step, 8B QLoRA: fxopt with and without checkpointing
+#   bash benchmarks/gpu_session.sh qlora8b   # 8B QLoRA fxopt step (no/with checkpointing), LoRA bench, pytest -m gpu
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
 set -u
 cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+OUT="${OUT:-/tmp/out}"; LOGS="$OUT/logs"; mkdir -p "$LOGS"   # only ~8 files come back: logs go home as one tar
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 step() {   # step NAME SECONDS CMD...: run, log to $OUT/NAME.log, record rc and wall seconds
     local name=$1 limit=$2; shift 2
     local t=$(date +%s)
     echo "== $name (limit ${limit}s, at $(elapsed)s)"
-    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
-    echo "$name rc=$rc wall=$(( $(date +%s) - t ))s" | tee -a "$OUT/steps.txt"
-    tail -n 4 "$OUT/$name.log"
+    echo "$name rc=$rc wall=$(( $(date +%s) - t ))s" | tee -a "$LOGS/steps.txt"
+    grep -E "passed|failed|error|FAILED|ERROR|ROW|CHECK|correctness|tok/s" "$LOGS/$name.log" | tail -n 25 | cut -c1-400
 }
 source benchmarks/gpu_env.sh
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/pip.log" 2>&1 || echo "pip -e failed"
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; echo "sha $FXOPT_GIT_SHA"; } >"$OUT/env.txt" 2>&1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$LOGS/pip.log" 2>&1 || echo "pip -e failed"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; echo "sha $FXOPT_GIT_SHA"; } >"$LOGS/env.txt" 2>&1
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
 case "${1:-check}" in
 check)
-    step pytest_gpu 130 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels tests/reliability \
-        tests/recompute tests/finetune -m gpu
-    step pytest_native 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora.py \
-        tests/kernels/test_nf4.py tests/kernels/test_rope.py
     for op in ${KERNEL_OPS:-layer_norm rope gated_mlp lora}; do
-        step "kernels_$op" 75 python3 benchmarks/kernels.py --ops "$op" --out "$OUT/kernels_$op.json"
+        step "kernels_$op" ${KERNEL_LIMIT:-75} python3 benchmarks/kernels.py --ops "$op" --out "$OUT/kernels_$op.json"
     done
+    step pytest_gpu $(( (${PYTEST_END:-570} - $(elapsed)) / 2 )) python3 -m pytest -q -p no:cacheprovider -rfE \
+        -o junit_family=xunit1 --junitxml="$LOGS/junit_gpu.xml" tests/reliability tests/recompute tests/finetune \
+        tests/kernels -m gpu
+    step pytest_native $(( ${PYTEST_END:-570} - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE \
+        tests/kernels/test_lora.py tests/kernels/test_nf4.py tests/kernels/test_rope.py
     ;;
 step1b)
     step train_step 400 python3 benchmarks/run_suite.py step1b --out "$OUT/train_step.jsonl" --time-limit 390
@@ -39,11 +40,15 @@ step1b)
     step pytest_models $(( 570 - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE \
         tests/models/test_gpu_models.py -m gpu
     ;;
-qlora8b)
-    step train_step 560 python3 benchmarks/run_suite.py qlora8b --only "${2:-fxopt}" --out "$OUT/train_step.jsonl" \
-        --time-limit 550
+qlora8b)   # 8B QLoRA fxopt (loss-only forward) without/with checkpointing, then the LoRA layer bench, then pytest -m gpu
+    step train_step ${SUITE_LIMIT:-330} python3 benchmarks/run_suite.py qlora8b --only "${2:-lossonly}" \
+        --out "$OUT/train_step.jsonl" --time-limit $(( ${SUITE_LIMIT:-330} - 10 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    step kernels_lora 150 python3 benchmarks/kernels.py --ops lora --out "$OUT/kernels_lora.json"
+    step pytest_gpu $(( 575 - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE tests/reliability \
+        tests/recompute tests/finetune tests/kernels -m gpu
     ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac
 echo "done at $(elapsed)s"
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"

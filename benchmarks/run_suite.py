@@ -14,13 +14,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_STEP = os.path.join(HERE, "train_step.py")
 
 
-def run(shape, mode, variant, gc=False, batch=4, seq=2048, steps=8, warmup=3, timeout=420):
+def run(shape, mode, variant, gc=False, batch=4, seq=2048, steps=8, warmup=3, timeout=420, loss_only=False):
     return dict(shape=shape, mode=mode, variant=variant, gc=gc, batch=batch, seq=seq, steps=steps, warmup=warmup,
-                timeout=timeout)
+                timeout=timeout, loss_only=loss_only)
 
 
 def run_id(r):
-    return f"{r['shape']}-{r['mode']}-b{r['batch']}x{r['seq']}-{'gc' if r['gc'] else 'nogc'}-{r['variant']}"
+    lo = "-lossonly" if r.get("loss_only") else ""
+    return f"{r['shape']}-{r['mode']}-b{r['batch']}x{r['seq']}-{'gc' if r['gc'] else 'nogc'}-{r['variant']}{lo}"
 
 
 def grid(shape, mode, variants, gcs=(False,), **kw):
@@ -29,8 +30,9 @@ def grid(shape, mode, variants, gcs=(False,), **kw):
 
 # fxopt runs right after eager in each group, so a suite cut short by its time limit still measures it.
 QUICK = grid("1b", "lora", ["eager", "fxopt", "inductor", "liger", "unsloth"], steps=6, warmup=2, timeout=300)
-QLORA8B = grid("8b", "qlora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(True, False), batch=2, steps=6,
-               warmup=2, timeout=420)
+QLORA8B = (grid("8b", "qlora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(True, False), batch=2, steps=6,
+                warmup=2, timeout=420)
+           + grid("8b", "qlora", ["fxopt"], gcs=(False, True), batch=2, steps=6, warmup=2, timeout=300, loss_only=True))
 FULL = (
     grid("1b", "lora", ["eager", "fxopt", "fxopt:8GiB", "inductor", "liger", "unsloth"])
     + grid("1b", "lora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(True,))
@@ -43,7 +45,9 @@ FULL = (
 )
 # One device call's worth of what is new: fxopt with and without a memory budget, plus a same-run eager baseline
 # (the anchors hold Inductor, Liger and unsloth at these shapes from the same kind of machine).
-STEP1B = grid("1b", "lora", ["eager", "fxopt", "fxopt:4GiB"], steps=6, warmup=2, timeout=240)
+# fxopt compiles the loss-only forward, as fxopt.hf.compile_for_trainer does (logits dead -> linear_cross_entropy).
+STEP1B = (grid("1b", "lora", ["eager"], steps=6, warmup=2, timeout=200)
+          + grid("1b", "lora", ["fxopt", "fxopt:4GiB"], steps=6, warmup=2, timeout=240, loss_only=True))
 # CPU smoke test of this machinery (shape "tiny", --device cpu): no GPU needed.
 SMOKE = grid("tiny", "lora", ["eager", "fxopt", "liger"], batch=2, seq=64, steps=3, warmup=1, timeout=300)
 SUITES = {"quick": QUICK, "step1b": STEP1B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
@@ -118,6 +122,8 @@ def child_argv(r, device):
             "--warmup", str(r["warmup"])]
     if r["gc"]:
         argv.append("--gc")
+    if r.get("loss_only"):
+        argv.append("--loss-only")
     if device != "cuda":
         argv += ["--device", device]
     return argv
@@ -160,7 +166,7 @@ def main():
     with open(a.out, "a") as out_fh, open(os.path.splitext(a.out)[0] + ".log", "a") as log_fh:
         for i, r in enumerate(runs, 1):
             rid = run_id(r)
-            base = dict(suite=a.suite, run_id=rid, **{k: r[k] for k in ("shape", "mode", "variant", "gc", "batch",
+            base = dict(suite=a.suite, run_id=rid, **{k: r[k] for k in ("shape", "mode", "variant", "gc", "loss_only", "batch",
                                                                             "seq", "steps", "warmup")})
             timeout = r["timeout"]
             left = a.time_limit - (time.time() - t_start) if a.time_limit else None
