@@ -40,13 +40,12 @@ step1b)
     step pytest_models $(( 570 - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE \
         tests/models/test_gpu_models.py -m gpu
     ;;
-qlora8b)   # 8B QLoRA fxopt (loss-only forward) without/with checkpointing, then the LoRA layer bench, then pytest -m gpu
-    step train_step ${SUITE_LIMIT:-330} python3 benchmarks/run_suite.py qlora8b --only "${2:-lossonly}" \
-        --out "$OUT/train_step.jsonl" --time-limit $(( ${SUITE_LIMIT:-330} - 10 ))
+qlora8b)   # 8B QLoRA fxopt step (loss-only forward, profiled), the 1B step profiled, the LoRA layer bench
+    step train_step ${SUITE_LIMIT:-290} python3 benchmarks/run_suite.py qlora8b --only "${2:-nogc-fxopt-lossonly}" \
+        --out "$OUT/train_step.jsonl" --time-limit $(( ${SUITE_LIMIT:-290} - 5 ))
+    step profile1b 140 python3 benchmarks/run_suite.py profile1b --out "$OUT/train_step.jsonl" --time-limit 135
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
-    step kernels_lora 150 python3 benchmarks/kernels.py --ops lora --out "$OUT/kernels_lora.json"
-    step pytest_gpu $(( 575 - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE tests/reliability \
-        tests/recompute tests/finetune tests/kernels -m gpu
+    step kernels_lora $(( 585 - $(elapsed) )) python3 benchmarks/kernels.py --ops lora --out "$OUT/kernels_lora.json"
     ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

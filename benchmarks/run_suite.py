@@ -14,9 +14,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN_STEP = os.path.join(HERE, "train_step.py")
 
 
-def run(shape, mode, variant, gc=False, batch=4, seq=2048, steps=8, warmup=3, timeout=420, loss_only=False):
+def run(shape, mode, variant, gc=False, batch=4, seq=2048, steps=8, warmup=3, timeout=420, loss_only=False,
+        profile=False):
     return dict(shape=shape, mode=mode, variant=variant, gc=gc, batch=batch, seq=seq, steps=steps, warmup=warmup,
-                timeout=timeout, loss_only=loss_only)
+                timeout=timeout, loss_only=loss_only, profile=profile)
 
 
 def run_id(r):
@@ -32,7 +33,10 @@ def grid(shape, mode, variants, gcs=(False,), **kw):
 QUICK = grid("1b", "lora", ["eager", "fxopt", "inductor", "liger", "unsloth"], steps=6, warmup=2, timeout=300)
 QLORA8B = (grid("8b", "qlora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(True, False), batch=2, steps=6,
                 warmup=2, timeout=420)
-           + grid("8b", "qlora", ["fxopt"], gcs=(False, True), batch=2, steps=6, warmup=2, timeout=300, loss_only=True))
+           + grid("8b", "qlora", ["fxopt"], gcs=(False, True), batch=2, steps=6, warmup=2, timeout=300, loss_only=True,
+                  profile=True))
+# Where the step's GPU time goes (torch.profiler, one step after timing).
+PROFILE1B = grid("1b", "lora", ["fxopt"], steps=4, warmup=2, timeout=200, loss_only=True, profile=True)
 FULL = (
     grid("1b", "lora", ["eager", "fxopt", "fxopt:8GiB", "inductor", "liger", "unsloth"])
     + grid("1b", "lora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(True,))
@@ -50,7 +54,7 @@ STEP1B = (grid("1b", "lora", ["eager"], steps=6, warmup=2, timeout=200)
           + grid("1b", "lora", ["fxopt", "fxopt:4GiB"], steps=6, warmup=2, timeout=240, loss_only=True))
 # CPU smoke test of this machinery (shape "tiny", --device cpu): no GPU needed.
 SMOKE = grid("tiny", "lora", ["eager", "fxopt", "liger"], batch=2, seq=64, steps=3, warmup=1, timeout=300)
-SUITES = {"quick": QUICK, "step1b": STEP1B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
+SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
 
 NEEDS = {"liger": ["liger_kernel"], "unsloth": ["unsloth", "bitsandbytes"], "fxopt": ["fxopt"]}
 
@@ -124,6 +128,8 @@ def child_argv(r, device):
         argv.append("--gc")
     if r.get("loss_only"):
         argv.append("--loss-only")
+    if r.get("profile"):
+        argv.append("--profile")
     if device != "cuda":
         argv += ["--device", device]
     return argv

@@ -244,7 +244,8 @@ def time_steps(step, a, rec):
     sync()
     rec["warm_s"] = round(time.time() - t0, 1)
     peak_warm = torch.cuda.max_memory_allocated() if cuda else 0
-    if cuda:
+    if cuda:   # between steps: weights, optimizer state, nothing of the step (grads are set to None)
+        rec["resident_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
         torch.cuda.reset_peak_memory_stats()
     log(f"warm-up done in {rec['warm_s']} s; timing {a.steps} steps")
     times = []
@@ -323,6 +324,8 @@ def measure(a):
         return loss.detach()
 
     med, loss = time_steps(step, a, rec)
+    if a.profile and a.device == "cuda":
+        rec["profile"] = profile_step(step)
     tflops = step_flops(cfg, a.batch, a.seq, a.mode == "full") / med / 1e12
     rec.update(step_s=round(med, 4), tok_per_s=round(a.batch * a.seq / med), tflops=round(tflops, 1),
                mfu=round(tflops / GEMM_CEILING_TFLOPS, 3), loss=round(float(loss), 4))
@@ -343,6 +346,29 @@ def measure(a):
     if kind == "unsloth":
         rec["unsloth"] = getattr(sys.modules.get("unsloth"), "__version__", rec.get("unsloth"))
     return rec
+
+
+def profile_step(step, top=30):
+    """One more step under torch.profiler: the GPU kernels that took the most time, and how busy the GPU was."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    t0 = time.time()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall_ms = (time.time() - t0) * 1e3
+    rows = []
+    for ev in prof.key_averages():
+        dev = getattr(ev, "self_device_time_total", None)
+        if dev is None:
+            dev = getattr(ev, "self_cuda_time_total", 0)
+        if dev > 0:
+            rows.append((ev.key, ev.count, dev / 1e3))
+    rows.sort(key=lambda r: -r[2])
+    busy = sum(r[2] for r in rows)
+    return dict(wall_ms=round(wall_ms, 1), gpu_busy_ms=round(busy, 1),
+                top=[dict(name=k[:120], count=c, ms=round(ms, 2)) for k, c, ms in rows[:top]])
 
 
 def is_oom(exc):
@@ -405,6 +431,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=8, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing (HF non-reentrant; unsloth's own)")
+    p.add_argument("--profile", action="store_true", help="after timing, profile one step (top GPU kernels)")
     p.add_argument("--loss-only", action="store_true",
                    help="compile a function returning only the loss (no logits output), for every compiled variant")
     p.add_argument("--fxopt-options", default=None, help="extra fxopt options as JSON, e.g. '{\"disable\":[\"rope\"]}'")
