@@ -19,7 +19,8 @@ ENV_KEYS = ["gpu", "torch", "transformers", "peft", "triton", "bitsandbytes", "l
 
 
 def load_rows(paths):
-    """Rows of all files; for a repeated configuration the last row wins."""
+    """Rows of all files; for a repeated configuration the last row wins, except that a failed row never replaces a
+    measured one (a later profiling run that timed out does not erase the measurement)."""
     rows = OrderedDict()
     for path in paths:
         with open(path) as fh:
@@ -35,7 +36,9 @@ def load_rows(paths):
                     print(f"{path}:{n}: not JSON, skipped", file=sys.stderr)
                     continue
                 key = (r.get("search"), r.get("shape"), r.get("mode"), r.get("variant"), bool(r.get("gc")),
-                       r.get("batch"), r.get("seq") if not r.get("search") else None)
+                       r.get("batch"), r.get("seq") if not r.get("search") else None, bool(r.get("loss_only")))
+                if r.get("error") and key in rows and not rows[key].get("error"):
+                    continue
                 rows.pop(key, None)
                 rows[key] = r
     return list(rows.values())
@@ -105,7 +108,9 @@ def fmt(x, spec):
 def notes(r):
     if r.get("error"):
         return "failed: " + str(r["error"]).replace("|", "/").replace("\n", " ")[:140]
-    parts = []
+    parts = ["loss-only forward"] if r.get("loss_only") else []
+    if r.get("resident_gib") is not None and r.get("peak_gib"):
+        parts.append(f"resident {r['resident_gib']:.2f} GiB (peak - resident = {r['peak_gib'] - r['resident_gib']:.2f})")
     rep = r.get("fxopt_report") or {}
     matched = {k: v for k, v in (rep.get("matched") or {}).items() if v}
     if matched:
