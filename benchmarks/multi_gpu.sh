@@ -74,7 +74,9 @@ run fsdp2_lora 160 "${TR[@]}" "${COMMON[@]}" --wrap fsdp2 --mode lora --batch 2
 run ddp_qlora 200 "${TR[@]}" "${COMMON[@]}" --wrap ddp --mode qlora --batch 2
 run fsdp2_qlora 160 "${TR[@]}" "${COMMON[@]}" --wrap fsdp2 --mode qlora --batch 2
 
-for name in "${ORDER[@]}"; do [ -f "$OUT/rows/$name.jsonl" ] && cat "$OUT/rows/$name.jsonl"; done >"$OUT/multi_gpu.jsonl"
+for name in "${ORDER[@]}"; do
+    [ -f "$OUT/rows/$name.jsonl" ] && cat "$OUT/rows/$name.jsonl"
+done >"$OUT/multi_gpu.jsonl"
 python3 benchmarks/multi_gpu.py --summary "$OUT/multi_gpu.jsonl" >"$OUT/multi_gpu.md" 2>&1
 cat "$OUT/multi_gpu.md"
 echo "done at $(( $(date +%s) - T0 ))s"
