@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
+from fxopt.kernels.nf4_chunked import chunked_matmul
 from fxopt.kernels.registry import next_pow2, num_sms, register_cost, run_kernel, triton_available, use_triton
 
 if triton_available():
@@ -109,9 +110,11 @@ def _empty(x):
     return x.new_empty(0)
 
 
-# ---- the big GEMM: fused Triton, the reference, or (dense base on CUDA, when measured faster) cuBLAS ----
+# ---- the big GEMM: the reference, or on CUDA the faster (measured once per shape) of the fused Triton GEMM and
+# cuBLAS (dense base) / chunked dequantization + cuBLAS (NF4 base, nf4_chunked.py) ----
 
 _DENSE_CHOICE: dict = {}   # (direction, M, P, Q, dtypes) -> "triton" | "cublas"; env FXOPT_LORA_DENSE forces one
+_NF4_CHOICE: dict = {}     # (direction, M, Q, N, K, dtypes, lora, bias) -> "fused" | "chunked"; env FXOPT_NF4_GEMM
 
 
 def _cublas(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype):
@@ -125,19 +128,34 @@ def _cublas(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtyp
     return c.to(out_dtype)
 
 
+def _measure_choice(table, key, candidates):
+    """The fastest of candidates {name: fn} (median of a short do_bench), measured once per key."""
+    choice = table.get(key)
+    if choice is None:
+        from triton.testing import do_bench
+        times = {name: do_bench(fn, warmup=5, rep=20) for name, fn in candidates.items()}
+        choice = table[key] = min(times, key=times.get)
+    return choice
+
+
 def _gemm(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype, triton_gemm):
     if not triton_gemm:
         return fused_matmul_reference(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype)
     args = (x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype)
-    if isinstance(weight, NF4Weight) or x2.device.type != "cuda":
+    if isinstance(weight, NF4Weight):   # fused dequant-in-GEMM vs chunked dequant + cuBLAS (nf4_chunked.py)
+        forced = os.environ.get("FXOPT_NF4_GEMM")
+        if forced not in (None, "", "fused", "chunked"):
+            raise ValueError(f"FXOPT_NF4_GEMM must be 'fused' or 'chunked', not {forced!r}")
+        if not forced and x2.device.type == "cuda":
+            key = (trans, *x2.shape, weight.n, weight.k, x2.dtype, compute_dtype, left is not None, bias is not None)
+            forced = _measure_choice(_NF4_CHOICE, key, {"fused": lambda: fused_matmul(*args),
+                                                         "chunked": lambda: chunked_matmul(*args)})
+        return chunked_matmul(*args) if forced == "chunked" else fused_matmul(*args)
+    if x2.device.type != "cuda":
         return fused_matmul(*args)
-    choice = os.environ.get("FXOPT_LORA_DENSE") or _DENSE_CHOICE.get(
-        key := (trans, *x2.shape, *weight.shape, x2.dtype, weight.dtype, left is not None))
-    if choice is None:   # measured once per shape: the fused epilogue GEMM vs cuBLAS + addmm
-        from triton.testing import do_bench
-        t_fused = do_bench(lambda: fused_matmul(*args), warmup=5, rep=20)
-        t_cublas = do_bench(lambda: _cublas(*args), warmup=5, rep=20)
-        choice = _DENSE_CHOICE[key] = "triton" if t_fused <= t_cublas else "cublas"
+    choice = os.environ.get("FXOPT_LORA_DENSE") or _measure_choice(
+        _DENSE_CHOICE, (trans, *x2.shape, *weight.shape, x2.dtype, weight.dtype, left is not None),
+        {"triton": lambda: fused_matmul(*args), "cublas": lambda: _cublas(*args)})
     return fused_matmul(*args) if choice == "triton" else _cublas(*args)
 
 

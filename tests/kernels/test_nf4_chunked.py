@@ -1,0 +1,98 @@
+"""Chunked NF4 GEMM (fxopt/kernels/nf4_chunked.py): the chunk dequantization is bit-exact with the reference, the
+chunked product matches fused_matmul_reference over several chunks, and the lora_nf4 op runs through it when forced
+(Triton interpreter + torch.mm on CPU, natively on GPU)."""
+import pytest
+import torch
+
+import fxopt  # noqa: F401
+from fxopt.kernels import nf4 as K
+from fxopt.kernels import nf4_chunked as C
+from tests.helpers import rel
+from tests.kernels.test_nf4 import DEV, quantize
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.5e-2}
+
+
+@pytest.mark.parametrize("n,k,blocksize,nested", [(300, 512, 64, True), (257, 768, 128, False),
+                                                  (40, 96, 64, True), (33, 100, 64, False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_chunk_bit_exact(n, k, blocksize, nested, dtype):
+    nw = quantize(torch.randn(n, k, device=DEV), blocksize, nested)[0]
+    full = K.nf4_dequantize_reference(nw, dtype)
+    aligned = k % blocksize == 0
+    for r0, r1, c0, c1 in [(0, n, 0, k), (n // 3, n - 1, 0, k), (0, n, 256 if k > 256 else 0, k),
+                           (1, 2, 0, min(k, 256))] + ([] if aligned else [(0, n, 7, k - 3)]):
+        out = torch.full((r1 - r0, c1 - c0), float("nan"), dtype=dtype, device=DEV)
+        got = C.dequantize_chunk(nw, r0, r1, c0, c1, dtype, out=out)
+        assert torch.equal(got, full[r0:r1, c0:c1]), (r0, r1, c0, c1)
+
+
+@pytest.mark.parametrize("trans", [True, False])
+@pytest.mark.parametrize("lora,bias", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_matches_reference(trans, lora, bias, dtype):
+    m, n, k, r = 37, 600, 512, 4                      # 600 output rows / 512 columns: several 256-wide chunks
+    nw = quantize(torch.randn(n, k, device=DEV), 64, True)[0]
+    q, p = (k, n) if trans else (n, k)
+    x = torch.randn(m, q, device=DEV).to(dtype)
+    left = torch.randn(m, r, device=DEV) if lora else None          # fp32 adapters over a half base (peft default)
+    right = torch.randn(r, p, device=DEV) * 0.3 if lora else None
+    b = torch.randn(p, device=DEV).to(dtype) if bias else None
+    ref = K.fused_matmul_reference(x, nw, trans, left, right, 1.7, b, dtype, dtype)
+    got = C.chunked_matmul(x, nw, trans, left, right, 1.7, b, dtype, dtype, chunk_bytes=256 * q * 2)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert torch.isfinite(got).all()
+    assert rel(got, ref) <= TOL[dtype], rel(got, ref)
+
+
+def test_chunk_size_rule():
+    assert C.chunk_size(4096, 14336, 2) == 4096             # 32 MiB / (4096 * 2 B) = 4096 rows
+    assert C.chunk_size(14336, 4096, 2) == 1024             # 1170 -> a multiple of 256
+    assert C.chunk_size(10 ** 6, 5000, 2) == 256            # never below 256
+    assert C.chunk_size(64, 100, 2) == 100                  # capped at the total
+
+
+def test_lora_nf4_op_through_chunked_path(monkeypatch, no_fallback):
+    from tests.kernels.test_lora import adapter, check_grads, nf4_args, nf4_linear, peft_math
+    monkeypatch.setenv("FXOPT_NF4_GEMM", "chunked")
+    calls = []
+    real = C.chunked_matmul
+    monkeypatch.setattr("fxopt.kernels.lora.chunked_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q = nf4_linear(64, 96, True, True, torch.float32)
+    x = torch.randn(3, 7, 64, device=DEV, requires_grad=True)
+    a, b = adapter(64, 96, 4, torch.float32)
+    qargs, state = nf4_args(q)
+    y, _ = torch.ops.fxopt.lora_nf4(x, *qargs, q.bias, a, b, 2.0, *state, torch.float32, torch.float32)
+    check_grads(y, peft_math(q(x), x, a, b, 2.0), (x, a, b), torch.float32)
+    assert len(calls) == 2   # forward and input gradient
+
+
+def test_bad_forced_choice_is_a_clear_error(monkeypatch):
+    from tests.kernels.test_lora import nf4_args, nf4_linear
+    monkeypatch.setenv("FXOPT_NF4_GEMM", "fastest")
+    q = nf4_linear(64, 32, False, False, torch.float32)
+    qargs, state = nf4_args(q)
+    x = torch.randn(2, 64, device=DEV)
+    with pytest.raises(Exception, match="FXOPT_NF4_GEMM must be"):
+        from fxopt.kernels.registry import set_strict
+        set_strict(True)
+        try:
+            torch.ops.fxopt.lora_nf4(x, *qargs, None, None, None, 1.0, *state, torch.float32, torch.float32)
+        finally:
+            set_strict(False)
+
+
+def test_measured_choice_picks_fastest_once(monkeypatch):
+    import triton.testing
+
+    from fxopt.kernels import lora as L
+    times = {"fused": 3.0, "chunked": 1.0}
+    ran = []
+
+    def fake_bench(fn, warmup, rep):
+        return times[fn()]
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    table = {}
+    cands = {name: (lambda name=name: ran.append(name) or name) for name in times}
+    assert L._measure_choice(table, "k", cands) == "chunked"
+    assert L._measure_choice(table, "k", cands) == "chunked" and len(ran) == 2   # cached: measured once
