@@ -96,7 +96,7 @@ if triton_available():
         return x
 
     @triton.jit
-    def _logits(qk, qi, ki, mptrs, mload, Sk, window, qk_scale2, cap_x, cap2, CAUSAL: tl.constexpr,
+    def _logits(qk, qi, ki, mptrs, mload, Mb, smm, Sq, Sk, window, qk_scale2, cap_x, cap2, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, INDEX_MASK: tl.constexpr,
                 LIBDEVICE: tl.constexpr):
         """Scores in base 2 (s * log2 e) with -inf where not allowed; t = tanh(.) of the cap (else qk)."""
@@ -112,6 +112,10 @@ if triton_available():
         elif MASK_KIND == 2:
             mv = tl.load(mptrs, mask=mload, other=0.0).to(tl.float32)
             s = tl.where(mv > -1.0e4, s + tl.maximum(mv, -1.0e4) * 1.4426950408889634, float("-inf"))  # <= -1e4: masked
+        elif MASK_KIND == 3:   # document ids doc[b, s] (packed sequences): q attends k only inside its document
+            dq_ = tl.load(Mb + qi * smm, mask=qi < Sq, other=-1)       # [BM, 1] or [1, BM]: one id per row
+            dk_ = tl.load(Mb + ki * smm, mask=ki < Sk, other=-2)
+            s = tl.where(dq_ == dk_, s, float("-inf"))
         if INDEX_MASK:
             ok = ki < Sk
             if CAUSAL:
@@ -165,7 +169,8 @@ if triton_available():
             qk = _dot(q, tl.trans(k), None, IEEE)
             mptrs = Mb + offs_m[:, None] * smm + offs_n[None, :] * smn
             mload = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
-            s, _t = _logits(qk, offs_m[:, None], offs_n[None, :], mptrs, mload, Sk, window, qk_scale2, cap_x, cap2,
+            s, _t = _logits(qk, offs_m[:, None], offs_n[None, :], mptrs, mload, Mb, smm, Sq, Sk, window, qk_scale2,
+                            cap_x, cap2,
                             CAUSAL, WINDOW, SOFTCAP, MASK_KIND, INDEX_MASK, LIBDEVICE)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             if INDEX_MASK or MASK_KIND != 0:   # a row with nothing allowed so far keeps m = -inf: shift by 0
@@ -282,9 +287,13 @@ def _unit_last(t):
 
 
 def mask_args(mask, B, H, Sq, Sk, dummy):
-    """(tensor, kind, strides): kind 0 none, 1 bool (uint8 view), 2 additive; broadcast dims get stride 0."""
+    """(tensor, kind, strides): kind 0 none, 1 bool (uint8 view), 2 additive, 3 document ids [B, S] (strides: batch,
+    -, position, -); broadcast dims get stride 0."""
     if mask is None:
         return dummy, 0, (0, 0, 0, 0)
+    if not mask.dtype.is_floating_point and mask.dtype != torch.bool:
+        m = mask.expand(B, Sq)
+        return m, 3, (m.stride(0), 0, m.stride(1), 0)
     m = mask.expand(B, H, Sq, Sk)
     if m.dtype == torch.bool:
         return m.view(torch.uint8), 1, m.stride()
@@ -344,8 +353,20 @@ def allowed_mask(Sq, Sk, causal, window, mask, device):
     return allowed
 
 
+def is_doc_ids(mask) -> bool:
+    """An integer mask is document ids [B, S] (packed sequences): q attends k only when doc[q] == doc[k]."""
+    return mask is not None and not mask.dtype.is_floating_point and mask.dtype != torch.bool
+
+
+def doc_allowed(doc: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, S, S] of document ids [B, S]."""
+    return doc[:, None, :, None] == doc[:, None, None, :]
+
+
 def reference_logits(q, k, mask, scale, causal, window, softcap):
     """(s, t): fp32 scores with -inf where not allowed, and tanh of the cap (None without cap); k repeated per group."""
+    if is_doc_ids(mask):
+        mask = doc_allowed(mask)
     g = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(g, dim=1)
     s = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
@@ -383,6 +404,10 @@ def attention_reference(q, k, v, mask, scale, causal, window, softcap):
 def _check(q, k, v, mask):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("attention expects q, k, v of shape [B, H, S, D]")
+    if is_doc_ids(mask) and (mask.dim() != 2 or mask.shape[-1] != q.shape[2] or q.shape[2] != k.shape[2]
+                             or mask.shape[0] not in (1, q.shape[0])):
+        raise ValueError(f"an integer attention mask is document ids [B, S] with Sq = Sk; got {tuple(mask.shape)} "
+                         f"for q {tuple(q.shape)}, k {tuple(k.shape)}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
         raise ValueError(f"attention shapes q {tuple(q.shape)} k {tuple(k.shape)} v {tuple(v.shape)} "
                          "(need k = v, same batch/head dim, q heads a multiple of kv heads)")
@@ -391,7 +416,8 @@ def _check(q, k, v, mask):
 @torch.library.custom_op("fxopt::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
               causal: bool, window: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out [B, Hq, Sq, D] in [B, Sq, Hq, D] memory, lse [B, Hq, Sq] fp32). window 0 / softcap 0 = off."""
+    """Returns (out [B, Hq, Sq, D] in [B, Sq, Hq, D] memory, lse [B, Hq, Sq] fp32). window 0 / softcap 0 = off.
+    mask: None, bool (True = attend), additive float, or integer document ids [B, S] (no dense mask)."""
     _check(q, k, v, mask)
     ref = lambda: (RUNS.update(["reference"]), attention_reference(q, k, v, mask, scale, causal, window,
                                                                      softcap))[1]

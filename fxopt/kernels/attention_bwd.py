@@ -62,8 +62,8 @@ if triton_available():
             qkT = _dot(k, tl.trans(q), None, IEEE)                                  # [BLOCK_N, BLOCK_M]
             mptrs = Mb + offs_m[None, :] * smm + offs_n[:, None] * smn
             mload = m_ok[None, :] & (offs_n < Sk)[:, None]
-            sT, tT = _logits(qkT, offs_m[None, :], offs_n[:, None], mptrs, mload, Sk, window, qk_scale2, cap_x,
-                             cap2, CAUSAL, WINDOW, SOFTCAP, MASK_KIND, INDEX_MASK, LIBDEVICE)
+            sT, tT = _logits(qkT, offs_m[None, :], offs_n[:, None], mptrs, mload, Mb, smm, Sq, Sk, window,
+                             qk_scale2, cap_x, cap2, CAUSAL, WINDOW, SOFTCAP, MASK_KIND, INDEX_MASK, LIBDEVICE)
             pT = tl.math.exp2(sT - lse2[None, :])
             dv = _dot(pT.to(do.dtype), do, dv, IEEE)
             dpT = _dot(v, tl.trans(do), None, IEEE)
@@ -137,7 +137,8 @@ if triton_available():
             qk = _dot(q, tl.trans(k), None, IEEE)
             mptrs = Mb + offs_m[:, None] * smm + offs_n[None, :] * smn
             mload = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
-            s, t = _logits(qk, offs_m[:, None], offs_n[None, :], mptrs, mload, Sk, window, qk_scale2, cap_x, cap2,
+            s, t = _logits(qk, offs_m[:, None], offs_n[None, :], mptrs, mload, Mb, smm, Sq, Sk, window, qk_scale2,
+                           cap_x, cap2,
                            CAUSAL, WINDOW, SOFTCAP, MASK_KIND, INDEX_MASK, LIBDEVICE)
             p = tl.math.exp2(s - lse2[:, None])
             dp = _dot(do, tl.trans(v), None, IEEE)

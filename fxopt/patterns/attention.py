@@ -98,6 +98,8 @@ def _mask_params(mask, qs, ks, allowed_is_not=False):
     # the original add / SDPA accepted it, so it broadcasts to the 4-D scores
     require(mv.dim() <= 4, f"{mv.dim()}-D mask")
     info = classify(mask, qs[2], ks[2], allowed_is_not)
+    if info.docs is not None and meta(info.docs).shape[0] in (1, qs[0]):
+        return info.docs, info.causal, info.window, info.why
     return (mask if info.tensor else None), info.causal, info.window, info.why
 
 

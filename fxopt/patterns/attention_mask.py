@@ -4,9 +4,15 @@ tensor the kernel reads (padding, packed sequences, anything else).
 A mask computed only from constants (HF's `sdpa_mask`/`eager_mask`: arange, comparisons, and_, where(.., 0, min)) is
 evaluated once at compile time on its device and compared with the causal / window masks: this proves the pattern for
 the shapes the graph was specialized to, whatever ops built it. A mask that depends on graph inputs (a padding
-`attention_mask`, packed position ids, symbolic shapes) is passed to the kernel as a tensor; if one of its
-conjuncts (through and_ / expand / device moves / where(c, 0, -big)) is constant and contained in a causal/window
-mask, the flags are set as well so fully masked blocks are still skipped (mask & flags = mask).
+`attention_mask`, symbolic shapes) is passed to the kernel as a tensor; if one of its conjuncts (through and_ /
+expand / device moves / where(c, 0, -big)) is constant and contained in a causal/window mask, the flags are set as
+well so fully masked blocks are still skipped (mask & flags = mask).
+Packed sequences (HF builds the mask from position_ids): the conjuncts
+  P[b, q] == P[b, k]   with   P = cumsum(diff(X, prepend=X[:, :1] - 1) != 1, -1)   (a document id per token)
+  X[b, k] <= X[b, q]   (causal in position space; X = position_ids),  X[b, k] > X[b, q] - W   (a window)
+and constant causal/window conjuncts are recognised; inside one document X rises by exactly 1 per token (that is
+what keeps P constant), so X[k] <= X[q] <=> k <= q there, and the mask equals causal & (P[q] == P[k]): the kernel
+reads P ([B, S]), never a dense [B, 1, S, S] mask.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ class MaskInfo:
     window: int = 0
     tensor: bool = False        # the kernel must read the mask tensor
     why: str = ""               # for the log: how the mask was classified
+    docs: object = None         # fx.Node of document ids [B, S] (packed sequences): the kernel reads these instead
 
 
 def _name(target) -> str:
@@ -199,6 +206,104 @@ def _additive_to_bool(n: fx.Node):
     return None
 
 
+def _op(n, *names) -> bool:
+    return isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and _name(n.target) in names
+
+
+def _const_equals(n, expected: torch.Tensor) -> bool:
+    v = evaluate_constant(n) if isinstance(n, fx.Node) else None
+    return v is not None and v.shape == expected.shape and torch.equal(v.to(expected.device, expected.dtype),
+                                                                       expected)
+
+
+def _gather(n, B: int, S: int, axis: int):
+    """T for T[b_idx, idx] with b_idx = arange(B)[:, None, None, None] and idx = arange(S) on dim `axis` (2: q,
+    3: k) of the 4-D mask; else None."""
+    if not (_op(n, "getitem") and isinstance(n.args[1], tuple) and len(n.args[1]) == 2):
+        return None
+    t, (bi, ii) = n.args[0], n.args[1]
+    tv = meta(t) if isinstance(t, fx.Node) else None
+    if not isinstance(tv, torch.Tensor) or tv.dim() != 2 or tv.is_floating_point():
+        return None
+    idx_shape = [1, 1, 1, 1]
+    idx_shape[axis] = S
+    if not (_const_equals(bi, torch.arange(B).view(B, 1, 1, 1)) and _const_equals(ii, torch.arange(S).view(idx_shape))):
+        return None
+    while _transparent_input(t) is not None:      # expand(B, -1) of the [B, S] / [1, S] source
+        t = _transparent_input(t)
+    return t
+
+
+def _doc_ids_source(p):
+    """X if p = cumsum(ne(diff(X, prepend=X[:, :1] - 1, dim=-1), 1), -1) (HF's packed-sequence ids), else None."""
+    if not (_op(p, "cumsum") and (p.args[1:2] or [p.kwargs.get("dim")])[0] in (-1, 1)):
+        return None
+    ne = p.args[0]
+    if not (_op(ne, "ne") and len(ne.args) == 2 and ne.args[1] == 1):
+        return None
+    d = ne.args[0]
+    if not (_op(d, "diff") and d.kwargs.get("dim", d.args[3] if len(d.args) > 3 else -1) in (-1, 1)
+            and d.kwargs.get("n", 1) == 1):
+        return None
+    x, pre = d.args[0], d.kwargs.get("prepend")
+    if not (_op(pre, "sub") and pre.args[1] == 1 and _op(pre.args[0], "getitem") and pre.args[0].args[0] is x
+            and pre.args[0].args[1] == (slice(None), slice(None, 1))):
+        return None
+    return x
+
+
+def _packed_docs(parts, B, Sq, Sk):
+    """(docs node, causal, window, why) when the conjuncts are exactly causal/window constants & same-document &
+    positional causality derived from the same position ids; else None."""
+    if Sq != Sk:
+        return None
+    docs = pos = None
+    causal, window, wpos = False, 0, []
+    for p in parts:
+        v = evaluate_constant(p) if isinstance(p, fx.Node) else None
+        if v is not None:                          # a constant conjunct must be exactly all-true / causal / window
+            if v.dtype != torch.bool:
+                return None
+            rows, uniform = _as_rows(v, Sq, Sk)
+            c, w = _tightest_flags(rows, Sq, Sk)
+            if not uniform or not (bool(rows.all()) or torch.equal(rows, _flag_mask(Sq, Sk, c, w, rows.device))):
+                return None
+            causal, window = causal or c, (min(window, w) if window and w else (window or w))
+            continue
+        if _op(p, "eq") and len(p.args) == 2:
+            a = _gather(p.args[0], B, Sq, 2) or _gather(p.args[0], B, Sk, 3)
+            b = _gather(p.args[1], B, Sk, 3) or _gather(p.args[1], B, Sq, 2)
+            if a is not None and a is b and docs in (None, a):
+                docs = a
+                continue
+        if _op(p, "new_ones") and len(p.args) >= 2 and p.args[1] in ((), []):   # the scalar True HF starts from
+            continue
+        if _op(p, "gt", "lt") and len(p.args) == 2:   # X[k] > X[q] - W  or  X[q] - W < X[k]: a window in positions
+            k_side, q_side = p.args if _name(p.target) == "gt" else p.args[::-1]
+            a = _gather(k_side, B, Sk, 3)
+            if a is not None and _op(q_side, "sub") and isinstance(q_side.args[1], int) and q_side.args[1] > 0 \
+                    and _gather(q_side.args[0], B, Sq, 2) is a:
+                wpos.append((a, q_side.args[1]))
+                continue
+        if _op(p, "le", "ge") and len(p.args) == 2:   # X[k] <= X[q]  or  X[q] >= X[k]
+            lo, hi = p.args if _name(p.target) == "le" else p.args[::-1]
+            a, b = _gather(lo, B, Sk, 3), _gather(hi, B, Sq, 2)
+            if a is not None and a is b:
+                pos = a
+                continue
+        return None
+    if docs is None:
+        return None
+    if pos is not None or wpos:
+        if any(_doc_ids_source(docs) is not x for x in [pos] * (pos is not None) + [x for x, _ in wpos]):
+            return None
+        causal = causal or pos is not None
+        for _, w in wpos:   # inside a document X[q] - X[k] = q - k
+            w = w if w < Sq else 0
+            window = min(window, w) if window and w else (window or w)
+    return docs, causal, window, "packed sequences: document ids from position_ids, no dense mask read"
+
+
 def classify(mask: fx.Node, Sq, Sk, allowed_is_not: bool = False) -> MaskInfo:
     """MaskInfo of mask node `mask` (bool: True = attend, unless allowed_is_not; float: additive)."""
     if not (isinstance(Sq, int) and isinstance(Sk, int)):
@@ -216,6 +321,10 @@ def classify(mask: fx.Node, Sq, Sk, allowed_is_not: bool = False) -> MaskInfo:
         if root is not None and not allowed_is_not:
             parts = []
             _conjuncts(root, parts)
+            packed = _packed_docs(parts, meta(mask).shape[0] if meta(mask).dim() == 4 else -1, Sq, Sk)
+            if packed is not None:
+                mask.meta[key] = info = MaskInfo(causal=packed[1], window=packed[2], docs=packed[0], why=packed[3])
+                return info
             causal, window = False, 0
             for p in parts:
                 v = evaluate_constant(p) if isinstance(p, fx.Node) else None

@@ -38,7 +38,9 @@ def _truth(q, k, v, mask, scale, causal, window, softcap):
         ok &= j <= i
     if window:
         ok &= i - j < window
-    if mask is not None and mask.dtype == torch.bool:
+    if mask is not None and not mask.dtype.is_floating_point and mask.dtype != torch.bool:   # document ids [B, S]
+        ok = ok & (mask[:, None, :, None] == mask[:, None, None, :])
+    elif mask is not None and mask.dtype == torch.bool:
         ok = ok & mask
     elif mask is not None:      # additive: values <= -1e4 mask (rows with no key left give 0, as SDPA)
         ok = ok & (mask > -1e4)
@@ -73,6 +75,9 @@ CASES = [  # (B, Hq, Hkv, S, D, causal, window, softcap, mask, dtype, strided)
     (1, 1, 1, 1, 16, True, 0, 0.0, None, torch.float32, False),
     (1, 4, 2, 40, 16, True, 0, 0.0, None, torch.float16, True),
     (1, 2, 1, 36, 80, True, 11, 5.0, "bool", torch.float16, False),
+    (3, 4, 2, 45, 16, True, 0, 0.0, "docs", torch.float32, True),      # packed sequences: document ids [B, S]
+    (2, 2, 1, 37, 16, True, 9, 3.0, "docs", torch.float16, False),
+    (2, 2, 2, 33, 16, False, 0, 0.0, "docs", torch.float32, False),    # bidirectional inside each document
 ]
 
 
@@ -83,6 +88,10 @@ def _mask(kind, B, Hq, S, Sk, dtype):
         return m
     if kind == "additive":
         return torch.randn(1, Hq, S, Sk, device=DEV, dtype=dtype)
+    if kind == "docs":   # nondecreasing ids as packing makes them (cumsum of document starts), random lengths
+        starts = torch.rand(B, S, device=DEV) < 0.15
+        starts[:, 0] = True
+        return starts.long().cumsum(-1)
     return None
 
 
@@ -162,6 +171,8 @@ def test_opcheck(no_fallback):
     m = _mask("bool", 1, 2, 20, 20, torch.float32)
     torch.library.opcheck(torch.ops.fxopt.attention.default, (q, k, v, None, 0.25, True, 5, 0.0))
     torch.library.opcheck(torch.ops.fxopt.attention.default, (q, k, v, m, 0.25, False, 0, 3.0))
+    docs = _mask("docs", 1, 2, 20, 20, torch.float32)
+    torch.library.opcheck(torch.ops.fxopt.attention.default, (q, k, v, docs, 0.25, True, 0, 0.0))
     out, lse = torch.ops.fxopt.attention(q, k, v, m, 0.25, False, 0, 3.0)
     do = torch.randn_like(out)
     torch.library.opcheck(torch.ops.fxopt.attention_backward.default,
@@ -174,6 +185,7 @@ GPU_CASES = [  # (D, dtype, causal, window, softcap, mask): every head dim, both
     (96, torch.float16, False, 0, 0.0, "bool"),
     (128, torch.bfloat16, True, 0, 0.0, "additive"),
     (256, torch.bfloat16, True, 300, 50.0, None),
+    (128, torch.bfloat16, True, 0, 0.0, "docs"),
 ]
 
 
