@@ -358,13 +358,18 @@ def profile_step(step, top=30):
         step()
         torch.cuda.synchronize()
     wall_ms = (time.time() - t0) * 1e3
-    rows = []
-    for ev in prof.key_averages():
-        dev = getattr(ev, "self_device_time_total", None)
-        if dev is None:
-            dev = getattr(ev, "self_cuda_time_total", 0)
-        if dev > 0:
-            rows.append((ev.key, ev.count, dev / 1e3))
+    # GPU events only (kernels, memcpy/memset): a CPU op's device time repeats its kernels' time
+    from torch.autograd import DeviceType
+    agg = {}
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) != DeviceType.CUDA:
+            continue
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0)
+        c, t = agg.get(ev.name, (0, 0.0))
+        agg[ev.name] = (c + 1, t + us)
+    rows = [(k, c, us / 1e3) for k, (c, us) in agg.items() if us > 0]
     rows.sort(key=lambda r: -r[2])
     busy = sum(r[2] for r in rows)
     return dict(wall_ms=round(wall_ms, 1), gpu_busy_ms=round(busy, 1),
