@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_session.sh step1b    # whole train step, 1B LoRA: eager, fxopt, fxopt:4GiB; then the
 #                                            # tiny-model CUDA tests (tests/models/test_gpu_models.py)
 #   bash benchmarks/gpu_session.sh qlora8b   # 8B QLoRA fxopt step (no/with checkpointing), LoRA bench, pytest -m gpu
+#   bash benchmarks/gpu_session.sh check2    # LoRA/NF4 layer + parts benches, GPU tests (chunked NF4, attention, ...)
+#   bash benchmarks/gpu_session.sh profile   # 1B LoRA and 8B QLoRA fxopt steps with torch.profiler tables
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
 set -u
 cd "$(dirname "$0")/.."
@@ -46,6 +48,19 @@ qlora8b)   # 8B QLoRA fxopt step (loss-only forward, profiled), the 1B step prof
     step profile1b 140 python3 benchmarks/run_suite.py profile1b --out "$OUT/train_step.jsonl" --time-limit 135
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     step kernels_lora $(( 585 - $(elapsed) )) python3 benchmarks/kernels.py --ops lora --out "$OUT/kernels_lora.json"
+    ;;
+check2)   # what changed since the first H200 runs: NF4 paths (fused vs chunked, measured), LoRA parts, GPU tests
+    step kernels_lora 150 python3 benchmarks/kernels.py --ops lora --out "$OUT/kernels_lora.json"
+    step kernels_lora_parts 130 python3 benchmarks/kernels.py --ops lora_parts --out "$OUT/kernels_lora_parts.json"
+    step pytest_gpu $(( 580 - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE -x \
+        tests/kernels/test_nf4_chunked.py tests/kernels/test_attention.py tests/models/test_gpu_models.py \
+        tests/reliability tests/recompute tests/finetune -m gpu
+    ;;
+profile)   # where a step's GPU time goes: 1B LoRA and 8B QLoRA fxopt steps under torch.profiler
+    step profile1b 230 python3 benchmarks/run_suite.py profile1b --out "$OUT/train_step.jsonl" --time-limit 225
+    step train_step 330 python3 benchmarks/run_suite.py qlora8b --only "nogc-fxopt-lossonly" \
+        --out "$OUT/train_step.jsonl" --time-limit 325
+    python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac
