@@ -112,10 +112,11 @@ def run(ceiling_tbps):
                 print("ROW " + json.dumps(rows[-1]), flush=True)   # partial results survive a timeout
             del impls, layer
             torch.cuda.empty_cache()
-    from fxopt.kernels.lora import _DENSE_CHOICE, _NF4_CHOICE
+    from fxopt.kernels.lora import _DENSE_CHOICE, _NF4_CHOICE, _SKINNY_CHOICE
     from fxopt.report import RUNTIME_FALLBACKS
     check["tuned_configs"] = {str(key): cfg for key, cfg in nf4_kernels._TUNED.items()}
     check["dense_gemm_choice"] = {str(key): v for key, v in _DENSE_CHOICE.items()}
     check["nf4_gemm_choice"] = {str(key): v for key, v in _NF4_CHOICE.items()}   # fused vs chunked, measured
+    check["skinny_choice"] = {str(key): v for key, v in _SKINNY_CHOICE.items()}  # fp32-adapter products
     check["runtime_fallbacks"] = [str(f) for f in RUNTIME_FALLBACKS]   # must be empty: a fallback is not a kernel
     return rows, check

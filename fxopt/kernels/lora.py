@@ -94,11 +94,23 @@ def skinny_mm(big: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
     return part[0] if split == 1 else part.sum(0)
 
 
+_SKINNY_CHOICE: dict = {}  # (shape, strides, dtypes) -> "triton" | "fp32"; env FXOPT_LORA_SKINNY forces one
+
+
 def _mm(big, small, triton_gemm):
-    """big @ small for the rank-r products: the split fp32 kernel when big is half and small fp32, else torch.mm."""
+    """big @ small for the rank-r products. A half big with an fp32 small (peft's fp32 adapters): the split fp32
+    kernel, or (on CUDA, when measured faster) peft's own form, an fp32 copy of big and an fp32 GEMM; both carry
+    fp32 accuracy. Otherwise torch.mm."""
     if triton_gemm and small.dtype == torch.float32 and big.dtype in (torch.float16, torch.bfloat16) \
             and big.shape[1] > 0:
-        return skinny_mm(big, small)
+        choice = os.environ.get("FXOPT_LORA_SKINNY")
+        if choice not in (None, "", "triton", "fp32"):
+            raise ValueError(f"FXOPT_LORA_SKINNY must be 'triton' or 'fp32', not {choice!r}")
+        if not choice and big.device.type == "cuda":
+            key = (*big.shape, *big.stride(), small.shape[1], big.dtype)
+            choice = _measure_choice(_SKINNY_CHOICE, key, {"triton": lambda: skinny_mm(big, small),
+                                                           "fp32": lambda: big.float() @ small})
+        return big.float() @ small if choice == "fp32" else skinny_mm(big, small)
     return big.to(small.dtype) @ small
 
 

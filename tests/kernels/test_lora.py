@@ -165,3 +165,17 @@ def test_skinny_mm_fp32_accuracy_from_half(half):
         out = skinny_mm(b, small)
         assert out.dtype == torch.float32 and out.shape == (70, 5)
         assert rel(out, b.float() @ small) <= 1e-5
+
+
+@pytest.mark.parametrize("choice", ["fp32", "triton"])
+def test_fp32_adapter_products_either_path(choice, monkeypatch, no_fallback):
+    """Both forms of the rank-r products (forced; on CUDA the faster is measured) give peft's result."""
+    monkeypatch.setenv("FXOPT_LORA_SKINNY", choice)
+    test_lora_dense_vs_eager((2, 9, 48), 80, 8, False, torch.bfloat16, torch.float32, no_fallback)
+
+
+def test_bad_skinny_choice_is_a_clear_error(monkeypatch):
+    from fxopt.kernels.lora import _mm
+    monkeypatch.setenv("FXOPT_LORA_SKINNY", "fast")
+    with pytest.raises(ValueError, match="FXOPT_LORA_SKINNY must be"):
+        _mm(torch.randn(4, 8, device=DEV).half(), torch.randn(8, 2, device=DEV), True)
