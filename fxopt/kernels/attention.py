@@ -155,6 +155,19 @@ if triton_available():
         return lo, f_lo, f_hi, hi
 
     @triton.jit
+    def _doc_clip(lo, f_lo, f_hi, hi, DS, DE, start, S, BLOCK_SELF: tl.constexpr, BLOCK: tl.constexpr):
+        """Narrow the phases to the documents of rows [start, start + BLOCK_SELF): with nondecreasing document ids,
+        the other axis only matters in [doc start of the first row, doc end of the last row). Block-aligned, so the
+        phases never overlap; keys/queries inside the range but of another document are masked by MASK_KIND 3."""
+        first = tl.minimum(start, S - 1)
+        last = tl.minimum(start + BLOCK_SELF, S) - 1
+        lo2 = tl.maximum(lo, (tl.load(DS + first) // BLOCK) * BLOCK)
+        hi2 = tl.minimum(hi, tl.load(DE + last))
+        f_lo = tl.maximum(f_lo, lo2)
+        f_hi = tl.maximum(tl.minimum(f_hi, tl.cdiv(hi2, BLOCK) * BLOCK), f_lo)
+        return lo2, f_lo, f_hi, hi2
+
+    @triton.jit
     def _fwd_loop(acc, l_i, m_i, q, Kb, Vb, Mb, offs_m, offs_d, lo, hi, skn, svn, smm, smn, Sq, Sk, D, window,
                   qk_scale2, cap_x, cap2, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                   MASK_KIND: tl.constexpr, INDEX_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -185,7 +198,7 @@ if triton_available():
         return acc, l_i, m_i
 
     @triton.jit
-    def _attn_fwd(Q, K, V, O, LSE, MASK, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+    def _attn_fwd(Q, K, V, O, LSE, MASK, DS, DE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                   smb, smh, smm, smn, H, G, Sq, Sk, D, window, qk_scale2, cap_x, cap2,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr, LIBDEVICE: tl.constexpr, EVEN_D: tl.constexpr,
@@ -211,6 +224,9 @@ if triton_available():
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         lo, f_lo, f_hi, hi = _phases(start_m, Sk, BLOCK_M, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N, True)
+        if MASK_KIND == 3:
+            lo, f_lo, f_hi, hi = _doc_clip(lo, f_lo, f_hi, hi, DS + b * Sq, DE + b * Sq, start_m, Sq, BLOCK_M,
+                                           BLOCK_N)
         acc, l_i, m_i = _fwd_loop(acc, l_i, m_i, q, Kb, Vb, Mb, offs_m, offs_d, lo, f_lo, skn, svn, smm, smn, Sq,
                                   Sk, D, window, qk_scale2, cap_x, cap2, CAUSAL, WINDOW, SOFTCAP, MASK_KIND, True,
                                   UPCAST, IEEE, LIBDEVICE, EVEN_D, BLOCK_N)
@@ -286,6 +302,19 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def doc_bounds(mask, kind, B, S, dummy):
+    """(start, end) int32 [B, S]: the index range of each token's document (kind 3), else (dummy, dummy).
+    Rows whose ids are not nondecreasing (packing makes them so) get [0, S): no narrowing, still exact; decided on
+    the device, no host sync."""
+    if kind != 3:
+        return dummy, dummy
+    d = mask.expand(B, S).contiguous()
+    sorted_rows = (d[:, 1:] >= d[:, :-1]).all(dim=1, keepdim=True)
+    start = torch.where(sorted_rows, torch.searchsorted(d, d, right=False), 0)
+    end = torch.where(sorted_rows, torch.searchsorted(d, d, right=True), S)
+    return start.to(torch.int32), end.to(torch.int32)
+
+
 def mask_args(mask, B, H, Sq, Sk, dummy):
     """(tensor, kind, strides): kind 0 none, 1 bool (uint8 view), 2 additive, 3 document ids [B, S] (strides: batch,
     -, position, -); broadcast dims get stride 0."""
@@ -319,13 +348,15 @@ def _fwd_triton(q, k, v, mask, scale, causal, window, softcap):
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     m, kind, ms = mask_args(mask, B, H, Sq, Sk, q)
+    ds, de = doc_bounds(mask, kind, B, Sq, lse)
     fl = kernel_flags(q, D, causal, window, softcap)
     scal = cap_scalars(scale, softcap)
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
         _attn_fwd[(triton.cdiv(Sq, bm), B * H)](
-            q, k, v, out, lse, m, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *ms,
+            q, k, v, out, lse, m, ds, de, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            *ms,
             H, H // Hkv, Sq, Sk, D, int(window), *scal, MASK_KIND=kind, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=warps, num_stages=stages, **fl)
 

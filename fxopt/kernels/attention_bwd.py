@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from fxopt.kernels.attention import (RUNS, cap_scalars, kernel_flags, launch_tuned, mask_args, reference_logits,
-                                     safe_lse)
+from fxopt.kernels.attention import (RUNS, cap_scalars, doc_bounds, kernel_flags, launch_tuned, mask_args,
+                                     reference_logits, safe_lse)
 from fxopt.kernels.registry import next_pow2, run_kernel, triton_available, use_triton
 
 DQ_MODE = "separate"
@@ -26,7 +26,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from fxopt.kernels.attention import _dot, _load_rows, _logits, _phases
+    from fxopt.kernels.attention import _doc_clip, _dot, _load_rows, _logits, _phases
 
     @triton.jit
     def _attn_bwd_delta(O, DO, DELTA, sob, soh, som, sdb, sdh, sdm, H, Sq, D,
@@ -78,7 +78,7 @@ if triton_available():
         return dk, dv
 
     @triton.jit
-    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, DQ, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, DS, DE, DQ, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                        sdb, sdh, sdm, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, smb, smh, smm, smn,
                        H, G, Sq, Sk, D, window, scale, qk_scale2, cap_x, cap2,
                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -99,6 +99,9 @@ if triton_available():
         dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
         lo, f_lo, f_hi, hi = _phases(start_n, Sq, BLOCK_N, window, CAUSAL, WINDOW, BLOCK_N, BLOCK_M, False)
+        if MASK_KIND == 3:   # queries of these keys' documents only (Sq = Sk)
+            lo, f_lo, f_hi, hi = _doc_clip(lo, f_lo, f_hi, hi, DS + b * Sk, DE + b * Sk, start_n, Sk, BLOCK_N,
+                                           BLOCK_M)
         for g in range(0, G):
             h = hk * G + g
             Qb = Q + b * sqb + h * sqh
@@ -149,7 +152,7 @@ if triton_available():
         return dq
 
     @triton.jit
-    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, MASK, DS, DE, sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                      sdb, sdh, sdm, sdqb, sdqh, sdqm, smb, smh, smm, smn,
                      H, G, Sq, Sk, D, window, scale, qk_scale2, cap_x, cap2,
                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -179,6 +182,9 @@ if triton_available():
         Mb = MASK + b * smb + h * smh
         dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
         lo, f_lo, f_hi, hi = _phases(start_m, Sk, BLOCK_M, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N, True)
+        if MASK_KIND == 3:
+            lo, f_lo, f_hi, hi = _doc_clip(lo, f_lo, f_hi, hi, DS + b * Sq, DE + b * Sq, start_m, Sq, BLOCK_M,
+                                           BLOCK_N)
         dq = _dq_loop(dq, q, do, lse2, delta, Kb, Vb, Mb, offs_m, offs_d, lo, f_lo, skn, svn, smm, smn, Sq, Sk, D,
                       window, qk_scale2, cap_x, cap2, CAUSAL, WINDOW, SOFTCAP, MASK_KIND, True, UPCAST, IEEE,
                       LIBDEVICE, EVEN_D, BLOCK_N)
@@ -222,6 +228,7 @@ def _bwd_triton(do, q, k, v, out, lse, mask, scale, causal, window, softcap):
     _attn_bwd_delta[(triton.cdiv(Sq, bm), B * H)](out, do, delta, *out.stride()[:3], *do.stride()[:3], H, Sq, D,
                                                   D_PAD=d_pad, BLOCK_M=bm, num_warps=4)
     m, kind, ms = mask_args(mask, B, H, Sq, Sk, q)
+    ds, de = doc_bounds(mask, kind, B, Sq, delta)
     scal = cap_scalars(scale, softcap)
     common = (H, H // Hkv, Sq, Sk, D, int(window), float(scale), *scal)
     key = (d_pad, next_pow2(Sq), next_pow2(Sk), H // Hkv, kind, fl["CAUSAL"], fl["WINDOW"], fl["SOFTCAP"], q.dtype)
@@ -234,14 +241,14 @@ def _bwd_triton(do, q, k, v, out, lse, mask, scale, causal, window, softcap):
         if atomic:
             dq_acc.zero_()
         _attn_bwd_dkdv[(triton.cdiv(Sk, bn), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, m, dq_acc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            q, k, v, do, lse, delta, dk, dv, m, ds, de, dq_acc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *ms, *common, MASK_KIND=kind, DQ_ATOMIC=atomic,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **fl)
 
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
         _attn_bwd_dq[(triton.cdiv(Sq, bm), B * H)](
-            q, k, v, do, lse, delta, dq, m, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            q, k, v, do, lse, delta, dq, m, ds, de, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
             *dq.stride()[:3], *ms, *common, MASK_KIND=kind, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=warps, num_stages=stages, **fl)
 

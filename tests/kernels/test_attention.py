@@ -113,7 +113,8 @@ def test_forward_backward(B, Hq, Hkv, S, D, causal, window, softcap, mask, dtype
         assert _err(a, b) <= TOL[dtype] * 2, (name, _err(a, b))
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[7], CASES[11]], ids=["gqa", "window-cap", "bool", "fp16"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[7], CASES[11], CASES[12]],
+                         ids=["gqa", "window-cap", "bool", "fp16", "docs"])
 def test_dq_atomic_mode(case, monkeypatch, no_fallback):
     """dq added atomically by the dk/dv kernel (fp32 buffer) instead of the separate dq kernel."""
     monkeypatch.setattr("fxopt.kernels.attention_bwd.DQ_MODE", "atomic")
@@ -164,6 +165,24 @@ def test_reference_matches_truth(monkeypatch):
     dout = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, leaves, dout.double())):
         assert rel(a, b) <= 1e-6
+
+
+def test_unsorted_document_ids_are_still_exact(no_fallback):
+    """Ids that are not nondecreasing (not what packing makes) get no block narrowing, and the same result."""
+    q, k, v = _inputs(2, 2, 1, 40, 16, torch.float32)
+    docs = torch.randint(0, 3, (2, 40), device=DEV)
+    out, _ = torch.ops.fxopt.attention(q, k, v, docs, 0.25, True, 0, 0.0)
+    ref, _ = _truth(q, k, v, docs, 0.25, True, 0, 0.0)
+    assert rel(out, ref) <= TOL[torch.float32]
+    start, end = K.doc_bounds(docs, 3, 2, 40, None)
+    assert int(start.max()) == 0 and int(end.min()) == 40
+
+
+def test_document_bounds():
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5]], device=DEV)
+    start, end = K.doc_bounds(docs, 3, 2, 6, None)
+    assert start.tolist() == [[0, 0, 0, 3, 3, 5], [0] * 6]
+    assert end.tolist() == [[3, 3, 3, 5, 5, 6], [6] * 6]
 
 
 def test_opcheck(no_fallback):
