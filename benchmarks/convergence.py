@@ -11,6 +11,7 @@ references (the Triton kernels' numerics are tests/kernels/'s; TRITON_INTERPRET=
 
   python benchmarks/convergence.py                       # CPU defaults: 200 steps, ~5 min on 2 cores
   python benchmarks/convergence.py --steps 30 --layers 2 --hidden 64 --out /tmp/conv   # smoke
+  (the 1B-shape bf16 LoRA run on one GPU, with these data and training helpers: benchmarks/convergence_gpu.py)
 
 Writes <out>.json (curves, tolerances, verdicts, versions) and <out>.png. Exit 1 if a tolerance is exceeded.
 """
@@ -105,26 +106,45 @@ def model_config(vocab: int, layers: int, hidden: int, seq: int):
                                 attention_dropout=0.0)
 
 
-def train(cfg, data, dtype, compiled: bool, lr: float, warmup: int, seed: int = 0, inductor: bool = False,
-          eval_data=None, perturb: float = 0.0):
-    """Losses per step (floats) of one run, plus eval loss, seconds, fxopt report.
+def build_model(cfg, dtype, seed: int = 0, perturb: float = 0.0):
+    """Random-init causal LM from `cfg` in `dtype`, train mode.
     perturb > 0: every fp32 initial weight w becomes w * (1 + perturb * N(0, 1)) before the cast to `dtype` (an
     eager run from a start that differs by rounding noise: how far training alone carries such a difference)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     if perturb:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(1 + perturb * torch.randn(p.shape, generator=g))
+        perturb_(model.parameters(), perturb, seed + 1)
     model = model.to(dtype).train()
     model.loss_type = "ForCausalLM"
+    return model
+
+
+def perturb_(params, rel: float, seed: int) -> None:
+    """w <- w * (1 + rel * N(0, 1)) in place, noise drawn on the CPU (the same on every device)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.mul_(1 + rel * torch.randn(p.shape, generator=g).to(p.device))
+
+
+def fit(model, data, compiled: bool, lr: float, warmup: int, inductor: bool = False, eval_data=None, *,
+        backend="fxopt", device=None, deadline: float | None = None, out: dict | None = None) -> dict:
+    """Train `model`'s trainable parameters on `data` (one batch per step); the step's loss is computed by a function
+    that returns only the loss, compiled with fxopt when `compiled`. Fills and returns `out`: losses per step, step
+    wall times (each ends on the loss's .item(), a device sync), eval loss, seconds, fxopt report. The lists grow as
+    training goes, so a caller that interrupts this still holds the steps done. deadline (time.time()): stop between
+    steps once past it, marked partial; the LR schedule stays the one for len(data) steps."""
+    out = {} if out is None else out
+    out.update(losses=[], step_seconds=[], eval_loss=None, seconds=None, first_step_seconds=None, report=None,
+               partial=False)
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def loss_of(ids):
         return model(input_ids=ids, labels=ids).loss
-    step_loss = torch.compile(loss_of, backend="fxopt", options={"inductor": inductor}) if compiled else loss_of
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+    step_loss = (torch.compile(loss_of, backend=backend, options={"inductor": inductor}) if compiled
+                 else loss_of)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
     steps = len(data)
 
     def schedule(i):
@@ -132,32 +152,44 @@ def train(cfg, data, dtype, compiled: bool, lr: float, warmup: int, seed: int = 
             return (i + 1) / warmup
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    losses, t0, t_first = [], time.time(), None
+    losses, t0 = out["losses"], time.time()
     for i, ids in enumerate(data):
+        if deadline is not None and time.time() > deadline:
+            out["partial"] = True
+            log(f"  time limit: stopped after {i} of {steps} steps")
+            break
+        t1 = time.perf_counter()
+        ids = ids.to(device) if device is not None else ids
         loss = step_loss(ids)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach().item())
-        if t_first is None:
-            t_first = time.time() - t0
+        out["step_seconds"].append(round(time.perf_counter() - t1, 5))
+        if out["first_step_seconds"] is None:
+            out["first_step_seconds"] = time.time() - t0
         if i % 50 == 0 or i == steps - 1:
             log(f"  step {i:4d} loss {losses[-1]:.4f}  [{time.time() - t0:.0f}s]")
-    seconds = time.time() - t0
-    report = None
+    out["seconds"] = time.time() - t0
     if compiled:
         import fxopt
         rep = fxopt.last_report()
-        report = {"matched": rep.matched, "graphs": rep.graphs, "fallbacks": [f.error for f in rep.fallbacks]}
-    ev = None
+        out["report"] = {"matched": rep.matched, "graphs": rep.graphs, "fallbacks": [f.error for f in rep.fallbacks]}
     if eval_data is not None:
         model.eval()
         with torch.no_grad():
-            ev = sum(float(loss_of(ids)) for ids in eval_data) / len(eval_data)
+            out["eval_loss"] = sum(float(loss_of(ids.to(device) if device is not None else ids))
+                                   for ids in eval_data) / len(eval_data)
     torch._dynamo.reset()
-    return {"losses": losses, "eval_loss": ev, "seconds": seconds, "first_step_seconds": t_first, "report": report}
+    return out
+
+
+def train(cfg, data, dtype, compiled: bool, lr: float, warmup: int, seed: int = 0, inductor: bool = False,
+          eval_data=None, perturb: float = 0.0):
+    """Losses per step (floats) of one run, plus eval loss, seconds, fxopt report (see build_model, fit)."""
+    return fit(build_model(cfg, dtype, seed, perturb), data, compiled, lr, warmup, inductor, eval_data)
 
 
 def compare(eager: list, fx: list, smooth: int = SMOOTH) -> dict:
@@ -200,23 +232,23 @@ def plot(result: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = result["runs"]
+    runs, tol = result["runs"], result["tolerance"]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     colors = {"fp32": "tab:blue", "bf16": "tab:orange"}
     for dt in result["dtypes"]:
-        e, f = runs[dt]["eager"]["losses"], runs[dt]["fxopt"]["losses"]
+        e, f = runs[dt]["eager"]["losses"], runs[dt].get("fxopt", {}).get("losses", [])
         ax.plot(e, color=colors[dt], lw=1.5, label=f"eager {dt}")
         ax.plot(f, color=colors[dt], lw=1, ls="--", label=f"fxopt {dt}")
         ax2.semilogy([max(abs(a - b), 1e-9) for a, b in zip(f, e)], color=colors[dt], lw=1,
-                     label=f"{dt} fxopt - eager (tol {TOL[dt]['max_abs']:g})")
+                     label=f"{dt} fxopt - eager (tol {tol[dt]['max_abs']:g})")
         if "eager_perturbed" in runs[dt]:
             p = runs[dt]["eager_perturbed"]["losses"]
             ax2.semilogy([max(abs(a - b), 1e-9) for a, b in zip(p, e)], color=colors[dt], lw=0.8, alpha=0.45,
                          ls="--", label=f"{dt} eager(w·(1+{PERTURB:g}·N)) - eager")
-        ax2.axhline(TOL[dt]["max_abs"], color=colors[dt], ls=":", lw=1)
+        ax2.axhline(tol[dt]["max_abs"], color=colors[dt], ls=":", lw=1)
     a = result["args"]
-    ax.set_title(f"Llama {a['layers']}L h{a['hidden']}, {a['batch']}x{a['seq']} tokens/step, pydoc_data text "
-                 f"(BPE {a['vocab']}), {result['env'].get('torch')} CPU")
+    ax.set_title(result.get("title") or f"Llama {a['layers']}L h{a['hidden']}, {a['batch']}x{a['seq']} tokens/step, "
+                 f"pydoc_data text (BPE {a['vocab']}), {result['env'].get('torch')} CPU")
     ax.set_ylabel("training loss")
     ax.legend(ncol=2)
     ax2.set_ylabel("|fxopt - eager|")

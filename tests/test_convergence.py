@@ -57,3 +57,31 @@ def test_fxopt_loss_curve_matches_eager(setup, dtype, fresh_dynamo, reference_op
     assert m["linear_cross_entropy"] == 1, m          # the compiled function returns only the loss
     assert fx["report"]["fallbacks"] == [] and fx["report"]["graphs"] == 1
     assert st["final_smoothed_fxopt"] < eager["losses"][0] - 0.5      # it learns
+
+
+def test_gpu_script_runs_on_cpu_at_the_tiny_shape(tmp_path, fresh_dynamo, reference_ops):
+    """benchmarks/convergence_gpu.py end to end at train_step's "tiny" shape (bf16, LoRA, BPE ids inside the shape's
+    vocab 512): three runs, files, verdict; then the time guard (no step may start) leaves a partial result."""
+    import json
+    import os
+
+    from benchmarks import convergence_gpu as G
+    out = str(tmp_path / "c")
+    small = ["--device", "cpu", "--shape", "tiny", "--vocab", "300", "--batch", "2", "--seq", "32", "--warmup", "2",
+             "--no-inductor"]
+    rc = G.main(small + ["--steps", "8", "--out", out])
+    with open(out + ".json") as f:
+        r = json.load(f)
+    runs = r["runs"]["bf16"]
+    assert rc == 0 and r["verdict"] == "pass" and not r["partial"] and r["failures"] == [], r["failures"]
+    assert all(len(runs[n]["losses"]) == 8 and runs[n]["tok_per_s"] > 0 for n in ("eager", "fxopt", "eager_perturbed"))
+    assert runs["eager"]["init"] == runs["fxopt"]["init"] != runs["eager_perturbed"]["init"]
+    m = runs["fxopt"]["report"]["matched"]
+    assert m["lora"] == 14 and m["linear_cross_entropy"] == 1 and m["attention"] == 2, m
+    assert r["vocab"]["model"] == 512 and r["vocab"]["tokenizer_ids"] == 301 and r["lora"]["alpha"] == 32
+    assert set(r["stats"]) >= {"bf16", "bf16_eager_perturbed"} and os.path.getsize(out + ".png") > 10_000
+
+    rc = G.main(small + ["--steps", "8", "--time-limit", "5", "--out", out + "_t"])
+    with open(out + "_t.json") as f:
+        r = json.load(f)
+    assert rc == 2 and r["partial"] and r["verdict"] == "incomplete" and r["runs"]["bf16"] == {}, r
