@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh qlora8b   # 8B QLoRA fxopt step (no/with checkpointing), LoRA bench, pytest -m gpu
 #   bash benchmarks/gpu_session.sh check2    # LoRA/NF4 layer + parts benches, GPU tests (chunked NF4, attention, ...)
 #   bash benchmarks/gpu_session.sh profile   # 1B LoRA and 8B QLoRA fxopt steps with torch.profiler tables
+#   bash benchmarks/gpu_session.sh evidence  # 1B GPU convergence, packed vs padded finetune, 1B memory-budget points
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
 set -u
 cd "$(dirname "$0")/.."
@@ -61,6 +62,12 @@ profile)   # where a step's GPU time goes: 1B LoRA and 8B QLoRA fxopt steps unde
     step train_step 330 python3 benchmarks/run_suite.py qlora8b --only "nogc-fxopt-lossonly" \
         --out "$OUT/train_step.jsonl" --time-limit 325
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    ;;
+evidence)   # 1B GPU convergence (issue 11), packed vs padded (issue 12), 1B budget frontier (issues 10, 13)
+    step convergence 300 python3 benchmarks/convergence_gpu.py --out "$OUT/convergence_1b_h200" --time-limit 290
+    step packing 130 python3 benchmarks/packing.py --out "$OUT/packing_h200.json"
+    step budgets $(( 585 - $(elapsed) )) python3 benchmarks/run_suite.py budgets1b --out "$OUT/train_step.jsonl" \
+        --time-limit $(( 580 - $(elapsed) ))
     ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

@@ -35,6 +35,8 @@ QLORA8B = (grid("8b", "qlora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(T
                 warmup=2, timeout=420)
            + grid("8b", "qlora", ["fxopt"], gcs=(False, True), batch=2, steps=6, warmup=2, timeout=300, loss_only=True,
                   profile=True))
+# The speed-memory frontier of 1B LoRA: fxopt at fractions of its save-everything activation peak.
+BUDGETS1B = grid("1b", "lora", ["fxopt:0.8", "fxopt:0.6"], steps=6, warmup=2, timeout=200, loss_only=True)
 # Where the step's GPU time goes (torch.profiler, one step after timing).
 PROFILE1B = grid("1b", "lora", ["fxopt"], steps=4, warmup=2, timeout=200, loss_only=True, profile=True)
 FULL = (
@@ -54,7 +56,7 @@ STEP1B = (grid("1b", "lora", ["eager"], steps=6, warmup=2, timeout=200)
           + grid("1b", "lora", ["fxopt", "fxopt:4GiB"], steps=6, warmup=2, timeout=240, loss_only=True))
 # CPU smoke test of this machinery (shape "tiny", --device cpu): no GPU needed.
 SMOKE = grid("tiny", "lora", ["eager", "fxopt", "liger"], batch=2, seq=64, steps=3, warmup=1, timeout=300)
-SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
+SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b": BUDGETS1B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
 
 NEEDS = {"liger": ["liger_kernel"], "unsloth": ["unsloth", "bitsandbytes"], "fxopt": ["fxopt"]}
 
