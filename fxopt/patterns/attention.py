@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from fxopt.kernels import attention as _ops  # noqa: F401  (registers the op)
 from fxopt.normalize import meta
+from fxopt.patterns.attention_dispatch import keep_sdpa
 from fxopt.patterns.attention_mask import classify
 from fxopt.patterns.match import (Match, NoMatch, Pattern, arg, call, cast_dtype, insert_op, number, only_user,
                                   replace_output, require, split_scalar)
@@ -110,6 +111,17 @@ def _dropout_p(p):
     require(p == 0, f"dropout p={p} in training is not fused (fxopt attention has no dropout; docs/attention.md)")
 
 
+def _causal_flag(n):
+    """SDPA node: attn_mask=None, is_causal=True (its mask was evaluated equal to the causal mask)."""
+    args, kw = list(n.args), dict(n.kwargs)
+    for i, name, value in ((3, "attn_mask", None), (5, "is_causal", True)):
+        if len(args) > i:
+            args[i] = value
+        else:
+            kw[name] = value
+    n.args, n.kwargs = tuple(args), kw
+
+
 def match_sdpa(n):
     q, k, v = n.args[:3]
     mask = arg(n, 3, "attn_mask")
@@ -128,6 +140,14 @@ def match_sdpa(n):
         tmask, causal, window, why = _mask_params(mask, qs, ks)
     require(scale is not None or isinstance(qs[3], int), "default scale with a symbolic head dim")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(qs[3])
+    # SDPA runs this form itself (no mask, or a constant mask proven == causal): keep it where it is measured faster
+    flag_only = isinstance(mask, fx.Node) and tmask is None and causal and not window and qs[2] == ks[2]
+    if mask is None or flag_only:
+        why_sdpa = keep_sdpa(qs, ks, meta(q).dtype, meta(q).device, causal, scale, bool(krep))
+        if why_sdpa is not None and flag_only:   # SDPA's flash backend needs is_causal, not a dense mask
+            _causal_flag(n)
+            why_sdpa += "; its constant causal mask became is_causal=True"
+        require(why_sdpa is None, why_sdpa)
     return Match(anchor=n, output=n, nodes=[n, *krep, *vrep],
                  params=dict(q=q, k=k0, v=v0, mask=tmask, invert=False, scale=scale, causal=causal, window=window,
                              softcap=0.0, why=why))

@@ -1,0 +1,77 @@
+"""Per-shape dispatch between fxopt's attention kernel and PyTorch's own SDPA, decided by measurement.
+
+Measured on the H200 (benchmarks/results/attention_h200_first_run.json): fxopt's flash kernel runs causal GQA
+fwd+bwd at 0.74x SDPA's throughput at seq 2048 and 0.69x at 8192. So when the graph already holds a mask-free
+`scaled_dot_product_attention` on a CUDA device, the first compile of each shape times both, fwd+bwd, on random
+inputs of that shape with batch 1 (time scales with the batch; batch 1 keeps the probe's memory small), and keeps
+SDPA when it is faster: the report lists it under `rejected` with both times, so the report says which kernel runs.
+fxopt's kernel is kept where SDPA has no equivalent: soft-capping, sliding windows, packed document ids, masks,
+eager attention (those are never SDPA nodes without a mask here).
+`FXOPT_ATTN_SDPA`: `auto` (default: measure), `never` (always fxopt's kernel), `always` (keep every eligible SDPA).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+MARGIN = 0.97            # keep SDPA only when it takes < 97% of fxopt's time (ties go to fxopt: no repeat_kv copy)
+_TIMES: dict = {}        # key -> (fxopt ms, sdpa ms)
+
+
+def mode() -> str:
+    m = os.environ.get("FXOPT_ATTN_SDPA", "auto") or "auto"
+    if m not in ("auto", "never", "always"):
+        raise ValueError(f"FXOPT_ATTN_SDPA must be 'auto', 'never' or 'always', not {m!r}")
+    return m
+
+
+def _measure(qs, ks, dtype, device, causal, scale, repeated):
+    """(fxopt ms, sdpa ms) of fwd+bwd at batch 1 on real tensors (outside any fake mode)."""
+    from triton.testing import do_bench
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # pragma: no cover
+        import contextlib
+        unset_fake_temporarily = contextlib.nullcontext
+    with unset_fake_temporarily(), torch.enable_grad():
+        _, H, S, D = qs
+        Hkv, Sk = ks[1], ks[2]
+        q = torch.randn(1, S, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+        k = torch.randn(1, Sk, Hkv, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+        v = torch.randn(1, Sk, Hkv, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+        do = torch.randn(1, H, S, D, device=device, dtype=dtype)
+
+        def ours():
+            out, _ = torch.ops.fxopt.attention(q, k, v, None, scale, causal, 0, 0.0)
+            torch.autograd.grad(out, (q, k, v), do)
+
+        def sdpa():
+            if repeated and H != Hkv:   # the graph's repeat_kv (expand + reshape: a copy) is part of its cost
+                kk, vv = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+                out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=causal, scale=scale)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                                       enable_gqa=H != Hkv)
+            torch.autograd.grad(out, (q, k, v), do)
+        return do_bench(ours, warmup=5, rep=25), do_bench(sdpa, warmup=5, rep=25)
+
+
+def keep_sdpa(qs, ks, dtype, device, causal, scale, repeated) -> str | None:
+    """A reason to keep the graph's SDPA node (SDPA measured faster, or forced), else None (use fxopt's kernel)."""
+    m = mode()
+    if m == "never" or torch.device(device).type != "cuda" or not all(isinstance(s, int) for s in (*qs, *ks)):
+        return None
+    if m == "always":
+        return "kept SDPA (FXOPT_ATTN_SDPA=always)"
+    key = (tuple(qs[1:]), tuple(ks[1:]), dtype, str(device), bool(causal), float(scale), bool(repeated))
+    if key not in _TIMES:
+        try:
+            _TIMES[key] = _measure(qs, ks, dtype, device, causal, scale, repeated)
+        except Exception:  # noqa: BLE001 - a probe that fails (memory, compile) decides nothing: fxopt's kernel
+            _TIMES[key] = (0.0, float("inf"))
+    t_fx, t_sdpa = _TIMES[key]
+    if t_sdpa < MARGIN * t_fx:
+        return (f"kept SDPA: measured faster at this shape (fwd+bwd, batch 1: SDPA {t_sdpa:.3f} ms, fxopt "
+                f"{t_fx:.3f} ms); FXOPT_ATTN_SDPA=never forces fxopt's kernel")
+    return None

@@ -1,0 +1,77 @@
+"""SDPA dispatch: a mask-free SDPA node is kept when SDPA is measured faster (on CUDA), with both times in the
+report; `FXOPT_ATTN_SDPA` forces either side; CPU never dispatches. The timing is faked here (no GPU)."""
+import pytest
+import torch
+
+import fxopt
+from fxopt.patterns import attention_dispatch as AD
+from tests.helpers import tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _compile_llama():
+    """Report of a compiled tiny llama step; asserts loss and grads equal eager's (the kept SDPA node, with its
+    constant causal mask turned into is_causal=True, computes the same function)."""
+    import copy
+    m = tiny_model("llama")
+    ref = copy.deepcopy(m)
+    ids = torch.randint(3, 128, (2, 24))
+    torch._dynamo.reset()
+    out = torch.compile(m, backend="fxopt", options={"inductor": False})(input_ids=ids, labels=ids)
+    out.loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    assert torch.allclose(out.loss, ref(input_ids=ids, labels=ids).loss, rtol=1e-5)
+    for a, b in zip(m.parameters(), ref.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    return fxopt.last_report()
+
+
+@pytest.fixture
+def as_if_cuda(monkeypatch):
+    """Pretend the graph is on CUDA and that the probe measured (fxopt ms, sdpa ms)."""
+    real_device = torch.device
+
+    def fake_keep(qs, ks, dtype, device, causal, scale, repeated):
+        return AD.keep_sdpa(qs, ks, dtype, "cuda", causal, scale, repeated)
+    monkeypatch.setattr("fxopt.patterns.attention.keep_sdpa", fake_keep)
+    monkeypatch.setattr(AD, "_TIMES", {})
+    times = {}
+    monkeypatch.setattr(AD, "_measure", lambda *a: times["value"])
+    del real_device
+    return times
+
+
+def test_sdpa_kept_when_measured_faster(as_if_cuda, fresh_dynamo):
+    as_if_cuda["value"] = (1.0, 0.5)
+    r = _compile_llama()
+    assert r.matched["attention"] == 0 and r.matched["rms_norm"] == 5
+    reasons = [x.reason for x in r.rejected if x.pattern == "attention"]
+    assert len(reasons) == 2 and all("kept SDPA" in x and "0.500 ms" in x and "1.000 ms" in x for x in reasons)
+
+
+def test_fxopt_kept_when_not_clearly_slower(as_if_cuda, fresh_dynamo):
+    as_if_cuda["value"] = (1.0, 0.98)          # within the 3% margin: fxopt's kernel
+    assert _compile_llama().matched["attention"] == 2
+
+
+def test_env_forces_either_side(as_if_cuda, monkeypatch, fresh_dynamo):
+    as_if_cuda["value"] = (1.0, 0.1)
+    monkeypatch.setenv("FXOPT_ATTN_SDPA", "never")
+    assert _compile_llama().matched["attention"] == 2
+    as_if_cuda["value"] = (0.1, 1.0)
+    monkeypatch.setenv("FXOPT_ATTN_SDPA", "always")
+    assert _compile_llama().matched["attention"] == 0
+
+
+def test_cpu_never_dispatches_and_bad_env_is_an_error(monkeypatch):
+    assert AD.keep_sdpa((1, 4, 8, 16), (1, 2, 8, 16), torch.float32, "cpu", True, 0.25, False) is None
+    monkeypatch.setenv("FXOPT_ATTN_SDPA", "sometimes")
+    with pytest.raises(ValueError, match="FXOPT_ATTN_SDPA must be"):
+        AD.mode()
+
+
+def test_failed_probe_keeps_fxopt(monkeypatch):
+    monkeypatch.setattr(AD, "_TIMES", {})
+    monkeypatch.setattr(AD, "_measure", lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    assert AD.keep_sdpa((1, 4, 8, 16), (1, 2, 8, 16), torch.bfloat16, "cuda", True, 0.25, False) is None
