@@ -126,6 +126,17 @@ def run(ceiling_tbps):
                 rows.append(dict(op="rope_fwd", impl=name, layout=layout, ms=round(ms, 4),
                                  tbps=round(nbytes / 2 / ms / 1e9, 3),
                                  frac_of_copy=round(nbytes / 2 / ms / 1e9 / ceiling_tbps, 3)))
+        # the forward kernel alone: one rounding (default) vs eager's roundings (FXOPT_ROPE_EXACT=1)
+        from fxopt.kernels import rope as R
+        qd, kd = q.detach(), k.detach()
+        if layout == "hf":
+            qd, kd = qd.view(B, S, H, D).transpose(1, 2), kd.view(B, S, KV, D).transpose(1, 2)
+        yq, yk = torch.empty_like(qd), torch.empty_like(kd)
+        for mode, rnd in (("round_once", torch.float32), ("eager_exact", qd.dtype)):
+            ms = do_bench(lambda: R._launch(qd, kd, cos, sin, yq, yk, False, rnd, False))
+            rows.append(dict(op="rope_fwd_kernel", impl=mode, layout=layout, ms=round(ms, 4),
+                             tbps=round(nbytes / 2 / ms / 1e9, 3),
+                             frac_of_copy=round(nbytes / 2 / ms / 1e9 / ceiling_tbps, 3)))
     from fxopt.report import RUNTIME_FALLBACKS
     correctness["runtime_fallbacks"] = [f"{f.what}: {f.error}" for f in RUNTIME_FALLBACKS]
     return rows, correctness

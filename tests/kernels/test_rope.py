@@ -70,9 +70,15 @@ def test_fp32_matches_eager(d, rot, s, interleaved, layout, no_fallback):
         assert got[0].stride() == ref[0].stride()
 
 
+@pytest.fixture
+def exact(monkeypatch):
+    monkeypatch.setenv("FXOPT_ROPE_EXACT", "1")
+
+
 @pytest.mark.parametrize("interleaved,rot", [(False, None), (True, 32)])
-def test_bf16_bitexact_with_eager(interleaved, rot, no_fallback):
-    """Products and the sum rounded to bf16 as eager does (fwd), and bwd grads as autograd accumulates them."""
+def test_bf16_bitexact_with_eager(interleaved, rot, exact, no_fallback):
+    """FXOPT_ROPE_EXACT=1: products and the sum rounded to bf16 as eager does (fwd), and bwd grads as autograd
+    accumulates them."""
     torch.manual_seed(1)
     q, k, cos, sin = make(s=11, d=64, rot=rot, dt=torch.bfloat16)
     got, ref = fwd_bwd(q, k, cos, sin, interleaved, True), fwd_bwd(q, k, cos, sin, interleaved, False)
@@ -82,7 +88,21 @@ def test_bf16_bitexact_with_eager(interleaved, rot, no_fallback):
         assert torch.equal(a, b)
 
 
-def test_bf16_q_fp32_cos_promotes(no_fallback):
+@pytest.mark.parametrize("interleaved,rot", [(False, None), (True, 32)])
+def test_bf16_default_rounds_once(interleaved, rot, no_fallback):
+    """Default: fp32 math, one rounding: within bf16 rounding of eager, and no farther from the fp64 truth."""
+    torch.manual_seed(1)
+    q, k, cos, sin = make(s=11, d=64, rot=rot, dt=torch.bfloat16)
+    got, ref = fwd_bwd(q, k, cos, sin, interleaved, True), fwd_bwd(q, k, cos, sin, interleaved, False)
+    q64, k64, c64, s64 = (t.detach().double() for t in (q, k, cos, sin))
+    truth = eager(q64, c64, s64, interleaved) if rot is None else None
+    for a, b in zip(got, ref):
+        assert a.dtype == b.dtype == torch.bfloat16 and rel(a, b) <= 1e-2
+    if truth is not None:
+        assert rel(got[0], truth) <= rel(ref[0], truth) + 1e-6
+
+
+def test_bf16_q_fp32_cos_promotes(exact, no_fallback):
     """bf16 q * fp32 cos: eager computes and returns fp32; grads come back in bf16."""
     torch.manual_seed(2)
     q, k, cos, sin = make(s=6, d=64, dt=torch.bfloat16, cos_dt=torch.float32)

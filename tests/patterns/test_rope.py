@@ -113,8 +113,10 @@ def test_interleaved_gptj_layout(fresh_dynamo):
 
 
 @pytest.mark.parametrize("variant", ["hf_bf16", "cohere_upcast", "fp32_cos"])
-def test_dtypes_like_eager(variant, fresh_dynamo):
-    """Output dtype and rounding as eager: bf16 throughout; q.float() ... .to(bf16); bf16 q * fp32 cos -> fp32."""
+def test_dtypes_like_eager(variant, fresh_dynamo, monkeypatch):
+    """Output dtype and (FXOPT_ROPE_EXACT=1) rounding as eager: bf16 throughout; q.float() ... .to(bf16);
+    bf16 q * fp32 cos -> fp32."""
+    monkeypatch.setenv("FXOPT_ROPE_EXACT", "1")
     torch.manual_seed(4)
     q, k, cos, sin = qkcs(dt=torch.bfloat16)
     if variant == "cohere_upcast":
