@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_session.sh qlora8b   # 8B QLoRA fxopt step (no/with checkpointing), LoRA bench, pytest -m gpu
 #   bash benchmarks/gpu_session.sh check2    # LoRA/NF4 layer + parts benches, GPU tests (chunked NF4, attention, ...)
 #   bash benchmarks/gpu_session.sh profile   # 1B LoRA and 8B QLoRA fxopt steps with torch.profiler tables
-#   bash benchmarks/gpu_session.sh evidence  # 1B GPU convergence, packed vs padded finetune, 1B memory-budget points
+#   bash benchmarks/gpu_session.sh evidence  # 1B GPU convergence, packed vs padded finetune
+#   bash benchmarks/gpu_session.sh budgets   # 1B frontier: fxopt memory_budget vs torch activation_memory_budget
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
 set -u
 cd "$(dirname "$0")/.."
@@ -66,8 +67,10 @@ profile)   # where a step's GPU time goes: 1B LoRA and 8B QLoRA fxopt steps unde
 evidence)   # 1B GPU convergence (issue 11), packed vs padded (issue 12), 1B budget frontier (issues 10, 13)
     step convergence 300 python3 benchmarks/convergence_gpu.py --out "$OUT/convergence_1b_h200" --time-limit 290
     step packing 130 python3 benchmarks/packing.py --out "$OUT/packing_h200.json"
-    step budgets $(( 585 - $(elapsed) )) python3 benchmarks/run_suite.py budgets1b --out "$OUT/train_step.jsonl" \
-        --time-limit $(( 580 - $(elapsed) ))
+    ;;
+budgets)   # the 1B LoRA speed-memory frontier: fxopt and torch's activation_memory_budget at 0.8 and 0.6
+    step budgets 570 python3 benchmarks/run_suite.py budgets1b --out "$OUT/train_step.jsonl" --time-limit 565
+    python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
 *) echo "unknown stage $1"; exit 2 ;;
 esac

@@ -36,7 +36,9 @@ QLORA8B = (grid("8b", "qlora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(T
            + grid("8b", "qlora", ["fxopt"], gcs=(False, True), batch=2, steps=6, warmup=2, timeout=300, loss_only=True,
                   profile=True))
 # The speed-memory frontier of 1B LoRA: fxopt at fractions of its save-everything activation peak.
-BUDGETS1B = grid("1b", "lora", ["fxopt:0.8", "fxopt:0.6"], steps=6, warmup=2, timeout=200, loss_only=True)
+# torch's own activation_memory_budget at the same fractions, for comparison (issue 10).
+BUDGETS1B = (grid("1b", "lora", ["fxopt:0.8", "fxopt:0.6"], steps=6, warmup=2, timeout=200, loss_only=True)
+             + grid("1b", "lora", ["inductor:0.8", "inductor:0.6"], steps=6, warmup=2, timeout=200))
 # Where the step's GPU time goes (torch.profiler, one step after timing).
 PROFILE1B = grid("1b", "lora", ["fxopt"], steps=4, warmup=2, timeout=200, loss_only=True, profile=True)
 FULL = (

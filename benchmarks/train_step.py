@@ -80,9 +80,18 @@ def parse_variant(variant):
     if kind not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r}; choose from {VARIANTS} (fxopt:<budget> too)")
     opts = {}
+    if budget and kind == "inductor":   # torch's own knob: a fraction of the save-everything activation memory
+        try:
+            frac = float(budget)
+        except ValueError:
+            frac = -1.0
+        if not 0 < frac <= 1:
+            raise SystemExit(f"inductor:<fraction> takes activation_memory_budget in (0, 1], got {variant!r}")
+        return kind, {"activation_memory_budget": frac}
     if budget:
         if kind != "fxopt":
-            raise SystemExit(f"only fxopt takes a ':<memory_budget>' suffix, got {variant!r}")
+            raise SystemExit(f"only fxopt (memory_budget) and inductor (activation_memory_budget fraction) take a "
+                             f"':<budget>' suffix, got {variant!r}")
         if budget.isdigit():
             opts["memory_budget"] = int(budget)
         else:
@@ -304,6 +313,12 @@ def measure(a):
         run_model = loss_only
         rec["loss_only"] = True
     if kind == "inductor":
+        if fx_opts.get("activation_memory_budget") is not None:
+            import torch._functorch.config as fconfig
+            if not hasattr(fconfig, "activation_memory_budget"):
+                raise SystemExit("this torch has no torch._functorch.config.activation_memory_budget")
+            fconfig.activation_memory_budget = fx_opts["activation_memory_budget"]
+            rec["activation_memory_budget"] = fx_opts["activation_memory_budget"]
         run_model = torch.compile(run_model)
     elif kind == "fxopt":
         backend, rec["fxopt_backend"] = resolve_fxopt_backend()
