@@ -69,7 +69,9 @@ evidence)   # 1B GPU convergence (issue 11), packed vs padded (issue 12), 1B bud
     step packing 130 python3 benchmarks/packing.py --out "$OUT/packing_h200.json"
     ;;
 budgets)   # the 1B LoRA speed-memory frontier: fxopt and torch's activation_memory_budget at 0.8 and 0.6
-    step budgets 570 python3 benchmarks/run_suite.py budgets1b --out "$OUT/train_step.jsonl" --time-limit 565
+    step budgets 470 python3 benchmarks/run_suite.py budgets1b --out "$OUT/train_step.jsonl" --time-limit 465
+    step nolce $(( 580 - $(elapsed) )) python3 benchmarks/run_suite.py nolce1b --out "$OUT/train_step.jsonl" \
+        --time-limit $(( 575 - $(elapsed) ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
 *) echo "unknown stage $1"; exit 2 ;;

@@ -36,7 +36,8 @@ def load_rows(paths):
                     print(f"{path}:{n}: not JSON, skipped", file=sys.stderr)
                     continue
                 key = (r.get("search"), r.get("shape"), r.get("mode"), r.get("variant"), bool(r.get("gc")),
-                       r.get("batch"), r.get("seq") if not r.get("search") else None, bool(r.get("loss_only")))
+                       r.get("batch"), r.get("seq") if not r.get("search") else None, bool(r.get("loss_only")),
+                       r.get("tag", ""))
                 if r.get("error") and key in rows and not rows[key].get("error"):
                     continue
                 rows.pop(key, None)
@@ -109,6 +110,8 @@ def notes(r):
     if r.get("error"):
         return "failed: " + str(r["error"]).replace("|", "/").replace("\n", " ")[:140]
     parts = ["loss-only forward"] if r.get("loss_only") else []
+    if r.get("tag"):
+        parts.append(r["tag"])
     if r.get("resident_gib") is not None and r.get("peak_gib"):
         parts.append(f"resident {r['resident_gib']:.2f} GiB (peak - resident = {r['peak_gib'] - r['resident_gib']:.2f})")
     rep = r.get("fxopt_report") or {}

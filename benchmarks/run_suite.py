@@ -15,14 +15,15 @@ TRAIN_STEP = os.path.join(HERE, "train_step.py")
 
 
 def run(shape, mode, variant, gc=False, batch=4, seq=2048, steps=8, warmup=3, timeout=420, loss_only=False,
-        profile=False):
+        profile=False, fxopt_options=None, tag=""):
     return dict(shape=shape, mode=mode, variant=variant, gc=gc, batch=batch, seq=seq, steps=steps, warmup=warmup,
-                timeout=timeout, loss_only=loss_only, profile=profile)
+                timeout=timeout, loss_only=loss_only, profile=profile, fxopt_options=fxopt_options, tag=tag)
 
 
 def run_id(r):
     lo = "-lossonly" if r.get("loss_only") else ""
-    return f"{r['shape']}-{r['mode']}-b{r['batch']}x{r['seq']}-{'gc' if r['gc'] else 'nogc'}-{r['variant']}{lo}"
+    tag = f"-{r['tag']}" if r.get("tag") else ""
+    return f"{r['shape']}-{r['mode']}-b{r['batch']}x{r['seq']}-{'gc' if r['gc'] else 'nogc'}-{r['variant']}{lo}{tag}"
 
 
 def grid(shape, mode, variants, gcs=(False,), **kw):
@@ -39,6 +40,9 @@ QLORA8B = (grid("8b", "qlora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(T
 # torch's own activation_memory_budget at the same fractions, for comparison (issue 10).
 BUDGETS1B = (grid("1b", "lora", ["fxopt:0.8", "fxopt:0.6"], steps=6, warmup=2, timeout=200, loss_only=True)
              + grid("1b", "lora", ["inductor:0.8", "inductor:0.6"], steps=6, warmup=2, timeout=200))
+# What linear_cross_entropy does to the whole step (issue 6): the same fxopt run with that one pattern off.
+NOLCE1B = grid("1b", "lora", ["fxopt"], steps=6, warmup=2, timeout=200, loss_only=True,
+               fxopt_options={"disable": ["linear_cross_entropy"]}, tag="no-lce")
 # Where the step's GPU time goes (torch.profiler, one step after timing).
 PROFILE1B = grid("1b", "lora", ["fxopt"], steps=4, warmup=2, timeout=200, loss_only=True, profile=True)
 FULL = (
@@ -58,7 +62,7 @@ STEP1B = (grid("1b", "lora", ["eager"], steps=6, warmup=2, timeout=200)
           + grid("1b", "lora", ["fxopt", "fxopt:4GiB"], steps=6, warmup=2, timeout=240, loss_only=True))
 # CPU smoke test of this machinery (shape "tiny", --device cpu): no GPU needed.
 SMOKE = grid("tiny", "lora", ["eager", "fxopt", "liger"], batch=2, seq=64, steps=3, warmup=1, timeout=300)
-SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b": BUDGETS1B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
+SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b": BUDGETS1B, "nolce1b": NOLCE1B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
 
 NEEDS = {"liger": ["liger_kernel"], "unsloth": ["unsloth", "bitsandbytes"], "fxopt": ["fxopt"]}
 
@@ -134,6 +138,8 @@ def child_argv(r, device):
         argv.append("--loss-only")
     if r.get("profile"):
         argv.append("--profile")
+    if r.get("fxopt_options"):
+        argv += ["--fxopt-options", json.dumps(r["fxopt_options"])]
     if device != "cuda":
         argv += ["--device", device]
     return argv
@@ -176,8 +182,8 @@ def main():
     with open(a.out, "a") as out_fh, open(os.path.splitext(a.out)[0] + ".log", "a") as log_fh:
         for i, r in enumerate(runs, 1):
             rid = run_id(r)
-            base = dict(suite=a.suite, run_id=rid, **{k: r[k] for k in ("shape", "mode", "variant", "gc", "loss_only", "batch",
-                                                                            "seq", "steps", "warmup")})
+            keys = ("shape", "mode", "variant", "gc", "loss_only", "batch", "seq", "steps", "warmup")
+            base = dict(suite=a.suite, run_id=rid, tag=r.get("tag", ""), **{k: r[k] for k in keys})
             timeout = r["timeout"]
             left = a.time_limit - (time.time() - t_start) if a.time_limit else None
             missing = missing_packages(r)
