@@ -37,10 +37,12 @@ def _measure(qs, ks, dtype, device, causal, scale, repeated):
     with unset_fake_temporarily(), torch.enable_grad():
         _, H, S, D = qs
         Hkv, Sk = ks[1], ks[2]
-        q = torch.randn(1, S, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
-        k = torch.randn(1, Sk, Hkv, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
-        v = torch.randn(1, Sk, Hkv, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
-        do = torch.randn(1, H, S, D, device=device, dtype=dtype)
+        g = torch.Generator(device=device).manual_seed(0)   # a private generator: the user's RNG state is untouched
+        rnd = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, generator=g)
+        q = rnd(1, S, H, D).transpose(1, 2).requires_grad_()
+        k = rnd(1, Sk, Hkv, D).transpose(1, 2).requires_grad_()
+        v = rnd(1, Sk, Hkv, D).transpose(1, 2).requires_grad_()
+        do = rnd(1, H, S, D)
 
         def ours():
             out, _ = torch.ops.fxopt.attention(q, k, v, None, scale, causal, 0, 0.0)

@@ -75,3 +75,14 @@ def test_failed_probe_keeps_fxopt(monkeypatch):
     monkeypatch.setattr(AD, "_TIMES", {})
     monkeypatch.setattr(AD, "_measure", lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
     assert AD.keep_sdpa((1, 4, 8, 16), (1, 2, 8, 16), torch.bfloat16, "cuda", True, 0.25, False) is None
+
+
+def test_probe_runs_both_sides_and_leaves_rng_alone(monkeypatch):
+    """The probe's own code (timing faked: one call each) runs fxopt's op and SDPA with a private generator."""
+    import triton.testing
+    ran = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep: (fn(), ran.append(1), 1.0)[2])
+    state = torch.get_rng_state()
+    for repeated in (False, True):
+        assert AD._measure((1, 4, 8, 16), (1, 2, 8, 16), torch.float32, "cpu", True, 0.25, repeated) == (1.0, 1.0)
+    assert len(ran) == 4 and torch.equal(state, torch.get_rng_state())
