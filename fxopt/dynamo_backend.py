@@ -101,11 +101,24 @@ def backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
     cid = _compile_id()
     graph_report = report.new_graph(cid)
     try:
-        return _backend(gm, example_inputs, config, graph_report, cid)
+        compiled = _backend(gm, example_inputs, config, graph_report, cid)
     except BaseException as e:
         if _control_flow(e):   # dynamo restarts this compile: it will call us again for the same frame
             report.discard(graph_report)
         raise
+    return _with_runtime_state(compiled, config.strict, report)
+
+
+def _with_runtime_state(compiled, strict: bool, report):
+    """Each call of a compiled graph first makes the kernels follow *this* compile's `strict` and send runtime
+    fallbacks to *its* report (a process runs several compiled models; the backward runs right after the forward
+    that built it, so it sees the same state)."""
+    def run(*args, **kwargs):
+        set_strict(strict)
+        _report.set_running(report)
+        return compiled(*args, **kwargs)
+    run.__wrapped__ = compiled
+    return run
 
 
 def _backend(gm, example_inputs, config, graph_report, cid):

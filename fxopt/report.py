@@ -180,8 +180,18 @@ def warn_once(what: str, error: str) -> None:
 RUNTIME_FALLBACKS: list[Fallback] = []   # every kernel failure of the process (tests assert it stays empty)
 
 
+_running: Report | None = None   # the report of the compiled graph that ran last (set on each call of the graph)
+
+
+def set_running(report: Report | None) -> None:
+    global _running
+    _running = report
+
+
 def record_runtime_fallback(what: str, error: str) -> None:
+    """A kernel that failed at run time: one warning, and an entry in the report of the graph that was running."""
     warn_once(what, error)
     RUNTIME_FALLBACKS.append(Fallback(what, error))
-    if _current is not None:
-        _current.runtime_fallbacks.append(Fallback(what, error))
+    target = _running if _running is not None else _current
+    if target is not None:
+        target.runtime_fallbacks.append(Fallback(what, error))

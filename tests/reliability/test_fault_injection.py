@@ -231,13 +231,7 @@ def test_kernel_failure_under_inductor(monkeypatch):
     assert worst <= TOL[torch.float32]
 
 
-_STRICT_IS_GLOBAL = ("`strict` reaches the kernels through a process-wide flag (registry.set_strict) set by the latest "
-                     "fxopt compile: after a non-strict compile, a strict model's kernel failures fall back silently "
-                     "(and the reverse). Needs the flag set per compiled graph at run time (forward and backward).")
-
-
 @pytest.mark.filterwarnings("ignore:fxopt")
-@pytest.mark.xfail(strict=True, reason=_STRICT_IS_GLOBAL)
 def test_strict_is_per_compile(monkeypatch):
     from tests.reliability.examples import rms_gemma
     armed, real = [], registry.run_kernel
@@ -251,7 +245,14 @@ def test_strict_is_per_compile(monkeypatch):
     fn, args = EXAMPLES["rms_norm"]()
     strict_fn = compile_fn(fn, _opts("rms_norm", strict=True))
     strict_fn(*args)
-    compile_fn(rms_gemma, _opts("rms_norm"))(*args)   # another model, compiled without strict
+    strict_report = fxopt.last_report()
+    loose_fn = compile_fn(rms_gemma, _opts("rms_norm"))   # another model, compiled without strict
+    loose_fn(*args)
+    loose_report = fxopt.last_report()
+    assert loose_report is not strict_report
     armed.append(True)
-    with pytest.raises(FxoptError):
+    with pytest.raises(FxoptError):   # strict holds although a non-strict compile came later
         strict_fn(*args)
+    loose_fn(*args)                   # ... and the non-strict model still falls back after the strict one ran
+    assert [f.what for f in loose_report.runtime_fallbacks] == ["kernel rms_norm"]
+    assert not strict_report.runtime_fallbacks   # the fallback went to the report of the graph that ran
