@@ -127,6 +127,9 @@ def _empty(x):
 
 _DENSE_CHOICE: dict = {}   # (direction, M, P, Q, dtypes) -> "triton" | "cublas"; env FXOPT_LORA_DENSE forces one
 _NF4_CHOICE: dict = {}     # (direction, M, Q, N, K, dtypes, lora, bias) -> "fused" | "chunked"; env FXOPT_NF4_GEMM
+# From this many rows on, the chunked path without timing: the fused kernel dequantizes W once per row tile, and at
+# 4096 rows it ran at ~46 TFLOP/s on the H200, 3-10x slower than dequantize + cuBLAS (kernels_lora_h200.json).
+NF4_CHUNKED_ROWS = 2048
 
 
 def _cublas(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype):
@@ -158,6 +161,8 @@ def _gemm(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype,
         forced = os.environ.get("FXOPT_NF4_GEMM")
         if forced not in (None, "", "fused", "chunked"):
             raise ValueError(f"FXOPT_NF4_GEMM must be 'fused' or 'chunked', not {forced!r}")
+        if not forced and x2.device.type == "cuda" and x2.shape[0] >= NF4_CHUNKED_ROWS:
+            forced = "chunked"   # many rows: no need to time the fused kernel (and tune its 8 configs) again
         if not forced and x2.device.type == "cuda":
             key = (trans, *x2.shape, weight.n, weight.k, x2.dtype, compute_dtype, left is not None, bias is not None)
             forced = _measure_choice(_NF4_CHOICE, key, {"fused": lambda: fused_matmul(*args),
