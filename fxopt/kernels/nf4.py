@@ -329,6 +329,16 @@ def _interp_config(M, P, Q):
     return (clamp(M, 64), clamp(P, 64), clamp(Q, 64), 8, 4, 1, 0)
 
 
+def kernel_operands(w: NF4Weight):
+    """(packed uint8, absmax, absmax2, code2, offset) as flat tensors for the Triton kernels; without double
+    quantization the last three are absmax again (placeholders the kernel does not read)."""
+    wq = (w.packed if w.packed.dtype == torch.uint8 else w.packed.view(torch.uint8)).reshape(-1)
+    absm = w.absmax.reshape(-1)
+    if not w.nested:
+        return wq, absm, absm, absm, absm
+    return wq, absm, w.absmax2.reshape(-1), w.code2.reshape(-1), w.offset.reshape(-1)
+
+
 def fused_matmul(x2: torch.Tensor, weight, trans: bool, lora_left: Optional[torch.Tensor] = None,
                  lora_right: Optional[torch.Tensor] = None, scale: float = 1.0, bias: Optional[torch.Tensor] = None,
                  out_dtype: Optional[torch.dtype] = None, compute_dtype: Optional[torch.dtype] = None,
@@ -357,11 +367,7 @@ def fused_matmul(x2: torch.Tensor, weight, trans: bool, lora_left: Optional[torc
     ldt = lora_right.dtype if has_lora else cdt
     dummy = out
     if nf4:
-        wq = weight.packed if weight.packed.dtype == torch.uint8 else weight.packed.view(torch.uint8)
-        wq, absm = wq.reshape(-1), weight.absmax.reshape(-1)
-        abs2 = weight.absmax2.reshape(-1) if weight.nested else absm
-        code2 = weight.code2.reshape(-1) if weight.nested else absm
-        off = weight.offset.reshape(-1) if weight.nested else absm
+        wq, absm, abs2, code2, off = kernel_operands(weight)
         wd, swn, swk, code = dummy, 0, 0, nf4_code(dev)
     else:
         wq = absm = abs2 = code2 = off = code = dummy

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from fxopt.kernels.nf4 import NF4Weight, fused_matmul_reference, nf4_code, nf4_dequantize_reference
+from fxopt.kernels.nf4 import NF4Weight, fused_matmul_reference, kernel_operands, nf4_code
 from fxopt.kernels.registry import register_cost, triton_available
 from fxopt.kernels.rounding import rounding_code
 
@@ -56,12 +56,7 @@ def dequantize_chunk(w: NF4Weight, r0: int, r1: int, c0: int, c1: int, dtype: to
     d = out if out is not None else torch.empty((R, C), dtype=dtype, device=dev)
     if R == 0 or C == 0:
         return d
-    wq = (w.packed if w.packed.dtype == torch.uint8 else w.packed.view(torch.uint8)).reshape(-1)
-    absm = w.absmax.reshape(-1)
-    nested = w.nested
-    abs2 = w.absmax2.reshape(-1) if nested else absm
-    code2 = w.code2.reshape(-1) if nested else absm
-    off = w.offset.reshape(-1) if nested else absm
+    wq, absm, abs2, code2, off = kernel_operands(w)
     fast = w.k % w.blocksize == 0 and c0 % _ALIGN == 0
     interp = dev.type != "cuda"
     bn, bk = (32, 64) if interp else (64, 128)
@@ -69,7 +64,7 @@ def dequantize_chunk(w: NF4Weight, r0: int, r1: int, c0: int, c1: int, dtype: to
         bk = w.blocksize
     grid = (triton.cdiv(R, bn), triton.cdiv(C, bk))
     _dequant_kernel[grid](wq, absm, abs2, code2, off, nf4_code(dev), d, r0, c0, R, C, w.n, w.k, d.stride(0),
-                          BS=w.blocksize, BS2=w.blocksize2, NESTED=nested, FAST=fast,
+                          BS=w.blocksize, BS2=w.blocksize2, NESTED=w.nested, FAST=fast,
                           RND=rounding_code(dtype) if interp else 0, BN=bn, BK=bk, num_warps=4)
     return d
 
@@ -119,10 +114,6 @@ def chunked_matmul(x2: torch.Tensor, weight: NF4Weight, trans: bool, lora_left: 
         else:
             torch.mm(xc, wc, out=oc)
     return out if odt == cdt else out.to(odt)
-
-
-def dequantize_chunk_reference(w: NF4Weight, r0, r1, c0, c1, dtype) -> torch.Tensor:
-    return nf4_dequantize_reference(w, dtype)[r0:r1, c0:c1]
 
 
 @register_cost("nf4_chunked_matmul")
