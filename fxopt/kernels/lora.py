@@ -103,14 +103,9 @@ def _mm(big, small, triton_gemm):
     fp32 accuracy. Otherwise torch.mm."""
     if triton_gemm and small.dtype == torch.float32 and big.dtype in (torch.float16, torch.bfloat16) \
             and big.shape[1] > 0:
-        choice = os.environ.get("FXOPT_LORA_SKINNY")
-        if choice not in (None, "", "triton", "fp32"):
-            raise ValueError(f"FXOPT_LORA_SKINNY must be 'triton' or 'fp32', not {choice!r}")
-        if not choice and big.device.type == "cuda":
-            key = (*big.shape, *big.stride(), small.shape[1], big.dtype)
-            choice = _measure_choice(_SKINNY_CHOICE, key, {"triton": lambda: skinny_mm(big, small),
-                                                           "fp32": lambda: big.float() @ small})
-        return big.float() @ small if choice == "fp32" else skinny_mm(big, small)
+        return _run_choice("FXOPT_LORA_SKINNY", _SKINNY_CHOICE, (*big.shape, *big.stride(), small.shape[1], big.dtype),
+                           {"triton": lambda: skinny_mm(big, small), "fp32": lambda: big.float() @ small},
+                           default="triton", measure=big.device.type == "cuda")
     return big.to(small.dtype) @ small
 
 
@@ -153,27 +148,34 @@ def _measure_choice(table, key, candidates):
     return choice
 
 
+def _run_choice(env, table, key, candidates, default, measure):
+    """Run the candidate {name: fn} that env var `env` names, else the one measured fastest once per key (when
+    `measure`), else `default`."""
+    name = os.environ.get(env) or None
+    if name is not None and name not in candidates:
+        raise ValueError(f"{env} must be {' or '.join(map(repr, candidates))}, not {name!r}")
+    if name is None:
+        name = _measure_choice(table, key, candidates) if measure else default
+    return candidates[name]()
+
+
 def _gemm(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype, triton_gemm):
     if not triton_gemm:
         return fused_matmul_reference(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype)
     args = (x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype)
+    cuda = x2.device.type == "cuda"
     if isinstance(weight, NF4Weight):   # fused dequant-in-GEMM vs chunked dequant + cuBLAS (nf4_chunked.py)
-        forced = os.environ.get("FXOPT_NF4_GEMM")
-        if forced not in (None, "", "fused", "chunked"):
-            raise ValueError(f"FXOPT_NF4_GEMM must be 'fused' or 'chunked', not {forced!r}")
-        if not forced and x2.device.type == "cuda" and x2.shape[0] >= NF4_CHUNKED_ROWS:
-            forced = "chunked"   # many rows: no need to time the fused kernel (and tune its 8 configs) again
-        if not forced and x2.device.type == "cuda":
-            key = (trans, *x2.shape, weight.n, weight.k, x2.dtype, compute_dtype, left is not None, bias is not None)
-            forced = _measure_choice(_NF4_CHOICE, key, {"fused": lambda: fused_matmul(*args),
-                                                         "chunked": lambda: chunked_matmul(*args)})
-        return chunked_matmul(*args) if forced == "chunked" else fused_matmul(*args)
-    if x2.device.type != "cuda":
+        many = cuda and x2.shape[0] >= NF4_CHUNKED_ROWS   # many rows: the fused kernel is not timed (nor tuned)
+        key = (trans, *x2.shape, weight.n, weight.k, x2.dtype, compute_dtype, left is not None, bias is not None)
+        return _run_choice("FXOPT_NF4_GEMM", _NF4_CHOICE, key, {"fused": lambda: fused_matmul(*args),
+                                                                "chunked": lambda: chunked_matmul(*args)},
+                           default="chunked" if many else "fused", measure=cuda and not many)
+    if not cuda:
         return fused_matmul(*args)
-    choice = os.environ.get("FXOPT_LORA_DENSE") or _measure_choice(
-        _DENSE_CHOICE, (trans, *x2.shape, *weight.shape, x2.dtype, weight.dtype, left is not None),
-        {"triton": lambda: fused_matmul(*args), "cublas": lambda: _cublas(*args)})
-    return fused_matmul(*args) if choice == "triton" else _cublas(*args)
+    return _run_choice("FXOPT_LORA_DENSE", _DENSE_CHOICE,
+                       (trans, *x2.shape, *weight.shape, x2.dtype, weight.dtype, left is not None),
+                       {"triton": lambda: fused_matmul(*args), "cublas": lambda: _cublas(*args)},
+                       default="triton", measure=True)
 
 
 def _forward(x, weight, bias, lora_a, lora_b, scale, compute_dtype, out_dtype, triton_gemm: bool):
