@@ -206,6 +206,11 @@ def _additive_to_bool(n: fx.Node):
     return None
 
 
+def _tighter(w1: int, w2: int) -> int:
+    """The window of two conjuncts' windows (0 = no window)."""
+    return min(w1, w2) if w1 and w2 else (w1 or w2)
+
+
 def _op(n, *names) -> bool:
     return isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and _name(n.target) in names
 
@@ -268,7 +273,7 @@ def _packed_docs(parts, B, Sq, Sk):
             c, w = _tightest_flags(rows, Sq, Sk)
             if not uniform or not (bool(rows.all()) or torch.equal(rows, _flag_mask(Sq, Sk, c, w, rows.device))):
                 return None
-            causal, window = causal or c, (min(window, w) if window and w else (window or w))
+            causal, window = causal or c, _tighter(window, w)
             continue
         if _op(p, "eq") and len(p.args) == 2:
             a = _gather(p.args[0], B, Sq, 2) or _gather(p.args[0], B, Sk, 3)
@@ -300,7 +305,7 @@ def _packed_docs(parts, B, Sq, Sk):
         causal = causal or pos is not None
         for _, w in wpos:   # inside a document X[q] - X[k] = q - k
             w = w if w < Sq else 0
-            window = min(window, w) if window and w else (window or w)
+            window = _tighter(window, w)
     return docs, causal, window, "packed sequences: document ids from position_ids, no dense mask read"
 
 
@@ -333,7 +338,7 @@ def classify(mask: fx.Node, Sq, Sk, allowed_is_not: bool = False) -> MaskInfo:
                 rows, _ = _as_rows(v, Sq, Sk)
                 c, w = _tightest_flags(rows, Sq, Sk)
                 if c or w:
-                    causal, window = causal or c, (min(window, w) if window and w else (window or w))
+                    causal, window = causal or c, _tighter(window, w)
             if causal or window:
                 info = MaskInfo(causal=causal, window=window, tensor=True,
                                 why="mask depends on graph inputs: read, with constant causal/window conjunct")

@@ -30,15 +30,12 @@ def _compile_llama():
 @pytest.fixture
 def as_if_cuda(monkeypatch):
     """Pretend the graph is on CUDA and that the probe measured (fxopt ms, sdpa ms)."""
-    real_device = torch.device
-
     def fake_keep(qs, ks, dtype, device, causal, scale, repeated):
         return AD.keep_sdpa(qs, ks, dtype, "cuda", causal, scale, repeated)
     monkeypatch.setattr("fxopt.patterns.attention.keep_sdpa", fake_keep)
     monkeypatch.setattr(AD, "_TIMES", {})
     times = {}
     monkeypatch.setattr(AD, "_measure", lambda *a: times["value"])
-    del real_device
     return times
 
 
