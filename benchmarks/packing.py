@@ -12,7 +12,6 @@ after the warm-up steps. Packed attention reads document ids (no dense mask) and
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -22,13 +21,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-
-
-def _offline():
-    spec = importlib.util.spec_from_file_location("offline_text", os.path.join(REPO, "examples", "offline_text.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, os.path.join(REPO, "examples"))   # offline_text, as the examples import it
 
 
 def _median_tok_s(out_dir, skip):
@@ -51,8 +44,9 @@ def main(argv=None):
     import torch
 
     from benchmarks.kernel_bench.common import environment
+    import offline_text as off
+
     from fxopt.finetune import finetune
-    off = _offline()
     work = tempfile.mkdtemp(prefix="fxopt_packing_")
     tok = off.train_tokenizer(vocab_size=4096)
     model = off.tiny_llama(len(tok), layers=a.layers, hidden=a.hidden, max_position_embeddings=max(a.seq, 256),

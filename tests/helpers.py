@@ -16,19 +16,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tiny_config(arch: str, **overrides):
-    from transformers import AutoConfig
-    kw = dict(SMALL)
-    kw.update(overrides)
-    try:
-        cfg = AutoConfig.for_model(arch, **kw)
-    except (AttributeError, TypeError):
-        kw.pop("head_dim", None)
-        cfg = AutoConfig.for_model(arch, **kw)
-    for k in list(vars(cfg)):   # dropout off: eager and compiled must see the same function
-        if (k.endswith("dropout") or k.endswith("pdrop") or k.endswith("dropout_prob")) and \
-                isinstance(getattr(cfg, k), float):
-            setattr(cfg, k, 0.0)
-    return cfg
+    """SMALL config of `arch` with dropouts off (fxopt.coverage.tiny_config)."""
+    from fxopt.coverage import tiny_config as build
+    return build(arch, SMALL, **overrides)
 
 
 def tiny_model(arch: str, attn: str = "sdpa", dtype=torch.float32, seed: int = 0, **overrides):
