@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from fxopt.kernels.attention import (RUNS, cap_scalars, doc_bounds, kernel_flags, launch_tuned, mask_args,
-                                     reference_logits, safe_lse)
+from fxopt.kernels.attention import RUNS, cap_scalars, kernel_flags, launch_tuned, reference_logits, safe_lse
+from fxopt.kernels.attention_masks import doc_bounds, mask_args
 from fxopt.kernels.registry import next_pow2, run_kernel, triton_available, use_triton
 
 DQ_MODE = "separate"

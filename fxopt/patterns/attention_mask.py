@@ -22,10 +22,11 @@ import operator
 import torch
 import torch.fx as fx
 
+from fxopt.kernels.attention_masks import MASKED_BELOW, allowed_mask
 from fxopt.normalize import meta
 
 MAX_EVAL_NUMEL = 1 << 30        # larger constant masks are read as tensors instead of being evaluated
-_BIG_NEG = -1.0e4               # additive values at or below this mask (fxopt.kernels.attention.MASKED_BELOW)
+_BIG_NEG = MASKED_BELOW          # additive values at or below this mask
 _IMPURE = ("rand", "dropout", "bernoulli", "normal", "empty", "uniform", "multinomial", "poisson", "exponential",
            "cauchy", "geometric", "log_api_usage", "print", "assert")
 _AND = {operator.and_, torch.logical_and, torch.bitwise_and, torch.Tensor.__and__}
@@ -122,14 +123,9 @@ def _as_rows(allowed: torch.Tensor, Sq: int, Sk: int):
 
 
 def _flag_mask(Sq, Sk, causal, window, device):
-    i = torch.arange(Sq, device=device)[:, None]
-    j = torch.arange(Sk, device=device)[None, :]
-    ok = torch.ones(Sq, Sk, dtype=torch.bool, device=device)
-    if causal:
-        ok = ok & (j <= i)
-    if window > 0:
-        ok = ok & (i - j < window)
-    return ok
+    """[Sq, Sk] bool of what the causal/window flags allow (the kernels' own definition)."""
+    ok = allowed_mask(Sq, Sk, causal, window, None, device)
+    return torch.ones(Sq, Sk, dtype=torch.bool, device=device) if ok is None else ok
 
 
 def _tightest_flags(rows: torch.Tensor, Sq: int, Sk: int):
