@@ -209,7 +209,8 @@ def environment(args) -> dict:
     import platform
     import subprocess
     out = {"python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
-           "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+           "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+           **{k.lower(): os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "FXOPT_PAIRED_WITH") if k in os.environ}}  # gpu_pair.sh
     for dist in ("torch", "transformers", "datasets", "tokenizers", "triton", "fxopt"):
         try:
             out[dist] = md.version(dist)

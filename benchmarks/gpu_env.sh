@@ -5,11 +5,14 @@
 # Sourced, so it never exits the caller's shell: a failed install is reported and the runs that need those
 # packages record "not installed" rows instead.
 _fx_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if ls "$_fx_root"/.whl/*.whl >/dev/null 2>&1; then
+if [ -f /tmp/site/.fxopt_installed ]; then   # a second stage on the same machine (gpu_pair.sh) reuses it
+    :
+elif ls "$_fx_root"/.whl/*.whl >/dev/null 2>&1; then
     _fx_t0=$(date +%s)
     if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             "$_fx_root"/.whl/*.whl; then
         echo "gpu_env: installed $(ls "$_fx_root"/.whl/*.whl | wc -l) wheels into /tmp/site in $(( $(date +%s) - _fx_t0 )) s" >&2
+        touch /tmp/site/.fxopt_installed
     else
         echo "gpu_env: WARNING wheel install failed; liger/unsloth/qlora runs will be recorded as not installed" >&2
     fi

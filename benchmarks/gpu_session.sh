@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_session.sh profile   # 1B LoRA and 8B QLoRA fxopt steps with torch.profiler tables
 #   bash benchmarks/gpu_session.sh evidence  # 1B GPU convergence, packed vs padded finetune
 #   bash benchmarks/gpu_session.sh budgets   # 1B frontier: fxopt memory_budget vs torch activation_memory_budget
+#   bash benchmarks/gpu_session.sh rope      # RoPE kernel bench, both rounding modes
+# Several stages run one after the other: `gpu_session.sh evidence rope`; ONLY8B picks qlora8b's runs.
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
 set -u
 cd "$(dirname "$0")/.."
@@ -24,10 +26,14 @@ step() {   # step NAME SECONDS CMD...: run, log to $OUT/NAME.log, record rc and 
     grep -E "passed|failed|error|FAILED|ERROR|ROW|CHECK|correctness|tok/s" "$LOGS/$name.log" | tail -n 25 | cut -c1-400
 }
 source benchmarks/gpu_env.sh
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$LOGS/pip.log" 2>&1 || echo "pip -e failed"
+if [ ! -f /tmp/.fxopt_pip_done ]; then   # once per machine (gpu_pair.sh runs two stages at once)
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$LOGS/pip.log" 2>&1 \
+        && touch /tmp/.fxopt_pip_done || echo "pip -e failed"
+fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; echo "sha $FXOPT_GIT_SHA"; } >"$LOGS/env.txt" 2>&1
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-16}
-case "${1:-check}" in
+for stage in "${@:-check}"; do
+case "$stage" in
 check)
     for op in ${KERNEL_OPS:-layer_norm rope gated_mlp lora}; do
         step "kernels_$op" ${KERNEL_LIMIT:-75} python3 benchmarks/kernels.py --ops "$op" --out "$OUT/kernels_$op.json"
@@ -45,7 +51,7 @@ step1b)
         tests/models/test_gpu_models.py -m gpu
     ;;
 qlora8b)   # 8B QLoRA fxopt step (loss-only forward, profiled), the 1B step profiled, the LoRA layer bench
-    step train_step ${SUITE_LIMIT:-290} python3 benchmarks/run_suite.py qlora8b --only "${2:-nogc-fxopt-lossonly}" \
+    step train_step ${SUITE_LIMIT:-290} python3 benchmarks/run_suite.py qlora8b --only "${ONLY8B:-nogc-fxopt-lossonly}" \
         --out "$OUT/train_step.jsonl" --time-limit $(( ${SUITE_LIMIT:-290} - 5 ))
     step profile1b 140 python3 benchmarks/run_suite.py profile1b --out "$OUT/train_step.jsonl" --time-limit 135
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
@@ -54,7 +60,7 @@ qlora8b)   # 8B QLoRA fxopt step (loss-only forward, profiled), the 1B step prof
 check2)   # what changed since the first H200 runs: NF4 paths (fused vs chunked, measured), LoRA parts, GPU tests
     step kernels_lora 150 python3 benchmarks/kernels.py --ops lora --out "$OUT/kernels_lora.json"
     step kernels_lora_parts 130 python3 benchmarks/kernels.py --ops lora_parts --out "$OUT/kernels_lora_parts.json"
-    step pytest_gpu $(( 580 - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE -x \
+    step pytest_gpu $(( ${PYTEST_END:-580} - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE -x \
         tests/kernels/test_nf4_chunked.py tests/kernels/test_attention.py tests/models/test_gpu_models.py \
         tests/reliability tests/recompute tests/finetune -m gpu
     ;;
@@ -74,7 +80,11 @@ budgets)   # the 1B LoRA speed-memory frontier: fxopt and torch's activation_mem
         --time-limit $(( 575 - $(elapsed) ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
-*) echo "unknown stage $1"; exit 2 ;;
+rope)   # RoPE fwd+bwd at 8B shapes, both modes (fp32 math rounded once, default; eager bit-exact)
+    step kernels_rope 90 python3 benchmarks/kernels.py --ops rope --out "$OUT/kernels_rope.json"
+    ;;
+*) echo "unknown stage $stage"; exit 2 ;;
 esac
+done
 echo "done at $(elapsed)s"
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"

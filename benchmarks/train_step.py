@@ -111,6 +111,7 @@ def versions():
             out[dist.replace("-", "_")] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist.replace("-", "_")] = None
+    out.update({k.lower(): os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "FXOPT_PAIRED_WITH") if k in os.environ})  # gpu_pair.sh
     return out
 
 

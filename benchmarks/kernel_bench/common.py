@@ -62,7 +62,8 @@ def environment(command=None):
     return dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 torch=torch.__version__, triton=ver("triton"), transformers=ver("transformers"),
                 liger_kernel=ver("liger_kernel"), python=platform.python_version(), git_sha=sha,
-                command=command or " ".join([sys.executable.split("/")[-1]] + sys.argv))
+                command=command or " ".join([sys.executable.split("/")[-1]] + sys.argv),
+                **{k.lower(): os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "FXOPT_PAIRED_WITH") if k in os.environ})  # gpu_pair.sh
 
 
 def write_json(path, payload):
