@@ -60,7 +60,7 @@ qlora8b)   # 8B QLoRA fxopt step (loss-only forward, profiled), the 1B step prof
 check2)   # what changed since the first H200 runs: NF4 paths (fused vs chunked, measured), LoRA parts, GPU tests
     step kernels_lora 150 python3 benchmarks/kernels.py --ops lora --out "$OUT/kernels_lora.json"
     step kernels_lora_parts 130 python3 benchmarks/kernels.py --ops lora_parts --out "$OUT/kernels_lora_parts.json"
-    step pytest_gpu $(( ${PYTEST_END:-580} - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE -x \
+    step pytest_gpu $(( ${PYTEST_END:-580} - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE \
         tests/kernels/test_nf4_chunked.py tests/kernels/test_attention.py tests/models/test_gpu_models.py \
         tests/reliability tests/recompute tests/finetune -m gpu
     ;;
