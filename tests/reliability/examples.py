@@ -194,7 +194,7 @@ def run_and_grads(fn, args, seed=9):
     if not ls or not out.requires_grad:
         return out.detach(), []
     torch.manual_seed(seed)
-    g = torch.randn(out.shape).to(out.dtype)
+    g = torch.randn(out.shape).to(out.device, out.dtype)   # CPU draw: the same numbers on any device
     return out.detach(), list(torch.autograd.grad(out, ls, g, allow_unused=True))
 
 
