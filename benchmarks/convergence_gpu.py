@@ -7,7 +7,10 @@ optimizer, schedule and the loss-only compiled forward are benchmarks/convergenc
 byte-level BPE). Vocab: the model keeps the shape's 128256 (the LM head + loss, fxopt's linear_cross_entropy, at full
 size); BPE id i is model token i, ids past the BPE vocab never occur in the data (--model-vocab tokenizer: the
 model's vocab is the BPE's instead). Runs, in order: eager, fxopt (Inductor), eager from adapters perturbed by 1e-6
-relative noise (the noise baseline; --no-noise skips it, and it is skipped when the time left cannot hold it).
+relative noise (the noise baseline; --no-noise skips it, and it is skipped when the time left cannot hold it;
+--noise-seeds K runs K of them), then one fxopt run per --fxopt-variant NAME:KEY=VAL with that environment (which
+kernel choice moves the curve). The verdict compares fxopt alone; "bf16_noise_max" is the largest difference any noise
+sample shows, "bf16_over_noise" fxopt's difference over it.
 
   source benchmarks/gpu_env.sh && python3 benchmarks/convergence_gpu.py --out $OUT/convergence_1b_h200
   python benchmarks/convergence_gpu.py --device cpu --shape tiny --vocab 300 --steps 8 --batch 2 --seq 32 \\
@@ -58,6 +61,9 @@ TOL_BASIS = ("a priori (set before the first GPU run; see TOL in benchmarks/conv
 RESERVE = 20.0  # seconds between the last step start and the hard limit (eval, files)
 
 
+VARIANTS: dict = {}   # run name -> environment for that run (--fxopt-variant)
+
+
 class TimeUp(Exception):
     pass
 
@@ -66,7 +72,7 @@ def _time_up(signum, frame):
     raise TimeUp("hard time limit")
 
 
-def build_lora_model(cfg, device: str, seed: int, r: int, alpha: int, perturb: float = 0.0):
+def build_lora_model(cfg, device: str, seed: int, r: int, alpha: int, perturb: float = 0.0, noise_seed: int = 1):
     """Random-init bf16 model on `device` with fp32 LoRA adapters; perturb > 0: adapters w <- w*(1 + perturb*N(0,1))
     (lora_A; lora_B starts at zero): a rounding-size change of the start of what trains (1e-6 is below bf16's
     resolution, so the frozen bf16 base is left as it is)."""
@@ -80,7 +86,7 @@ def build_lora_model(cfg, device: str, seed: int, r: int, alpha: int, perturb: f
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
                                              target_modules=T.LORA_TARGETS, task_type="CAUSAL_LM"))
     if perturb:
-        C.perturb_([p for p in model.parameters() if p.requires_grad], perturb, seed + 1)
+        C.perturb_([p for p in model.parameters() if p.requires_grad], perturb, seed + noise_seed)
     return model.train()
 
 
@@ -106,12 +112,19 @@ def throughput(rec: dict, tokens_per_step: int, skip: int = 5) -> None:
 
 def one_run(name, rec, args, cfg, data, eval_data, deadline, backend) -> None:
     """Fills `rec` (already in the result, so an interruption anywhere leaves what was done)."""
-    compiled, perturb = name == "fxopt", (C.PERTURB if name == "eager_perturbed" else 0.0)
+    compiled, noisy = name.startswith("fxopt"), name.startswith("eager_perturbed")
+    perturb = C.PERTURB if noisy else 0.0
+    noise_seed = int(name.rsplit("_", 1)[1]) if noisy and name[-1].isdigit() else 1
+    env = VARIANTS.get(name, {})
+    saved_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    if env:
+        rec["env"] = env
     cuda, model = args.device == "cuda", None
     rec["losses"] = []
     t0 = time.time()
     try:
-        model = build_lora_model(cfg, args.device, args.seed, args.lora_r, args.lora_alpha, perturb)
+        model = build_lora_model(cfg, args.device, args.seed, args.lora_r, args.lora_alpha, perturb, noise_seed)
         rec["init"] = fingerprint(model)
         rec["build_seconds"] = round(time.time() - t0, 1)
         if cuda:
@@ -127,6 +140,8 @@ def one_run(name, rec, args, cfg, data, eval_data, deadline, backend) -> None:
         rec["error"] = f"{type(e).__name__}: {e}"[:1000]
         rec["oom"] = T.is_oom(e)
     finally:
+        for k, v in saved_env.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         if cuda:
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         del model
@@ -142,7 +157,8 @@ def finalize(result: dict, steps: int) -> None:
     """Stats on the common prefix of the curves, failures, verdict."""
     runs, stats, failures = result["runs"]["bf16"], {}, []
     e = runs.get("eager", {})
-    for name, key in (("fxopt", "bf16"), ("eager_perturbed", "bf16_eager_perturbed")):
+    others = [("fxopt", "bf16")] + [(n, "bf16_" + n) for n in runs if n.startswith(("eager_perturbed", "fxopt_"))]
+    for name, key in others:
         o = runs.get(name, {})
         n = min(len(e.get("losses", [])), len(o.get("losses", [])))
         if n == 0:
@@ -155,10 +171,13 @@ def finalize(result: dict, steps: int) -> None:
     if "bf16" in stats:
         failures += [f"bf16: {p}" for p in C.check(stats["bf16"], {k: v for k, v in TOL.items()
                                                                     if k in stats["bf16"]})]
-        if "bf16_eager_perturbed" in stats:
-            noise = stats["bf16_eager_perturbed"]
-            stats["bf16_over_noise"] = {k: stats["bf16"][k] / noise[k] if noise[k] else None
-                                        for k in ("max_abs", "mean_abs", "final_smoothed_abs")}
+        samples = [v for k, v in stats.items() if k.startswith("bf16_eager_perturbed")]
+        if samples:   # the largest difference any noise sample shows, per statistic
+            keys = ("max_abs", "mean_abs", "final_smoothed_abs", "eval_abs")
+            noise = {k: max(v.get(k) or 0.0 for v in samples) for k in keys}
+            stats["bf16_noise_max"] = dict(noise, samples=len(samples))
+            stats["bf16_over_noise"] = {k: stats["bf16"][k] / noise[k] if noise[k] and k in stats["bf16"] else None
+                                        for k in keys}
     for name, rec in runs.items():
         if rec.get("error") and not rec["error"].startswith("time limit"):
             failures.append(f"{name}: {rec['error'][:300]}")
@@ -169,7 +188,8 @@ def finalize(result: dict, steps: int) -> None:
         failures.append(f"fxopt did not run its rewrite: matched {rep['matched']}, fallbacks {rep['fallbacks']}")
     if e.get("tok_per_s") and runs.get("fxopt", {}).get("tok_per_s"):
         result["speedup_tok_per_s"] = round(runs["fxopt"]["tok_per_s"] / e["tok_per_s"], 3)
-    expected = ["eager", "fxopt"] + (["eager_perturbed"] if "eager_perturbed" not in result["skipped"] else [])
+    expected = ["eager", "fxopt"] + [n for n in result.get("planned", [])
+                                     if n not in ("eager", "fxopt") and n not in result["skipped"]]
     complete = all(len(runs.get(n, {}).get("losses", [])) == steps and not runs[n].get("partial")
                    for n in expected)
     result.update(stats=stats, failures=failures, partial=not complete,
@@ -258,15 +278,19 @@ def run(args, t0: float, result: dict) -> None:
                   f"steps, pydoc_data text (BPE, {n_tok} ids)\n{where}, torch {torch.__version__}, fxopt -> "
                   f"{'Inductor' if args.inductor else 'aot_eager'}"),
     })
-    names = ["eager", "fxopt"] + ([] if args.no_noise else ["eager_perturbed"])
+    noise = [] if args.no_noise else ["eager_perturbed"] + [f"eager_perturbed_{k}" for k in
+                                                            range(2, args.noise_seeds + 1)]
+    names = ["eager", "fxopt"] + noise + list(VARIANTS)
+    result["planned"] = names
     if args.no_noise:
         result["skipped"]["eager_perturbed"] = "--no-noise"
     stop = False
     for name in names:
-        need = 1.15 * result["runs"]["bf16"].get("eager", {}).get("wall_seconds", 0) + 10
+        like = "fxopt" if name.startswith("fxopt") else "eager"
+        need = 1.15 * result["runs"]["bf16"].get(like, {}).get("wall_seconds", 0) + 10
         if stop or time.time() > soft:
             result["skipped"][name] = f"time limit: no run starts after {args.time_limit - RESERVE:g} s"
-        elif name == "eager_perturbed" and time.time() + need > soft:
+        elif name != "eager" and name != "fxopt" and time.time() + need > soft:
             result["skipped"][name] = f"time: needs ~{need:.0f} s, {soft - time.time():.0f} s left"
         if name in result["skipped"]:
             log(f"skip {name}: {result['skipped'][name]}")
@@ -302,6 +326,11 @@ def parse_args(argv=None):
     p.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=True,
                    help="fxopt hands off to Inductor (--no-inductor: aot_eager)")
     p.add_argument("--no-noise", action="store_true", help="skip the eager_perturbed noise-baseline run")
+    p.add_argument("--noise-seeds", type=int, default=1,
+                   help="noise-baseline runs, each perturbed with its own seed (eager_perturbed, _2, ...)")
+    p.add_argument("--fxopt-variant", action="append", default=[], metavar="NAME:KEY=VAL[,KEY=VAL]",
+                   help="one more fxopt run, fxopt_NAME, with these environment variables set (e.g. "
+                        "rope_exact:FXOPT_ROPE_EXACT=1): which kernel choice moves the curve")
     p.add_argument("--time-limit", type=float, default=480,
                    help="seconds from start: no step starts after limit-20, a compile/step is interrupted at limit")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
@@ -312,6 +341,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    VARIANTS.clear()
+    for spec in args.fxopt_variant:
+        name, _, env = spec.partition(":")
+        pairs = [kv.split("=", 1) for kv in env.split(",") if kv]
+        if not name or not pairs or any(len(kv) != 2 for kv in pairs):
+            raise SystemExit(f"--fxopt-variant {spec!r}: expected NAME:KEY=VAL[,KEY=VAL]")
+        VARIANTS["fxopt_" + name] = dict(pairs)
     t0 = START if argv is None else time.time()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device (use --device cpu --shape tiny for a smoke run)")

@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh evidence  # 1B GPU convergence, packed vs padded finetune
 #   bash benchmarks/gpu_session.sh budgets   # 1B frontier: fxopt memory_budget vs torch activation_memory_budget
 #   bash benchmarks/gpu_session.sh rope      # RoPE kernel bench, both rounding modes
+#   bash benchmarks/gpu_session.sh convergence | packing | retest   # issue 11 diagnosis, issue 12, GPU tests by group
 # Several stages run one after the other: `gpu_session.sh evidence rope`; ONLY8B picks qlora8b's runs.
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
 set -u
@@ -70,9 +71,23 @@ profile)   # where a step's GPU time goes: 1B LoRA and 8B QLoRA fxopt steps unde
         --out "$OUT/train_step.jsonl" --time-limit 325
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
-evidence)   # 1B GPU convergence (issue 11), packed vs padded (issue 12), 1B budget frontier (issues 10, 13)
+evidence)   # 1B GPU convergence (issue 11), packed vs padded (issue 12)
     step convergence 300 python3 benchmarks/convergence_gpu.py --out "$OUT/convergence_1b_h200" --time-limit 290
     step packing 130 python3 benchmarks/packing.py --out "$OUT/packing_h200.json"
+    ;;
+convergence)   # the 1B curve with 3 noise samples and two fxopt variants: bias or chaos, and which kernel if bias
+    step convergence ${CONV_LIMIT:-560} python3 benchmarks/convergence_gpu.py --out "$OUT/convergence_1b_h200" \
+        --time-limit $(( ${CONV_LIMIT:-560} - 10 )) --noise-seeds 3 --fxopt-variant no_lora:FXOPT_DISABLE=lora \
+        --fxopt-variant rope_exact:FXOPT_ROPE_EXACT=1
+    ;;
+packing)   # packed vs padded finetune, with per-step progress in the log
+    step packing ${PACK_LIMIT:-300} python3 benchmarks/packing.py --out "$OUT/packing_h200.json"
+    ;;
+retest)   # the GPU tests in groups with their own limits, so one slow group cannot hide the others' summaries
+    for grp in "reliability:tests/reliability:240" "recompute:tests/recompute:150" "finetune:tests/finetune:200"; do
+        IFS=: read -r name path lim <<<"$grp"
+        step "pytest_$name" "$lim" python3 -m pytest -q -s -p no:cacheprovider -rfE --durations=10 "$path" -m gpu
+    done
     ;;
 budgets)   # the 1B LoRA speed-memory frontier: fxopt and torch's activation_memory_budget at 0.8 and 0.6
     step budgets 470 python3 benchmarks/run_suite.py budgets1b --out "$OUT/train_step.jsonl" --time-limit 465

@@ -365,14 +365,18 @@ def measure(a):
 
 
 def profile_step(step, top=30):
-    """One more step under torch.profiler: the GPU kernels that took the most time, and how busy the GPU was."""
+    """One more step under torch.profiler: the GPU kernels that took the most time, how busy the GPU was, and the
+    CPU ops with the most self time (where a step that waits on the CPU spends it; the profiler's own overhead
+    inflates these, so they rank, they do not time)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     t0 = time.time()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         step()
-        torch.cuda.synchronize()
+        sync()
     wall_ms = (time.time() - t0) * 1e3
     # GPU events only (kernels, memcpy/memset): a CPU op's device time repeats its kernels' time
     from torch.autograd import DeviceType
@@ -388,8 +392,12 @@ def profile_step(step, top=30):
     rows = [(k, c, us / 1e3) for k, (c, us) in agg.items() if us > 0]
     rows.sort(key=lambda r: -r[2])
     busy = sum(r[2] for r in rows)
+    cpu = sorted(((e.key, e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()
+                  if e.self_cpu_time_total > 0), key=lambda r: -r[2])
     return dict(wall_ms=round(wall_ms, 1), gpu_busy_ms=round(busy, 1),
-                top=[dict(name=k[:120], count=c, ms=round(ms, 2)) for k, c, ms in rows[:top]])
+                top=[dict(name=k[:120], count=c, ms=round(ms, 2)) for k, c, ms in rows[:top]],
+                cpu_self_ms=round(sum(r[2] for r in cpu), 1),
+                cpu_top=[dict(name=k[:120], count=c, self_ms=round(ms, 2)) for k, c, ms in cpu[:top]])
 
 
 def is_oom(exc):

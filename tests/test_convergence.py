@@ -85,3 +85,18 @@ def test_gpu_script_runs_on_cpu_at_the_tiny_shape(tmp_path, fresh_dynamo, refere
     with open(out + "_t.json") as f:
         r = json.load(f)
     assert rc == 2 and r["partial"] and r["verdict"] == "incomplete" and r["runs"]["bf16"] == {}, r
+
+    # several noise samples and an fxopt variant: the variant's environment reaches its compile and no other
+    assert "FXOPT_DISABLE" not in os.environ
+    rc = G.main(small + ["--steps", "4", "--noise-seeds", "2", "--fxopt-variant", "nolora:FXOPT_DISABLE=lora",
+                         "--out", out + "_v"])
+    with open(out + "_v.json") as f:
+        r = json.load(f)
+    runs = r["runs"]["bf16"]
+    assert rc == 0 and r["planned"] == ["eager", "fxopt", "eager_perturbed", "eager_perturbed_2", "fxopt_nolora"]
+    assert runs["eager_perturbed"]["init"] != runs["eager_perturbed_2"]["init"]
+    assert runs["fxopt_nolora"]["report"]["matched"].get("lora", 0) == 0 and runs["fxopt"]["report"]["matched"]["lora"] == 14
+    assert r["stats"]["bf16_noise_max"]["samples"] == 2 and "bf16_fxopt_nolora" in r["stats"]
+    assert "FXOPT_DISABLE" not in os.environ
+    with pytest.raises(SystemExit, match="NAME:KEY=VAL"):
+        G.main(small + ["--fxopt-variant", "nolora", "--out", out + "_bad"])
