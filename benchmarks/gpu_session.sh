@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_session.sh budgets   # 1B frontier: fxopt memory_budget vs torch activation_memory_budget
 #   bash benchmarks/gpu_session.sh rope      # RoPE kernel bench, both rounding modes
 #   bash benchmarks/gpu_session.sh convergence | packing | retest   # issue 11 diagnosis, issue 12, GPU tests by group
+#   bash benchmarks/gpu_session.sh cudagraphs  # 8B QLoRA / 1B LoRA steps as CUDA graphs
 # Several stages run one after the other: `gpu_session.sh evidence rope`; ONLY8B picks qlora8b's runs.
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
 set -u
@@ -93,6 +94,11 @@ budgets)   # the 1B LoRA speed-memory frontier: fxopt and torch's activation_mem
     step budgets 470 python3 benchmarks/run_suite.py budgets1b --out "$OUT/train_step.jsonl" --time-limit 465
     step nolce $(( 580 - $(elapsed) )) python3 benchmarks/run_suite.py nolce1b --out "$OUT/train_step.jsonl" \
         --time-limit $(( 575 - $(elapsed) ))
+    python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    ;;
+cudagraphs)   # the 8B QLoRA and 1B LoRA steps replayed as CUDA graphs (fxopt option "cudagraphs"), profiled
+    step cudagraphs ${CG_LIMIT:-560} python3 benchmarks/run_suite.py cudagraphs --out "$OUT/train_step.jsonl" \
+        --time-limit $(( ${CG_LIMIT:-560} - 5 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
 rope)   # RoPE fwd+bwd at 8B shapes, both modes (fp32 math rounded once, default; eager bit-exact)

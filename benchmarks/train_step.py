@@ -337,7 +337,8 @@ def measure(a):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        # a copy: under CUDA graphs (fxopt option "cudagraphs") the graph's output buffer is rewritten by the next step
+        return loss.detach().clone()
 
     med, loss = time_steps(step, a, rec)
     if a.profile and a.device == "cuda":

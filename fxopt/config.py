@@ -7,7 +7,8 @@ import re
 
 PATTERNS = ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora", "lora_nf4",
             "linear_cross_entropy")
-OPTION_KEYS = ("patterns", "disable", "memory_budget", "strict", "inductor")
+OPTION_KEYS = ("patterns", "disable", "memory_budget", "strict", "inductor", "cudagraphs")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
@@ -17,6 +18,8 @@ class Config:
     memory_budget: int | float | None = None    # bytes (int) or fraction of save-everything (float)
     strict: bool = False
     inductor: bool = True
+    cudagraphs: bool = False                     # Inductor replays each compiled graph as a CUDA graph
+    mode: str | None = None                      # torch.compile's mode, passed on to Inductor
 
     def enabled(self, name: str) -> bool:
         return name in self.patterns
@@ -72,11 +75,8 @@ def parse(options: dict | None = None, mode: str | None = None, environ=None) ->
     unknown = [k for k in options if k not in OPTION_KEYS]
     if unknown:
         raise ValueError(f"unknown fxopt option(s) {unknown}; valid keys: {list(OPTION_KEYS)}")
-    if mode not in (None, "default"):
-        # torch.compile modes tune Inductor; fxopt accepts them and passes nothing else on.
-        valid = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-        if mode not in valid:
-            raise ValueError(f"unknown torch.compile mode {mode!r} for fxopt; valid: {list(valid)}")
+    if mode not in (None,) + MODES:   # torch.compile's modes tune Inductor; fxopt passes them on
+        raise ValueError(f"unknown torch.compile mode {mode!r} for fxopt; valid: {list(MODES)}")
     enabled = set(PATTERNS)
     if "patterns" in options and options["patterns"] is not None:
         enabled = _pattern_list("patterns", options["patterns"])
@@ -92,5 +92,11 @@ def parse(options: dict | None = None, mode: str | None = None, environ=None) ->
     if env_strict not in ("", "0", "1"):
         raise ValueError(f"FXOPT_STRICT must be 0 or 1, got {env_strict!r}")
     strict = strict or env_strict == "1"
+    inductor = _bool("inductor", options.get("inductor", True))
+    cudagraphs = _bool("cudagraphs", options.get("cudagraphs", False))
+    if cudagraphs and not inductor:
+        raise ValueError("fxopt option 'cudagraphs': True needs 'inductor': True (Inductor does the CUDA graph "
+                         "capture); drop one of them")
     return Config(patterns=frozenset(enabled - disabled), memory_budget=parse_budget(options.get("memory_budget")),
-                  strict=strict, inductor=_bool("inductor", options.get("inductor", True)))
+                  strict=strict, inductor=inductor, cudagraphs=cudagraphs,
+                  mode=None if mode == "default" else mode)

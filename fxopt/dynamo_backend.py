@@ -58,6 +58,27 @@ def _counting(compiler, graph_report, kind=None):
     return inner
 
 
+def inductor_mode_patches(config) -> dict:
+    """Inductor config for torch.compile's `mode` (as Inductor itself maps it) and the `cudagraphs` option. With CUDA
+    graphs Inductor replays each compiled forward and backward as one graph launch: the per-op CPU cost (Python
+    dispatch of every fxopt op, Triton launches) is paid once at capture. Inductor skips graphs it cannot capture
+    (CPU tensors, dynamic shapes it has not seen, ...) and says why under TORCH_LOGS=perf_hints."""
+    patches = {}
+    if config.mode is not None:
+        try:
+            from torch._inductor import list_mode_options
+            patches.update(list_mode_options(config.mode))
+        except ImportError:  # pragma: no cover - private API; these are its values in torch 2.11-2.13
+            patches.update({"reduce-overhead": {"triton.cudagraphs": True},
+                            "max-autotune": {"max_autotune": True, "triton.cudagraphs": True,
+                                             "coordinate_descent_tuning": True},
+                            "max-autotune-no-cudagraphs": {"max_autotune": True, "coordinate_descent_tuning": True},
+                            }.get(config.mode, {}))
+    if config.cudagraphs:
+        patches["triton.cudagraphs"] = True
+    return patches
+
+
 def _compile(gm, example_inputs, config, graph_report):
     """Hand-off: Inductor (or aot_eager); with a memory budget, fxopt's recompute planner is the partitioner."""
     part, ctx = None, contextlib.nullcontext()
@@ -70,6 +91,7 @@ def _compile(gm, example_inputs, config, graph_report):
 
             from fxopt.inductor_passes import config_patches
             patches = config_patches()
+            patches.update(inductor_mode_patches(config))
             if part is not None:
                 patches["custom_partitioner_fn"] = part
             return compile_fx(gm, example_inputs, inner_compile=_counting(compile_fx_inner, graph_report),
