@@ -12,6 +12,7 @@ from fxopt.report import record_runtime_fallback
 
 _strict = False
 COSTS: dict[str, Callable] = {}   # op name -> fn(*op args) -> (flops, bytes moved)
+WORKSPACES: dict[str, Callable] = {}   # op name -> fn(*op args) -> bytes the op allocates and frees while it runs
 
 
 def set_strict(flag: bool) -> None:
@@ -58,6 +59,15 @@ def run_kernel(what: str, kernel: Callable, reference: Callable):
 def register_cost(name: str):
     def deco(fn):
         COSTS[name] = fn
+        return fn
+    return deco
+
+
+def register_workspace(name: str):
+    """Temporary bytes an op holds while it runs beyond its outputs (chunk buffers, accumulators): the memory cost
+    model adds them at the op's place in the schedule. Arguments bound as for register_cost."""
+    def deco(fn):
+        WORKSPACES[name] = fn
         return fn
     return deco
 

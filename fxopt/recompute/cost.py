@@ -184,6 +184,21 @@ def op_flops_bytes(node) -> tuple[int, int, str]:
     return 0, _io_bytes(node), "bytes"
 
 
+def op_workspace(node) -> int:
+    """Bytes an fxopt op holds while it runs beyond its outputs (its kernel file's register_workspace), else 0."""
+    tgt = node.target if node.op == "call_function" else None
+    if str(getattr(tgt, "namespace", "")) != "fxopt":
+        return 0
+    from fxopt.kernels.registry import WORKSPACES
+    fn = WORKSPACES.get(tgt._schema.name.split("::")[-1])
+    if fn is None:
+        return 0
+    try:
+        return int(fn(**_bind_cost_args(fn, node)))
+    except Exception:  # noqa: BLE001 - an op whose arguments do not bind counts no workspace
+        return 0
+
+
 def op_time(node) -> float:
     flops, nbytes, _ = op_flops_bytes(node)
     outs = _tensors(_val(node))
@@ -321,6 +336,8 @@ class Joint:
                            for n in self.fwd_order]
         self._bwd_creates = {n: [c for c in self._creates(n) if self.storages[c].kind == BWD] for n in self.bwd}
         self._tangents = {st.sid for st in self.storages if st.kind == TANGENT}
+        # transient bytes of the ops themselves (chunk buffers: linear_cross_entropy's 0.49 GiB at the 1B shape)
+        self.workspace = {n: w for n in self.fwd_order + self.bwd if (w := op_workspace(n))}
 
     @staticmethod
     def _key(v):
@@ -380,15 +397,17 @@ class Joint:
         for i, (_, reads) in enumerate(self._fwd_items):
             for s in reads:
                 last[s] = i
-        cur = peak_f = 0
+        cur = peak_f = peak_f_ws = 0
         live, peak_f_live, peak_f_at = set(), set(), None
         for i, (creates, reads) in enumerate(self._fwd_items):
             for s in creates:
                 if s not in live:
                     live.add(s)
                     cur += sizes[s]
-            if cur > peak_f:
-                peak_f, peak_f_live, peak_f_at = cur, set(live), self.fwd_order[i].name
+            here = cur + self.workspace.get(self.fwd_order[i], 0)
+            if here > peak_f:
+                peak_f, peak_f_live, peak_f_at = here, set(live), self.fwd_order[i].name
+                peak_f_ws = here - cur
             for s in creates + reads:
                 if s in live and s not in keep and last.get(s, -1) <= i:
                     live.discard(s)
@@ -404,14 +423,16 @@ class Joint:
             for s in reads:
                 blast[s] = i
         stay = self.out_sids | self.grad_sids
-        peak_b, peak_b_live, peak_b_i = cur, set(live), None
+        peak_b, peak_b_live, peak_b_i, peak_b_ws = cur, set(live), None, 0
         for i, (creates, reads) in enumerate(items):
             for s in creates:
                 if s not in live:
                     live.add(s)
                     cur += sizes[s]
-            if cur > peak_b:
-                peak_b, peak_b_live, peak_b_i = cur, set(live), i
+            kind, x = schedule[i]
+            here = cur + self.workspace.get(self.groups[x].node if kind == "g" else x, 0)
+            if here > peak_b:
+                peak_b, peak_b_live, peak_b_i, peak_b_ws = here, set(live), i, here - cur
             for s in creates + reads:
                 if s in live and s not in stay and blast.get(s, -1) <= i:
                     live.discard(s)
@@ -427,6 +448,7 @@ class Joint:
                    saved_bytes=sum(sizes[s] for s in act_saved), recomputed=rec_order,
                    time=sum(self.groups[g].time for g in rec_order), peak=max(peak_f, peak_b),
                    peak_live=peak_f_live if fwd_is_peak else peak_b_live,
+                   peak_workspace=peak_f_ws if fwd_is_peak else peak_b_ws,
                    peak_at=("forward " + str(peak_f_at)) if fwd_is_peak else "backward " + peak_b_at)
 
     def _creates(self, n):
@@ -437,7 +459,7 @@ class Joint:
 
     def peak_expr(self, sim: "Sim") -> sympy.Expr:
         """The predicted peak as an expression of the shape symbols (the live set at the peak)."""
-        return sympy.Add(*[self.storages[s].expr for s in sim.peak_live])
+        return sympy.Add(*[self.storages[s].expr for s in sim.peak_live]) + sim.peak_workspace
 
     def describe(self, sid) -> dict:
         st = self.storages[sid]
@@ -456,3 +478,4 @@ class Sim:
     peak: int                # predicted peak bytes
     peak_live: set           # storages live at the peak
     peak_at: str
+    peak_workspace: int = 0  # the op's own transient bytes in the peak (at the size hints)

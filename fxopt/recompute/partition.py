@@ -171,7 +171,8 @@ def report_dict(joint: _cost.Joint, p) -> dict:
         recomputed.append(d)
     out = {"budget": p.budget, "predicted_peak": sim.peak, "saved": saved, "recomputed": recomputed,
            "saved_bytes": sim.saved_bytes, "recompute_time_s": sim.time, "save_all_peak": p.base.peak,
-           "save_all_bytes": p.base.saved_bytes, "peak_at": sim.peak_at}
+           "save_all_bytes": p.base.saved_bytes, "peak_at": sim.peak_at,
+           "peak_workspace": sim.peak_workspace}
     if joint.symbols():   # dynamic shapes: planned at the size hints; the peak as a formula of the symbols
         out["predicted_peak_expr"] = str(joint.peak_expr(sim))
     return out
