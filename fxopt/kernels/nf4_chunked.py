@@ -4,8 +4,9 @@ Why: the fused kernel (nf4.py) dequantizes every weight element once per BM-row 
 CUDA cores next to the tensor-core loop. H200, 4096 tokens, 8B shapes, fwd+bwd: 5.9-21 ms, ~46 TFLOP/s, against
 1.7-2.7 ms for bitsandbytes' dequantize + cuBLAS (benchmarks/results/kernels_lora_h200.json). Here each element is
 dequantized once per call (N*K elements; at copy bandwidth ~0.1 ms for 4096 x 14336), the GEMM is cuBLAS, and the
-dequantized weight exists only as one chunk of at most `chunk_bytes` (default 32 MiB) at a time: never whole in
-memory, never saved for backward. Which path runs is measured per shape (fxopt/kernels/lora.py, `_gemm`).
+dequantized weight exists only as one chunk of at most `chunk_bytes` (default 128 MiB: an 8B model's weights fit in
+one, so there the whole dequantized weight does exist transiently, as in bitsandbytes) at a time, never saved for
+backward. Which path runs is measured per shape (fxopt/kernels/lora.py, `_gemm`).
 
   C = X @ op(W) + scale * L @ R + bias            (op(W) = W^T forward, W for the input gradient; W [N, K])
   forward, chunk = rows n0:n1 of W:  C[:, n0:n1] = scale * L @ R[:, n0:n1] + bias[n0:n1];  C[:, n0:n1] += X @ W_c^T
@@ -24,7 +25,12 @@ from fxopt.kernels.nf4 import NF4Weight, fused_matmul_reference, kernel_operands
 from fxopt.kernels.registry import register_cost, triton_available
 from fxopt.kernels.rounding import rounding_code
 
-CHUNK_BYTES = 32 * 2**20
+# Chunk bound. 32 MiB cut 8B's 14336-wide weights into 4 chunks, and each chunk costs CPU time (a dequant launch, a
+# rank-r GEMM, a GEMM; H200, 4096 tokens, 4096 -> 14336: 0.98 ms of CPU per forward call vs 0.23 ms for a bf16 base,
+# benchmarks/results/kernels_lora_parts_h200.json) while the 8B QLoRA step waited on the CPU (GPU busy 249 of
+# 462 ms). 128 MiB holds every 8B weight (<= 117 MB in bf16) in one chunk: one launch per call, at most 128 MiB
+# transient (bitsandbytes' own path holds the whole dequantized weight too). Not yet re-measured.
+CHUNK_BYTES = 128 * 2**20
 _ALIGN = 256          # chunk boundaries: a multiple of every tile width and of bitsandbytes' block sizes <= 256
 
 if triton_available():

@@ -46,10 +46,13 @@ def test_chunked_matches_reference(trans, lora, bias, dtype):
 
 
 def test_chunk_size_rule():
-    assert C.chunk_size(4096, 14336, 2) == 4096             # 32 MiB / (4096 * 2 B) = 4096 rows
-    assert C.chunk_size(14336, 4096, 2) == 1024             # 1170 -> a multiple of 256
+    mib = 2 ** 20
+    assert C.chunk_size(4096, 14336, 2, 32 * mib) == 4096   # 32 MiB / (4096 * 2 B) = 4096 rows
+    assert C.chunk_size(14336, 4096, 2, 32 * mib) == 1024   # 1170 -> a multiple of 256
     assert C.chunk_size(10 ** 6, 5000, 2) == 256            # never below 256
     assert C.chunk_size(64, 100, 2) == 100                  # capped at the total
+    # the default bound holds each 8B weight whole: one chunk per call
+    assert C.chunk_size(4096, 14336, 2) == 14336 and C.chunk_size(14336, 4096, 2) == 4096
 
 
 def test_lora_nf4_op_through_chunked_path(monkeypatch, no_fallback):
