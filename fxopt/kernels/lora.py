@@ -23,7 +23,8 @@ import torch
 
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
 from fxopt.kernels.nf4_chunked import chunked_matmul
-from fxopt.kernels.registry import next_pow2, num_sms, register_cost, run_kernel, triton_available, use_triton
+from fxopt.kernels.registry import (next_pow2, num_sms, register_cost, register_workspace, run_kernel, triton_available,
+                                    use_triton)
 
 if triton_available():
     import triton
@@ -361,6 +362,26 @@ lora_nf4.register_autograd(_backward_lora_nf4, setup_context=_setup_lora_nf4)
 def lora_cost(m, n, k, rank, dtype_bytes=2):
     """(flops, bytes) of the forward: read x, W, A, B; write y (+ xa)."""
     return 2 * m * n * k + 2 * m * rank * (n + k), (m * k + n * k + m * n + rank * (n + k) + m * rank) * dtype_bytes
+
+
+def _nf4_scratch(m, out_features, in_features, compute_dtype, trans):
+    """The chunked path's dequantization buffer (taken from NF4_CHUNKED_ROWS rows on): one chunk of W."""
+    if m < NF4_CHUNKED_ROWS:
+        return 0
+    from fxopt.kernels.nf4_chunked import chunk_size
+    itemsize = torch.empty((), dtype=compute_dtype).element_size()
+    q, p = (in_features, out_features) if trans else (out_features, in_features)
+    return chunk_size(q, p, itemsize) * q * itemsize
+
+
+@register_workspace("lora_nf4")
+def lora_nf4_workspace(m, out_features, in_features, compute_dtype):
+    return _nf4_scratch(m, out_features, in_features, compute_dtype, trans=True)
+
+
+@register_workspace("lora_nf4_backward")
+def lora_nf4_backward_workspace(m, out_features, in_features, compute_dtype):
+    return _nf4_scratch(m, out_features, in_features, compute_dtype, trans=False)
 
 
 @register_cost("lora_nf4")

@@ -177,3 +177,15 @@ def test_op_workspace_enters_the_predicted_peak(monkeypatch, fresh_dynamo):
     assert with_ws.peak_at == f"forward {node.name}" and with_ws.peak_workspace == ws
     assert without.peak < with_ws.peak <= without.peak + ws
     assert registry.WORKSPACES["linear_cross_entropy"]
+
+
+def test_nf4_chunk_scratch_is_a_workspace():
+    """lora_nf4's chunked path holds one dequantized chunk of W while it runs (8B shapes: the whole bf16 weight);
+    few rows take the fused kernel, which holds none."""
+    import torch
+    from fxopt.kernels import lora
+    from fxopt.kernels.nf4_chunked import CHUNK_BYTES
+    w = lora.lora_nf4_workspace(4096, 14336, 4096, torch.bfloat16)
+    assert w == 14336 * 4096 * 2 <= CHUNK_BYTES
+    assert lora.lora_nf4_backward_workspace(4096, 4096, 14336, torch.bfloat16) == 4096 * 14336 * 2
+    assert lora.lora_nf4_workspace(lora.NF4_CHUNKED_ROWS - 1, 14336, 4096, torch.bfloat16) == 0
