@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_session.sh evidence  # 1B GPU convergence, packed vs padded finetune
 #   bash benchmarks/gpu_session.sh budgets   # 1B frontier: fxopt memory_budget vs torch activation_memory_budget
 #   bash benchmarks/gpu_session.sh rope      # RoPE kernel bench, both rounding modes
-#   bash benchmarks/gpu_session.sh convergence | packing | retest   # issue 11 diagnosis, issue 12, GPU tests by group
+#   bash benchmarks/gpu_session.sh convergence | packing | retest_rel | retest_rest   # issue 11, issue 12, GPU tests
 #   bash benchmarks/gpu_session.sh cudagraphs  # 8B QLoRA / 1B LoRA steps as CUDA graphs
 # Several stages run one after the other: `gpu_session.sh evidence rope`; ONLY8B picks qlora8b's runs.
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
@@ -84,8 +84,10 @@ convergence)   # the 1B curve with 3 noise samples and two fxopt variants: bias 
 packing)   # packed vs padded finetune, with per-step progress in the log
     step packing ${PACK_LIMIT:-300} python3 benchmarks/packing.py --out "$OUT/packing_h200.json"
     ;;
-retest)   # the GPU tests in groups with their own limits, so one slow group cannot hide the others' summaries
-    for grp in "reliability:tests/reliability:240" "recompute:tests/recompute:150" "finetune:tests/finetune:200"; do
+retest_rel|retest_rest)   # GPU tests in groups with their own limits, so one slow group cannot hide the others
+    if [ "$stage" = retest_rel ]; then groups=("reliability:tests/reliability:${REL_LIMIT:-300}")
+    else groups=("recompute:tests/recompute:150" "finetune:tests/finetune:200"); fi
+    for grp in "${groups[@]}"; do
         IFS=: read -r name path lim <<<"$grp"
         step "pytest_$name" "$lim" python3 -m pytest -q -s -p no:cacheprovider -rfE --durations=10 "$path" -m gpu
     done
