@@ -36,7 +36,8 @@ import torch
 
 from fxopt.kernels.attention_masks import (MASKED_BELOW, allowed_mask, doc_allowed, doc_bounds, is_doc_ids,
                                            mask_args)
-from fxopt.kernels.registry import interpreting, next_pow2, register_cost, run_kernel, triton_available, use_triton
+from fxopt.kernels.registry import (capturing, interpreting, next_pow2, register_cost, run_kernel, triton_available,
+                                    use_triton)
 
 LOG2E = 1.4426950408889634
 RUNS = collections.Counter()    # which implementation ran: "triton", "reference" (read by benchmarks / reports)
@@ -276,6 +277,8 @@ def launch_tuned(kind: str, key: tuple, launch, d_pad: int) -> None:
         return launch(cfg)
     cands = [c for c in CONFIGS[kind] if fits(kind, c, d_pad)]
     cands = cands or [min(CONFIGS[kind], key=lambda c: smem_bytes(kind, c, d_pad))]
+    if capturing():   # recording a CUDA graph: no timing now (the choice is made on a later, uncaptured call)
+        return launch(cands[0])
     if os.environ.get("FXOPT_ATTN_AUTOTUNE", "1") == "0":
         cands = cands[:1]
     best, best_ms, err = None, float("inf"), None

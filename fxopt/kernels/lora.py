@@ -23,8 +23,8 @@ import torch
 
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
 from fxopt.kernels.nf4_chunked import chunked_matmul
-from fxopt.kernels.registry import (next_pow2, num_sms, register_cost, register_workspace, run_kernel, triton_available,
-                                    use_triton)
+from fxopt.kernels.registry import (capturing, next_pow2, num_sms, register_cost, register_workspace, run_kernel,
+                                    triton_available, use_triton)
 
 if triton_available():
     import triton
@@ -156,7 +156,7 @@ def _run_choice(env, table, key, candidates, default, measure):
     if name is not None and name not in candidates:
         raise ValueError(f"{env} must be {' or '.join(map(repr, candidates))}, not {name!r}")
     if name is None:
-        name = _measure_choice(table, key, candidates) if measure else default
+        name = _measure_choice(table, key, candidates) if measure and not capturing() else table.get(key, default)
     return candidates[name]()
 
 

@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fxopt.kernels.registry import next_pow2, register_cost, triton_available
+from fxopt.kernels.registry import capturing, next_pow2, register_cost, triton_available
 
 # NF4 code-book (QLoRA paper; bitsandbytes get_4bit_type("nf4")), fp32, index = 4-bit code.
 NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -399,7 +399,9 @@ def fused_matmul(x2: torch.Tensor, weight, trans: bool, lora_left: Optional[torc
     if cfg is None:
         key = (kind, M, P, Q, nf4, flags["NESTED"], flags["FAST"], has_lora, cdt, ldt, dev.index)
         cfg = _TUNED.get(key)
-        if cfg is None:
+        if cfg is None and capturing():     # recording a CUDA graph: no timing now; tune on a later call
+            cfg = _CUDA_CANDIDATES[0]
+        elif cfg is None:
             cfg = _TUNED[key] = _tune(launch)
     launch(cfg)
     return out

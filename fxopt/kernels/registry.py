@@ -56,6 +56,15 @@ def run_kernel(what: str, kernel: Callable, reference: Callable):
         return reference()
 
 
+def capturing() -> bool:
+    """A CUDA graph is being recorded on the current stream (the `cudagraphs` option): no timing, no sync, no
+    first-call tuning may run now; tuners take their first candidate and leave the choice for a later call."""
+    try:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except Exception:  # noqa: BLE001 - a torch without it captures nothing fxopt must know of
+        return False
+
+
 def register_cost(name: str):
     def deco(fn):
         COSTS[name] = fn

@@ -1,0 +1,36 @@
+"""Shared kernel plumbing: while a CUDA graph is being recorded no tuner may time or synchronize."""
+import torch
+
+from fxopt.kernels import attention, lora, nf4, registry
+
+
+def test_capturing_is_false_outside_a_capture():
+    assert registry.capturing() is False
+
+
+def test_tuners_do_not_time_while_capturing(monkeypatch):
+    """lora's measured choices, nf4's fused-GEMM configs and attention's block configs: under capture each takes a
+    choice without do_bench (which synchronizes: not permitted while recording) and caches nothing (nf4's
+    guard is the same two lines around its tuner; its GPU path cannot run here)."""
+    import triton.testing
+
+    def no_bench(*a, **k):
+        raise AssertionError("timed while capturing")
+    monkeypatch.setattr(triton.testing, "do_bench", no_bench)
+    for mod in (lora, nf4, attention):
+        monkeypatch.setattr(mod, "capturing", lambda: True)
+
+    table, ran = {}, []
+    out = lora._run_choice("FXOPT_TEST_CHOICE", table, ("k",), {"a": lambda: ran.append("a") or 1,
+                                                                 "b": lambda: ran.append("b") or 2},
+                           default="b", measure=True)
+    assert out == 2 and ran == ["b"] and table == {}
+    table[("k",)] = "a"                       # an earlier, uncaptured call measured "a": capture keeps it
+    assert lora._run_choice("FXOPT_TEST_CHOICE", table, ("k",), {"a": lambda: 1, "b": lambda: 2},
+                            default="b", measure=True) == 1
+
+    monkeypatch.setattr(attention, "interpreting", lambda: False)   # the GPU path of the block-config tuner
+    monkeypatch.delenv("FXOPT_ATTN_FWD_CONFIG", raising=False)
+    seen = []
+    attention.launch_tuned("fwd", ("capture-test",), seen.append, 64)
+    assert len(seen) == 1 and seen[0] in attention.CONFIGS["fwd"] and ("fwd", ("capture-test",)) not in attention.TUNED
