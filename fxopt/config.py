@@ -94,6 +94,10 @@ def parse(options: dict | None = None, mode: str | None = None, environ=None) ->
     strict = strict or env_strict == "1"
     inductor = _bool("inductor", options.get("inductor", True))
     cudagraphs = _bool("cudagraphs", options.get("cudagraphs", False))
+    env_cg = environ.get("FXOPT_CUDAGRAPHS", "")
+    if env_cg not in ("", "0", "1"):
+        raise ValueError(f"FXOPT_CUDAGRAPHS must be 0 or 1, got {env_cg!r}")
+    cudagraphs = cudagraphs or (env_cg == "1" and inductor)   # the env turns it on where Inductor compiles
     if cudagraphs and not inductor:
         raise ValueError("fxopt option 'cudagraphs': True needs 'inductor': True (Inductor does the CUDA graph "
                          "capture); drop one of them")

@@ -68,6 +68,10 @@ def test_cudagraphs_option_and_modes_reach_inductor():
         parse({"cudagraphs": True, "inductor": False}, environ={})
     with pytest.raises(ValueError, match="True or False"):
         parse({"cudagraphs": "yes"}, environ={})
+    assert parse({}, environ={"FXOPT_CUDAGRAPHS": "1"}).cudagraphs
+    assert not parse({"inductor": False}, environ={"FXOPT_CUDAGRAPHS": "1"}).cudagraphs   # aot_eager: env ignored
+    with pytest.raises(ValueError, match="FXOPT_CUDAGRAPHS"):
+        parse({}, environ={"FXOPT_CUDAGRAPHS": "yes"})
 
 
 def test_cudagraphs_patch_is_handed_to_inductor_and_cpu_graphs_still_run(monkeypatch, fresh_dynamo):
