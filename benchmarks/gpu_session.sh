@@ -86,7 +86,7 @@ packing)   # packed vs padded finetune, with per-step progress in the log
     ;;
 retest_rel|retest_rest)   # GPU tests in groups with their own limits, so one slow group cannot hide the others
     if [ "$stage" = retest_rel ]; then groups=("reliability:tests/reliability:${REL_LIMIT:-300}")
-    else groups=("recompute:tests/recompute:150" "finetune:tests/finetune:200"); fi
+    else groups=("recompute:tests/recompute:150" "finetune:tests/finetune:240"); fi
     for grp in "${groups[@]}"; do
         IFS=: read -r name path lim <<<"$grp"
         step "pytest_$name" "$lim" python3 -m pytest -q -s -p no:cacheprovider -rfE --durations=10 "$path" -m gpu
