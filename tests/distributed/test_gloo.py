@@ -11,12 +11,12 @@ import importlib.util
 import json
 import os
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.distributed import run_ranks
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -61,14 +61,7 @@ def two_ranks(tmp_path_factory):
     out = str(tmp / "two.jsonl")
     runs = [COMMON + MODES[m] + ["--wrap", w, "--batch", "2", "--out", out]
             for m in (("lora", "qlora") if HAVE_BNB else ("lora",)) for w in ("ddp", "fsdp2")]
-    ctx = mp.start_processes(_worker, args=(2, str(tmp / "store"), runs), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + TIMEOUT_S
-    while not ctx.join(timeout=2):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"two-rank runs did not finish in {TIMEOUT_S} s")
+    run_ranks(_worker, (2, str(tmp / "store"), runs), TIMEOUT_S, "two-rank runs")
     return {(r["wrap"], r["mode"]): r for r in rows(out)}
 
 

@@ -3,12 +3,12 @@ import datetime
 import json
 import os
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.distributed import run_ranks
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -39,14 +39,7 @@ def _worker(rank, world, store, out):
 
 def test_ddp_and_fsdp2_follow_one_process(tmp_path, monkeypatch, fresh_dynamo):
     out = str(tmp_path / "two.json")
-    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.time() + TIMEOUT_S
-    while not ctx.join(timeout=2):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"two-rank example runs did not finish in {TIMEOUT_S} s")
+    run_ranks(_worker, (2, str(tmp_path / "store"), out), TIMEOUT_S, "two-rank example runs")
     ddp, fsdp2 = json.load(open(out))
 
     monkeypatch.syspath_prepend(os.path.join(REPO, "examples"))
