@@ -38,8 +38,15 @@ QLORA8B = (grid("8b", "qlora", ["eager", "fxopt", "inductor", "unsloth"], gcs=(T
                   profile=True))
 # The speed-memory frontier of 1B LoRA: fxopt at fractions of its save-everything activation peak.
 # torch's own activation_memory_budget at the same fractions, for comparison (issue 10).
-BUDGETS1B = (grid("1b", "lora", ["fxopt:0.8", "fxopt:0.6"], steps=6, warmup=2, timeout=200, loss_only=True)
+BUDGETS1B = (grid("1b", "lora", ["fxopt:0.8", "fxopt:0.6", "fxopt:0.4"], steps=6, warmup=2, timeout=200,
+                  loss_only=True)
              + grid("1b", "lora", ["inductor:0.8", "inductor:0.6"], steps=6, warmup=2, timeout=200))
+# The 8B QLoRA points of the frontier (issue 10: three budgets at each shape; unsloth with checkpointing: 10.1k tok/s
+# at 7.08 GiB), without gradient checkpointing, fxopt planning the recomputation.
+# Resident 5.84 GiB + activations 19.62 GiB without a budget (train_step_h200.md): 1.2GiB of activations aims at
+# the 7 GiB point (if infeasible, the row names the smallest achievable budget).
+BUDGETS8B = grid("8b", "qlora", ["fxopt:0.5", "fxopt:0.2", "fxopt:1.2GiB"], batch=2, steps=4, warmup=2, timeout=240,
+                 loss_only=True)
 # What linear_cross_entropy does to the whole step (issue 6): the same fxopt run with that one pattern off.
 # Profiled: without it the step measured 90 ms slower (41.5k vs 76.7k tok/s), far above the op's own ~20 ms.
 NOLCE1B = grid("1b", "lora", ["fxopt"], steps=6, warmup=2, timeout=200, loss_only=True, profile=True,
@@ -69,7 +76,8 @@ STEP1B = (grid("1b", "lora", ["eager"], steps=6, warmup=2, timeout=200)
           + grid("1b", "lora", ["fxopt", "fxopt:4GiB"], steps=6, warmup=2, timeout=240, loss_only=True))
 # CPU smoke test of this machinery (shape "tiny", --device cpu): no GPU needed.
 SMOKE = grid("tiny", "lora", ["eager", "fxopt", "liger"], batch=2, seq=64, steps=3, warmup=1, timeout=300)
-SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b": BUDGETS1B, "nolce1b": NOLCE1B, "cudagraphs": CUDAGRAPHS, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
+SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b": BUDGETS1B, "nolce1b": NOLCE1B, "cudagraphs": CUDAGRAPHS,
+          "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
 
 NEEDS = {"liger": ["liger_kernel"], "unsloth": ["unsloth", "bitsandbytes"], "fxopt": ["fxopt"]}
 
