@@ -16,8 +16,8 @@ graph at gradient-bucket boundaries so all-reduces overlap the backward, but eve
 and a cut inside a pattern loses that match (1B full fine-tuning: 2.5 GB of gradients, about 100 pieces). So the
 default is one whole graph (--ddp-graph whole; all-reduce after the backward: LoRA/QLoRA adapter gradients are
 small, 1B: 45 MB fp32); --ddp-graph split turns DDPOptimizer on.
-FSDP2: fully_shard(layer) for each decoder layer (the largest nn.ModuleList of one class), then the root;
-layer.compile(backend=...) per layer as torchtitan does: FSDP2's all-gather hooks run outside the graph, each layer
+FSDP2: fully_shard(layer) for each decoder layer (fxopt.hf.decoder_layers: the largest nn.ModuleList of one
+class), then the root; layer.compile(backend=...) per layer as torchtitan does: FSDP2's all-gather hooks run outside the graph, each layer
 is one graph, and identical layers share compiled code (a LoRA model compiles two: layer 0, whose input needs no
 grad, and the rest). Embeddings, final norm, LM head and loss run eager.
 QLoRA + FSDP2: bitsandbytes Params4bit cannot be sharded (a DTensor shard loses its quant_state), so the NF4
@@ -77,19 +77,6 @@ def device(a):
 
 
 # ---------------------------------------------------------------- model, backend, wrapping
-
-def find_decoder_layers(model):
-    """The repeated blocks: the largest nn.ModuleList whose children all have one class (no model-type names)."""
-    import torch.nn as nn
-    best = None
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1:
-            if best is None or len(m) > len(best):
-                best = m
-    if best is None:
-        raise RuntimeError("no nn.ModuleList of identical blocks found: cannot shard/compile per decoder layer")
-    return list(best)
-
 
 def nf4_params(module):
     """bitsandbytes Params4bit weights (matched by class name: bitsandbytes is only needed for qlora)."""
@@ -204,7 +191,8 @@ def wrap_fsdp2(a, model, backend, opts):
             raise SystemExit("FSDP2 + QLoRA needs fully_shard(ignored_params=...) (torch >= 2.7): bitsandbytes "
                              "Params4bit cannot be sharded. Use --wrap ddp for QLoRA.")
         kw["ignored_params"] = ignored   # each rank keeps the whole NF4 base; adapters and bf16 rest sharded
-    layers = find_decoder_layers(model)
+    from fxopt.hf import decoder_layers
+    layers = list(decoder_layers(model))
     for layer in layers:
         fully_shard(layer, **kw)
         if backend is not None:   # in place, so FSDP2's hooks stay on the module and run outside the graph

@@ -40,15 +40,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def decoder_layers(model):
-    """The repeated blocks: the largest nn.ModuleList of one class (found by structure, not by model type)."""
-    import torch.nn as nn
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1]
-    if not lists:
-        raise SystemExit("no nn.ModuleList of identical blocks: cannot shard and compile per decoder layer")
-    return max(lists, key=len)
-
-
 def main(argv=None) -> dict:
     import torch
     import torch.distributed as dist
@@ -56,6 +47,7 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import fxopt
+    import fxopt.hf
 
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -85,7 +77,7 @@ def main(argv=None) -> dict:
 
     if world > 1 and args.fsdp2:
         from torch.distributed.fsdp import fully_shard
-        for layer in decoder_layers(model):
+        for layer in fxopt.hf.decoder_layers(model):
             fully_shard(layer)
             layer.compile(backend="fxopt", options=options)
         fully_shard(model)

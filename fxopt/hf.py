@@ -40,6 +40,17 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     return body
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The repeated blocks of a model: its largest nn.ModuleList whose children all have one class (found by
+    structure, not by model type). What FSDP2 shards and compiles one at a time (torchtitan's recipe)."""
+    lists = [m for m in model.modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) and len({type(c) for c in m}) == 1]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of identical blocks: cannot shard and compile "
+                         "it per decoder layer; wrap and compile the whole model instead")
+    return max(lists, key=len)
+
+
 def compile_for_trainer(model: torch.nn.Module, *, keep_logits: bool = False, backbone_only: bool = False,
                         **options) -> torch.nn.Module:
     """Compile `model` in place with fxopt for a `Trainer`/`SFTTrainer`; returns `model` (the same object).

@@ -78,3 +78,11 @@ def test_signature_and_deepcopy():
     assert "labels" in inspect.signature(m.forward).parameters and "self" not in inspect.signature(m.forward).parameters
     c = copy.deepcopy(m)
     assert c.forward.__self__ is c      # the copy's forward runs the copy, not the original
+
+
+def test_decoder_layers_found_by_structure():
+    m = tiny_model("llama", num_hidden_layers=3)
+    layers = fxopt.hf.decoder_layers(m)
+    assert len(layers) == 3 and len({type(x) for x in layers}) == 1
+    with pytest.raises(ValueError, match="no nn.ModuleList of identical blocks"):
+        fxopt.hf.decoder_layers(torch.nn.Linear(2, 2))
