@@ -164,39 +164,41 @@ def _bind_cost_args(fn, node):
     return kwargs
 
 
+def _fxopt_op_name(node) -> str | None:
+    tgt = node.target if node.op == "call_function" else None
+    return tgt._schema.name.split("::")[-1] if str(getattr(tgt, "namespace", "")) == "fxopt" else None
+
+
+def _registered(table: dict, node):
+    """What the fxopt op's kernel file registered in `table` (COSTS, WORKSPACES) says of this call; None when the op
+    registered nothing there or its arguments do not bind."""
+    fn = table.get(_fxopt_op_name(node))
+    if fn is None:
+        return None
+    try:
+        return fn(**_bind_cost_args(fn, node))
+    except Exception:  # noqa: BLE001 - the caller falls back to its estimate
+        return None
+
+
 def op_flops_bytes(node) -> tuple[int, int, str]:
     """(flops, bytes, source) of one forward op: an fxopt op's registered cost, aten GEMM formulas, else bytes."""
-    tgt = node.target
-    ns = str(getattr(tgt, "namespace", ""))
-    if ns == "fxopt":
+    name = _fxopt_op_name(node)
+    if name is not None:
         from fxopt.kernels.registry import COSTS
-        name = tgt._schema.name.split("::")[-1]
-        fn = COSTS.get(name)
-        if fn is not None:
-            try:
-                flops, nbytes = fn(**_bind_cost_args(fn, node))
-                return int(flops), int(nbytes), f"COSTS[{name}]"
-            except Exception:  # noqa: BLE001 - fall back to the bytes estimate
-                pass
+        cost = _registered(COSTS, node)
+        if cost is not None:
+            return int(cost[0]), int(cost[1]), f"COSTS[{name}]"
         return 0, _io_bytes(node), "bytes"
-    if isinstance(tgt, torch._ops.OpOverload):
+    if isinstance(node.target, torch._ops.OpOverload):
         return _aten_flops(node), _io_bytes(node), "roofline"
     return 0, _io_bytes(node), "bytes"
 
 
 def op_workspace(node) -> int:
     """Bytes an fxopt op holds while it runs beyond its outputs (its kernel file's register_workspace), else 0."""
-    tgt = node.target if node.op == "call_function" else None
-    if str(getattr(tgt, "namespace", "")) != "fxopt":
-        return 0
     from fxopt.kernels.registry import WORKSPACES
-    fn = WORKSPACES.get(tgt._schema.name.split("::")[-1])
-    if fn is None:
-        return 0
-    try:
-        return int(fn(**_bind_cost_args(fn, node)))
-    except Exception:  # noqa: BLE001 - an op whose arguments do not bind counts no workspace
-        return 0
+    return int(_registered(WORKSPACES, node) or 0)
 
 
 def op_time(node) -> float:
