@@ -68,6 +68,14 @@ def _bool(key, value):
     return value
 
 
+def _env_flag(environ, name: str) -> bool:
+    """An on/off environment variable: unset, "" or "0" is off, "1" is on, anything else is an error."""
+    value = environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def parse(options: dict | None = None, mode: str | None = None, environ=None) -> Config:
     """Validate the options dict of `torch.compile(..., backend="fxopt", options=...)`."""
     environ = os.environ if environ is None else environ   # read at call time (os.environ may be replaced)
@@ -87,17 +95,11 @@ def parse(options: dict | None = None, mode: str | None = None, environ=None) ->
         if bad:
             raise ValueError(f"FXOPT_DISABLE names unknown pattern(s) {bad}; valid names: {list(PATTERNS)}")
         disabled |= set(env_disable)
-    strict = _bool("strict", options.get("strict", False))
-    env_strict = environ.get("FXOPT_STRICT", "")
-    if env_strict not in ("", "0", "1"):
-        raise ValueError(f"FXOPT_STRICT must be 0 or 1, got {env_strict!r}")
-    strict = strict or env_strict == "1"
+    env_strict, env_cg = _env_flag(environ, "FXOPT_STRICT"), _env_flag(environ, "FXOPT_CUDAGRAPHS")
+    strict = _bool("strict", options.get("strict", False)) or env_strict
     inductor = _bool("inductor", options.get("inductor", True))
-    cudagraphs = _bool("cudagraphs", options.get("cudagraphs", False))
-    env_cg = environ.get("FXOPT_CUDAGRAPHS", "")
-    if env_cg not in ("", "0", "1"):
-        raise ValueError(f"FXOPT_CUDAGRAPHS must be 0 or 1, got {env_cg!r}")
-    cudagraphs = cudagraphs or (env_cg == "1" and inductor)   # the env turns it on where Inductor compiles
+    # the env turns CUDA graphs on where Inductor compiles
+    cudagraphs = _bool("cudagraphs", options.get("cudagraphs", False)) or (env_cg and inductor)
     if cudagraphs and not inductor:
         raise ValueError("fxopt option 'cudagraphs': True needs 'inductor': True (Inductor does the CUDA graph "
                          "capture); drop one of them")
