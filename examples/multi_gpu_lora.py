@@ -20,8 +20,9 @@ import argparse
 import os
 import sys
 
-for _k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-    os.environ.setdefault(_k, "0" if _k == "NCCL_NVLS_ENABLE" else "1")
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+for _k, _v in MULTICAST_OFF.items():   # before torch.distributed starts
+    os.environ.setdefault(_k, _v)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import offline_text  # noqa: E402
 
