@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+from unittest import mock
 
 START = time.time()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,11 +116,8 @@ def one_run(name, rec, args, cfg, data, eval_data, deadline, backend) -> None:
     compiled, noisy = name.startswith("fxopt"), name.startswith("eager_perturbed")
     perturb = C.PERTURB if noisy else 0.0
     noise_seed = int(name.rsplit("_", 1)[1]) if noisy and name[-1].isdigit() else 1
-    env = VARIANTS.get(name, {})
-    saved_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    if env:
-        rec["env"] = env
+    if VARIANTS.get(name):
+        rec["env"] = VARIANTS[name]
     cuda, model = args.device == "cuda", None
     rec["losses"] = []
     t0 = time.time()
@@ -140,8 +138,6 @@ def one_run(name, rec, args, cfg, data, eval_data, deadline, backend) -> None:
         rec["error"] = f"{type(e).__name__}: {e}"[:1000]
         rec["oom"] = T.is_oom(e)
     finally:
-        for k, v in saved_env.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         if cuda:
             rec["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         del model
@@ -297,7 +293,8 @@ def run(args, t0: float, result: dict) -> None:
             continue
         log(f"{name}: [{time.time() - t0:.0f}s]")
         rec = result["runs"]["bf16"][name] = {}
-        one_run(name, rec, args, cfg, data, eval_data, soft, backend)
+        with mock.patch.dict(os.environ, VARIANTS.get(name, {})):   # a variant's environment, for its run only
+            one_run(name, rec, args, cfg, data, eval_data, soft, backend)
         log(f"{name}: {len(rec['losses'])} steps, tok/s {rec.get('tok_per_s')}, peak {rec.get('peak_gib')} GiB, "
             f"{rec['wall_seconds']} s{', ' + rec['error'] if rec.get('error') else ''}")
         finalize(result, args.steps)
