@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_session.sh rope      # RoPE kernel bench, both rounding modes
 #   bash benchmarks/gpu_session.sh convergence | packing | retest_rel | retest_rest   # issue 11, issue 12, GPU tests
 #   bash benchmarks/gpu_session.sh cudagraphs  # 8B QLoRA / 1B LoRA steps as CUDA graphs
+#   bash benchmarks/gpu_session.sh cg8b | cg1b | cgtest   # budgets with CUDA graphs; the cudagraphs GPU tests
 #   bash benchmarks/gpu_session.sh nolce | budgets8b   # 1B without linear_cross_entropy (profiled); 8B QLoRA budgets
 # Several stages run one after the other: `gpu_session.sh evidence rope`; ONLY8B picks qlora8b's runs.
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
@@ -90,7 +91,7 @@ retest_rel|retest_rest)   # GPU tests in groups with their own limits, so one sl
     else groups=("recompute:tests/recompute:150" "finetune:tests/finetune:240"); fi
     for grp in "${groups[@]}"; do
         IFS=: read -r name path lim <<<"$grp"
-        step "pytest_$name" "$lim" python3 -m pytest -q -s -p no:cacheprovider -rfE --durations=10 "$path" -m gpu
+        step "pytest_$name" "$lim" python3 -m pytest -v -s -p no:cacheprovider -rfE --durations=10 "$path" -m gpu
     done
     ;;
 budgets)   # the 1B LoRA speed-memory frontier: fxopt at 0.8/0.6/0.4, torch's activation_memory_budget at 0.8/0.6
@@ -109,6 +110,15 @@ cudagraphs)   # the 8B QLoRA and 1B LoRA steps replayed as CUDA graphs (fxopt op
     step cudagraphs ${CG_LIMIT:-560} python3 benchmarks/run_suite.py cudagraphs --out "$OUT/train_step.jsonl" \
         --time-limit $(( ${CG_LIMIT:-560} - 5 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    ;;
+cg8b|cg1b)   # the memory-budget frontier with CUDA graphs: 8B QLoRA at 0.6 / 1.2GiB / 0.2, 1B LoRA at 0.6 / 0.4 / 1.15GiB
+    lim=$([ "$stage" = cg8b ] && echo "${CG_LIMIT:-540}" || echo "${CG1B_LIMIT:-330}")
+    step "$stage" "$lim" python3 benchmarks/run_suite.py "$stage" --out "$OUT/train_step.jsonl" \
+        --time-limit $(( lim - 5 ))
+    python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    ;;
+cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
+    step pytest_cg 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_gpu_models.py -k cudagraphs -m gpu
     ;;
 rope)   # RoPE fwd+bwd at 8B shapes, both modes (fp32 math rounded once, default; eager bit-exact)
     step kernels_rope 90 python3 benchmarks/kernels.py --ops rope --out "$OUT/kernels_rope.json"

@@ -76,6 +76,23 @@ def test_frozen_nf4_linear():
     run(Proj(bias=True, nf4=True), torch.randn(3, 64, requires_grad=True), {"lora_nf4": 1})
 
 
+def test_nf4_code_book_made_at_compile_time(monkeypatch):
+    """The kernels' code-book tensor exists once the graph is rewritten, before the compiled code first runs (made on
+    the first run, under `cudagraphs` it would be an untracked allocation in the CUDA graph pool)."""
+    from fxopt.kernels import nf4
+    made = []
+    monkeypatch.setattr(nf4, "_nf4_code_cached", lambda device: made.append(device) or torch.zeros(16))
+    mod = with_lora(Proj(bias=False, nf4=True))
+    torch._dynamo.reset()
+
+    def backend(gm, example_inputs):
+        compiled = fxopt.backend(gm, example_inputs, options=OPTS)
+        assert fxopt.last_report().matched["lora_nf4"] == 1
+        assert made and set(made) == {"cpu"}, made     # rewritten, not yet run
+        return compiled
+    torch.compile(mod, backend=backend)(torch.randn(3, 64))
+
+
 def _older_bnb(nested):
     """bitsandbytes < 0.45 spelling: dequantize_4bit (+ dequantize_blockwise + offset) then linear, hand-built."""
     torch.manual_seed(0)
