@@ -141,12 +141,19 @@ def trajectory(joint: Joint, sizes=None, stop=None):
         yield sim
 
 
+# The plan aims this fraction under the budget. H200, sha 13b6842..bf161d9, nine planned steps (1B LoRA, 8B QLoRA,
+# budgets 0.2-0.8, with and without CUDA graphs): measured activation peak / predicted = 1.000 to 1.009.
+MARGIN = 0.015
+
+
 def make_plan(joint: Joint, budget, sizes=None) -> Plan:
-    """The plan for `budget` (int bytes or float fraction); BudgetError when no plan fits."""
+    """The plan for `budget` (int bytes or float fraction); BudgetError when no plan fits. Aims at MARGIN under the
+    budget (unless saving everything fits); where that is out of reach, the smallest plan, if it fits the budget."""
     base = joint.simulate(frozenset(), sizes or joint.sizes)
     target = resolve_budget(budget, base.peak)
+    aim = target if base.peak <= target else int(target * (1 - MARGIN))   # fits saving everything: nothing to do
     last, steps = base, 0
-    for steps, sim in enumerate(trajectory(joint, sizes, stop=lambda s: s.peak <= target)):
+    for steps, sim in enumerate(trajectory(joint, sizes, stop=lambda s: s.peak <= aim)):
         last = sim
     if last.peak > target:
         raise BudgetError(target, last.peak, base.peak)
