@@ -24,7 +24,7 @@ import torch
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
 from fxopt.kernels.nf4_chunked import chunked_matmul
 from fxopt.kernels.registry import (capturing, next_pow2, num_sms, register_cost, register_workspace, run_kernel,
-                                    triton_available, use_triton)
+                                    triton_available, tuning_key, use_triton)
 
 if triton_available():
     import triton
@@ -98,13 +98,13 @@ def skinny_mm(big: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
 _SKINNY_CHOICE: dict = {}  # (shape, strides, dtypes) -> "triton" | "fp32"; env FXOPT_LORA_SKINNY forces one
 
 
-def _mm(big, small, triton_gemm):
+def _mm(big, small, triton_gemm, rows):
     """big @ small for the rank-r products. A half big with an fp32 small (peft's fp32 adapters): the split fp32
     kernel, or (on CUDA, when measured faster) peft's own form, an fp32 copy of big and an fp32 GEMM; both carry
     fp32 accuracy. Otherwise torch.mm."""
     if triton_gemm and small.dtype == torch.float32 and big.dtype in (torch.float16, torch.bfloat16) \
             and big.shape[1] > 0:
-        return _run_choice("FXOPT_LORA_SKINNY", _SKINNY_CHOICE, (*big.shape, *big.stride(), small.shape[1], big.dtype),
+        return _run_choice("FXOPT_LORA_SKINNY", _SKINNY_CHOICE, (tuning_key(big, rows), small.shape[1], big.dtype),
                            {"triton": lambda: skinny_mm(big, small), "fp32": lambda: big.float() @ small},
                            default="triton", measure=big.device.type == "cuda")
     return big.to(small.dtype) @ small
@@ -167,14 +167,15 @@ def _gemm(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype,
     cuda = x2.device.type == "cuda"
     if isinstance(weight, NF4Weight):   # fused dequant-in-GEMM vs chunked dequant + cuBLAS (nf4_chunked.py)
         many = cuda and x2.shape[0] >= NF4_CHUNKED_ROWS   # many rows: the fused kernel is not timed (nor tuned)
-        key = (trans, *x2.shape, weight.n, weight.k, x2.dtype, compute_dtype, left is not None, bias is not None)
+        key = (trans, many, tuning_key(x2, x2.shape[0]), weight.n, weight.k, x2.dtype, compute_dtype,
+               left is not None, bias is not None)
         return _run_choice("FXOPT_NF4_GEMM", _NF4_CHOICE, key, {"fused": lambda: fused_matmul(*args),
                                                                 "chunked": lambda: chunked_matmul(*args)},
                            default="chunked" if many else "fused", measure=cuda and not many)
     if not cuda:
         return fused_matmul(*args)
     return _run_choice("FXOPT_LORA_DENSE", _DENSE_CHOICE,
-                       (trans, *x2.shape, *weight.shape, x2.dtype, weight.dtype, left is not None),
+                       (trans, tuning_key(x2, x2.shape[0]), *weight.shape, x2.dtype, weight.dtype, left is not None),
                        {"triton": lambda: fused_matmul(*args), "cublas": lambda: _cublas(*args)},
                        default="triton", measure=True)
 
@@ -183,7 +184,7 @@ def _forward(x, weight, bias, lora_a, lora_b, scale, compute_dtype, out_dtype, t
     x2 = _rows(x)
     n_out = weight.n if isinstance(weight, NF4Weight) else weight.shape[0]
     has_lora = lora_a is not None
-    xa = _mm(x2, lora_a.t(), triton_gemm) if has_lora else _empty(x)
+    xa = _mm(x2, lora_a.t(), triton_gemm, x2.shape[0]) if has_lora else _empty(x)
     y = _gemm(x2, weight, True, xa if has_lora else None, lora_b.t() if has_lora else None, scale, bias, out_dtype,
               compute_dtype, triton_gemm)
     return y.view(*x.shape[:-1], n_out), xa
@@ -192,15 +193,16 @@ def _forward(x, weight, bias, lora_a, lora_b, scale, compute_dtype, out_dtype, t
 def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, need_da, need_db, need_dbias,
               need_dw, triton_gemm: bool):
     x2, dy2 = _rows(x), _rows(dy)
+    m = x2.shape[0]
     has_lora = lora_a is not None
     dx, da, db, dbias, dw = (_empty(x) for _ in range(5))   # distinct: outputs may not alias each other
     dxa = None
     if has_lora and (need_dx or need_da):
-        dxa = _mm(dy2, lora_b, triton_gemm) * scale
+        dxa = _mm(dy2, lora_b, triton_gemm, m) * scale
     if has_lora and need_db:
-        db = (_mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm) * scale).to(lora_b.dtype)
+        db = (_mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm, m) * scale).to(lora_b.dtype)
     if has_lora and need_da:
-        da = _mm(x2.t(), dxa, triton_gemm).t().to(lora_a.dtype).contiguous()
+        da = _mm(x2.t(), dxa, triton_gemm, m).t().to(lora_a.dtype).contiguous()
     if need_dx:
         dx = _gemm(dy2, weight, False, dxa, lora_a if has_lora else None, 1.0, None, x.dtype, compute_dtype,
                    triton_gemm).view(x.shape)

@@ -397,7 +397,7 @@ def fused_matmul(x2: torch.Tensor, weight, trans: bool, lora_left: Optional[torc
     if cfg is None and interp:
         cfg = _interp_config(M, P, Q)
     if cfg is None:
-        key = (kind, M, P, Q, nf4, flags["NESTED"], flags["FAST"], has_lora, cdt, ldt, dev.index)
+        key = (kind, next_pow2(M), P, Q, nf4, flags["NESTED"], flags["FAST"], has_lora, cdt, ldt, dev.index)
         cfg = _TUNED.get(key)
         if cfg is None and capturing():     # recording a CUDA graph: no timing now; tune on a later call
             cfg = _CUDA_CANDIDATES[0]

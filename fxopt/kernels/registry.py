@@ -89,3 +89,10 @@ def num_sms(device: torch.device) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def tuning_key(t: torch.Tensor, rows: int) -> tuple:
+    """A tensor's part of a measured-choice key: its shape with the token-row count `rows` (batch x sequence) rounded
+    up to a power of 2, and which dim is unit-stride. Exact row counts made every step of a dynamic-length run
+    (packing, variable padding) a new key, each timed again (do_bench of every candidate: tens of ms per op)."""
+    return (tuple(next_pow2(d) if d == rows else d for d in t.shape), tuple(s == 1 for s in t.stride()))

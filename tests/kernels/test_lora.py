@@ -178,4 +178,22 @@ def test_bad_skinny_choice_is_a_clear_error(monkeypatch):
     from fxopt.kernels.lora import _mm
     monkeypatch.setenv("FXOPT_LORA_SKINNY", "fast")
     with pytest.raises(ValueError, match="FXOPT_LORA_SKINNY must be"):
-        _mm(torch.randn(4, 8, device=DEV).half(), torch.randn(8, 2, device=DEV), True)
+        _mm(torch.randn(4, 8, device=DEV).half(), torch.randn(8, 2, device=DEV), True, 4)
+
+
+def test_choice_keys_round_the_row_count(monkeypatch):
+    """A choice made for one row count holds for every count in its power-of-2 bucket (a dynamic-length run would
+    otherwise time each step's new count again), per layout, and not across buckets."""
+    from fxopt.kernels import lora
+    from fxopt.kernels.registry import tuning_key
+    small = torch.randn(8, 2, device=DEV)
+    monkeypatch.setattr(lora, "_SKINNY_CHOICE", {(tuning_key(torch.empty(64, 8), 64), 2, torch.float16): "fp32"})
+    monkeypatch.setattr(lora, "skinny_mm", lambda *a: (_ for _ in ()).throw(AssertionError("not the stored choice")))
+    for rows in (33, 50, 64):
+        big = torch.randn(rows, 8, device=DEV).half()
+        assert rel(lora._mm(big, small, True, rows), big.float() @ small) <= 1e-6
+    with pytest.raises(AssertionError, match="not the stored choice"):      # next bucket: its own choice
+        lora._mm(torch.randn(65, 8, device=DEV).half(), small, True, 65)
+    with pytest.raises(AssertionError, match="not the stored choice"):      # transposed layout: its own choice
+        lora._mm(torch.randn(8, 50, device=DEV).half().t(), small, True, 50)
+    assert tuning_key(torch.empty(50, 64), 50) == ((64, 64), (False, True))
