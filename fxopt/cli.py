@@ -94,7 +94,7 @@ def plan(args) -> int:
         print(e, file=sys.stderr)
         return 2
     r = plan_for_config(cfg, args.batch, args.seq, budget, dtype=getattr(torch, args.dtype), lora_rank=args.lora_rank,
-                        fit=not args.no_fit)
+                        fit=not args.no_fit, keep_logits=args.keep_logits)
     r.pop("joint", None)
     print(json.dumps(r, indent=1, default=str) if args.json else format_plan(r))
     return 0 if r["feasible"] else 1
@@ -204,6 +204,9 @@ def main(argv=None) -> None:
     pl.add_argument("--lora-rank", type=int, default=0, help="LoRA on all linear layers (peft) instead of full FT")
     pl.add_argument("--set", action="append", help="override a config field, e.g. --set num_hidden_layers=4")
     pl.add_argument("--no-fit", action="store_true", help="one trace only (no largest-seq answer)")
+    pl.add_argument("--keep-logits", action="store_true",
+                    help="plan the forward that also returns the logits (a plain model.compile()); default: the "
+                         "loss-only forward of fxopt.hf.compile_for_trainer, where lm_head + loss fuse")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=plan)
     from fxopt import cli_bench, explain

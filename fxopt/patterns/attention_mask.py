@@ -73,6 +73,17 @@ def _constant_subgraph(node: fx.Node):
     return sorted(seen, key=order.__getitem__)
 
 
+def _meta_to_cpu(a):
+    """args / kwargs with each meta device (torch.device or string) replaced by the CPU."""
+    if isinstance(a, (tuple, list)):
+        return type(a)(_meta_to_cpu(x) for x in a)
+    if isinstance(a, dict):
+        return {k: _meta_to_cpu(x) for k, x in a.items()}
+    if isinstance(a, torch.device) and a.type == "meta" or isinstance(a, str) and a == "meta":
+        return torch.device("cpu")
+    return a
+
+
 def evaluate_constant(node: fx.Node):
     """The real value of a node computed only from constants, or None."""
     v = meta(node)
@@ -89,11 +100,15 @@ def evaluate_constant(node: fx.Node):
         import contextlib
         unset_fake_temporarily = contextlib.nullcontext
     env = {}
+    # a model on the meta device (`fxopt plan` traces one) has masks with no values: build them on the CPU instead
+    on_meta = v.device.type == "meta"
     try:
         with unset_fake_temporarily(), torch.no_grad():
             for n in nodes:
                 args = fx.node.map_arg(n.args, env.__getitem__)
                 kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+                if on_meta:
+                    args, kwargs = _meta_to_cpu(args), _meta_to_cpu(kwargs)
                 if n.op == "call_function":
                     env[n] = n.target(*args, **kwargs)
                 else:

@@ -61,7 +61,9 @@ def capture_joint(model, inputs: dict, *, patterns=None, dynamic_dims=None):
     return box["joint"], box["inputs"], box.get("matched", {})
 
 
-def build_meta_model(config, dtype=torch.bfloat16, lora_rank: int = 0):
+def build_meta_model(config, dtype=torch.bfloat16, lora_rank: int = 0, keep_logits: bool = False):
+    """The model on the meta device, in training mode; without keep_logits its forward returns only the loss in
+    training, as `fxopt.hf.compile_for_trainer` makes it (so lm_head + loss fuse into linear_cross_entropy)."""
     from transformers import AutoModelForCausalLM
     config.use_cache = False
     with torch.device("meta"):
@@ -75,6 +77,9 @@ def build_meta_model(config, dtype=torch.bfloat16, lora_rank: int = 0):
     base = getattr(getattr(model, "base_model", None), "model", model)
     if hasattr(base, "loss_type"):
         base.loss_type = "ForCausalLM"
+    if not keep_logits:
+        from fxopt.hf import _loss_only_forward
+        model.forward = _loss_only_forward(model.forward, model)
     return model.train()
 
 
@@ -113,8 +118,8 @@ def largest_seq(joint: Joint, recompute, budget: int, seq_sym, hi_limit: int = 1
     return lo
 
 
-def _trace(config, batch, seq, dtype, lora_rank, patterns):
-    model = build_meta_model(config, dtype, lora_rank)
+def _trace(config, batch, seq, dtype, lora_rank, patterns, keep_logits=False):
+    model = build_meta_model(config, dtype, lora_rank, keep_logits)
     ids = torch.empty((batch, seq), dtype=torch.long, device="meta")
     return capture_joint(model, {"input_ids": ids, "labels": ids}, patterns=patterns)
 
@@ -133,19 +138,21 @@ def fit_seq(joint: Joint, others: dict, seq: int, sym: sympy.Symbol) -> None:
 
 
 def plan_for_config(config, batch: int, seq: int, budget, *, dtype=torch.bfloat16, lora_rank: int = 0,
-                    patterns=None, fit=True) -> dict:
+                    patterns=None, fit=True, keep_logits=False) -> dict:
     """Predicted peak, the plan, and the largest sequence that fits, for `config` (a transformers config).
 
     budget: int bytes, a size string ('12GiB') or a float fraction of the save-everything peak. The graph is traced
     with static shapes, as torch.compile first compiles it (fxopt's attention pattern needs static shapes); with
     `fit`, two more traces at 2*seq and 3*seq give each storage's bytes as a polynomial in seq (exact up to
-    quadratic terms such as materialized attention scores)."""
+    quadratic terms such as materialized attention scores). keep_logits: plan the forward that also returns the
+    logits (a plain `model.compile()`); by default the loss-only forward of `fxopt.hf.compile_for_trainer`."""
     from fxopt.config import parse_budget
     budget = parse_budget(budget)
-    joint, _, matched = _trace(config, batch, seq, dtype, lora_rank, patterns)
+    joint, _, matched = _trace(config, batch, seq, dtype, lora_rank, patterns, keep_logits)
     seq_sym = sympy.Symbol("seq", positive=True, integer=True)
     if fit:
-        others = {k * seq: _trace(config, batch, k * seq, dtype, lora_rank, patterns)[0] for k in (2, 3)}
+        others = {k * seq: _trace(config, batch, k * seq, dtype, lora_rank, patterns, keep_logits)[0]
+                  for k in (2, 3)}
         fit_seq(joint, others, seq, seq_sym)
     best = smallest_peak(joint)
     base = joint.simulate(frozenset())

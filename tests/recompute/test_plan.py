@@ -50,6 +50,21 @@ def test_plan_aims_margin_under_the_budget(joint):
     assert make_plan(joint, (base.peak + best.peak) // 2).sim.peak <= (base.peak + best.peak) // 2 * (1 - MARGIN)
 
 
+def test_backward_reads_saved_outputs_where_used(joint, monkeypatch):
+    """The custom ops' saved outputs reach the backward through detaches placed right after each forward op; kept,
+    they make the backward read every layer's outputs at its start, so the smallest plan materializes all the
+    recomputed ones at once. Dropped, each is recomputed where its layer's backward uses it: a lower smallest peak."""
+    from fxopt.recompute import partition
+    assert not [n for n in joint.gm.graph.nodes if n.target is torch.ops.aten.detach.default]
+    monkeypatch.setattr(partition, "_drop_backward_detaches", lambda gm: 0)
+    torch._dynamo.reset()
+    ids, _ = batch(s=64)
+    kept, _, _ = capture_joint(tiny_model("llama"), {"input_ids": ids, "labels": ids})
+    torch._dynamo.reset()
+    assert [n for n in kept.gm.graph.nodes if n.target is torch.ops.aten.detach.default]
+    assert smallest_peak(joint).peak < smallest_peak(kept).peak
+
+
 def test_infeasible_budget_names_the_smallest(joint):
     best = smallest_peak(joint)
     with pytest.raises(BudgetError) as e:
@@ -77,9 +92,8 @@ def test_cheap_ops_recomputed_before_attention_and_gemms(joint):
         for g in sim.recompute:
             first.setdefault(_op_name(joint.groups[g].node), i)
     assert "fxopt.rms_norm" in first and "fxopt.gated_mlp" in first
-    if "fxopt.attention" in first:
-        assert first["fxopt.attention"] > first["fxopt.rms_norm"]
-        assert first["fxopt.attention"] > first["fxopt.gated_mlp"]
+    if "fxopt.attention" in first:   # (vs gated_mlp the order follows the sizes: at this tiny shape the attention
+        assert first["fxopt.attention"] > first["fxopt.rms_norm"]   # roofline, 23 ns, is below gated_mlp's 46 ns)
     grp = next(g for g in joint.groups if _op_name(g.node) == "fxopt.attention")
     assert len(grp.sids) == 2    # (out, logsumexp): saved or recomputed together, never the scores
 
