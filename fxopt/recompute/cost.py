@@ -201,6 +201,16 @@ def op_workspace(node) -> int:
     return int(_registered(WORKSPACES, node) or 0)
 
 
+def set_op_arg(node, name: str, value) -> None:
+    """Set the op call's argument `name` (positional or keyword, by the op's schema) to `value`, in place."""
+    names = [a.name for a in node.target._schema.arguments]
+    i = names.index(name)
+    if i < len(node.args):
+        node.args = node.args[:i] + (value,) + node.args[i + 1:]
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
 def op_time(node) -> float:
     flops, nbytes, _ = op_flops_bytes(node)
     outs = _tensors(_val(node))

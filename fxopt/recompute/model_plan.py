@@ -13,7 +13,7 @@ import sympy
 import torch
 
 from fxopt.recompute.cost import Joint
-from fxopt.recompute.plan import MARGIN, BudgetError, fmt_bytes, make_plan, smallest_peak
+from fxopt.recompute.plan import MARGIN, BudgetError, chunked_ops, fmt_bytes, make_plan, smallest_peak
 
 
 class _Captured(Exception):
@@ -154,10 +154,9 @@ def plan_for_config(config, batch: int, seq: int, budget, *, dtype=torch.bfloat1
         others = {k * seq: _trace(config, batch, k * seq, dtype, lora_rank, patterns, keep_logits)[0]
                   for k in (2, 3)}
         fit_seq(joint, others, seq, seq_sym)
-    best = smallest_peak(joint)
     base = joint.simulate(frozenset())
     out = {"batch": batch, "seq": seq, "matched": matched, "save_all_peak": base.peak,
-           "save_all_bytes": base.saved_bytes, "smallest_peak": best.peak}
+           "save_all_bytes": base.saved_bytes}
     try:
         p = make_plan(joint, budget)
     except BudgetError as e:
@@ -167,7 +166,9 @@ def plan_for_config(config, batch: int, seq: int, budget, *, dtype=torch.bfloat1
     else:
         out.update(budget=p.budget, feasible=True, predicted_peak=p.sim.peak, saved_bytes=p.sim.saved_bytes,
                    recompute_time_s=p.sim.time, peak_at=p.sim.peak_at,
-                   recomputed=_summary(joint, p.sim.recomputed))
+                   recomputed=_summary(joint, p.sim.recomputed), chunks=chunked_ops(joint))
+    best = smallest_peak(joint)   # after the plan: it leaves chunked workspaces at their floor
+    out["smallest_peak"] = best.peak
     if fit:
         target = int(out["budget"] * (1 - MARGIN))   # the planner's own aim (measured peaks ran <= 0.9% over)
         out["max_seq"] = largest_seq(joint, best.recompute, target, seq_sym)
@@ -199,6 +200,8 @@ def format_plan(r: dict) -> str:
              f"budget {fmt_bytes(r['budget'])}: " + (
                  f"predicted peak {fmt_bytes(r['predicted_peak'])} (at {r['peak_at']}), recompute "
                  f"{1e3 * r['recompute_time_s']:.3f} ms (roofline)" if r["feasible"] else r["error"])]
+    for name, rows in (r.get("chunks") or {}).items():
+        lines.append(f"  {name}: chunks of {rows} rows (smaller than its default: recomputation alone did not fit)")
     for op, d in sorted(r["recomputed"].items(), key=lambda kv: -kv[1]["bytes"]):
         lines.append(f"  recompute {op:<28} x{d['count']:<4} frees {fmt_bytes(d['bytes']):>12}  "
                      f"{1e3 * d['time_s']:.3f} ms")

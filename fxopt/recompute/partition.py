@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.recompute import cost as _cost
-from fxopt.recompute.plan import fmt_bytes, make_plan
+from fxopt.recompute.plan import chunked_ops, fmt_bytes, make_plan
 
 log = logging.getLogger("fxopt.recompute")
 LAST: dict = {}     # the latest partition: predicted vs partitioned saved node names, the model, the plan (tests)
@@ -190,7 +190,7 @@ def report_dict(joint: _cost.Joint, p) -> dict:
     out = {"budget": p.budget, "predicted_peak": sim.peak, "saved": saved, "recomputed": recomputed,
            "saved_bytes": sim.saved_bytes, "recompute_time_s": sim.time, "save_all_peak": p.base.peak,
            "save_all_bytes": p.base.saved_bytes, "peak_at": sim.peak_at,
-           "peak_workspace": sim.peak_workspace}
+           "peak_workspace": sim.peak_workspace, "chunks": chunked_ops(joint)}
     if joint.symbols():   # dynamic shapes: planned at the size hints; the peak as a formula of the symbols
         out["predicted_peak_expr"] = str(joint.peak_expr(sim))
     return out

@@ -158,3 +158,41 @@ def test_gpu_measured_peak_within_10pct(frac, inductor, fresh_dynamo):
           f"{measured} ratio {measured / mem['predicted_peak']:.3f} saved {mem['saved_bytes']} "
           f"recomputed {len(mem['recomputed'])} at {mem['peak_at']}")
     assert abs(measured / mem["predicted_peak"] - 1) <= 0.10
+
+
+def test_smaller_chunks_when_recompute_alone_cannot_fit(monkeypatch, fresh_dynamo):
+    """linear_cross_entropy's chunk buffer is a workspace the planner can shrink: below the smallest peak of
+    recomputation alone, the plan halves the chunk (the compiled op runs with it) and still trains like eager."""
+    import copy
+    import fxopt.hf
+    from fxopt.recompute import plan as _plan
+    from fxopt.recompute.model_plan import _trace
+    from tests.helpers import rel, tiny_config
+    monkeypatch.setattr(_plan, "CHUNK_FLOOR", 8)             # (512 rows on a GPU; the tiny shape has 128)
+    cfg = tiny_config("llama", vocab_size=4096)
+    trace = lambda: _trace(copy.deepcopy(cfg), 2, 64, torch.float32, 4, None)[0]   # LoRA r=4: frozen embedding
+    recompute_only = smallest_peak(trace(), shrink_chunks=False).peak
+    chunked = trace()
+    assert smallest_peak(chunked).peak < recompute_only and _plan.chunked_ops(chunked)
+    budget = int((recompute_only + smallest_peak(trace()).peak) / 2 / (1 - MARGIN))
+    fitted = trace()
+    assert make_plan(fitted, budget).sim.peak <= budget and _plan.chunked_ops(fitted)
+    assert not _plan.chunked_ops(j := trace()) and make_plan(j, 1.0) and not _plan.chunked_ops(j)
+
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(1)
+    m = get_peft_model(tiny_model("llama", vocab_size=4096), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                       target_modules="all-linear"))
+    ref = copy.deepcopy(m)
+    fxopt.hf.compile_for_trainer(m, inductor=False, memory_budget=budget)
+    ids, labels = batch(vocab=4096, s=64)
+    loss = m(input_ids=ids, labels=labels).loss
+    loss.backward()
+    mem = fxopt.last_report().memory
+    assert fxopt.last_report().matched["linear_cross_entropy"] == 1 and mem["chunks"], mem.get("chunks")
+    rloss = ref(input_ids=ids, labels=labels).loss
+    rloss.backward()
+    assert rel(loss, rloss) <= 1e-5
+    for p, q in zip(m.parameters(), ref.parameters()):
+        if q.grad is not None:
+            assert rel(p.grad, q.grad) <= 1e-4
