@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_session.sh rope      # RoPE kernel bench, both rounding modes
 #   bash benchmarks/gpu_session.sh convergence | packing | retest_rel | retest_rest   # issue 11, issue 12, GPU tests
 #   bash benchmarks/gpu_session.sh cudagraphs  # 8B QLoRA / 1B LoRA steps as CUDA graphs
-#   bash benchmarks/gpu_session.sh cg8b | cg1b | cgtest   # budgets with CUDA graphs; the cudagraphs GPU tests
+#   bash benchmarks/gpu_session.sh cg8b | cg1b | lowmem | cgtest   # budgets with CUDA graphs; the cudagraphs GPU tests
 #   bash benchmarks/gpu_session.sh nolce | budgets8b   # 1B without linear_cross_entropy (profiled); 8B QLoRA budgets
 # Several stages run one after the other: `gpu_session.sh evidence rope`; ONLY8B picks qlora8b's runs.
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
@@ -115,6 +115,11 @@ cg8b|cg1b)   # the memory-budget frontier with CUDA graphs: 8B QLoRA at 0.6 / 1.
     lim=$([ "$stage" = cg8b ] && echo "${CG_LIMIT:-540}" || echo "${CG1B_LIMIT:-330}")
     step "$stage" "$lim" python3 benchmarks/run_suite.py "$stage" --out "$OUT/train_step.jsonl" \
         --time-limit $(( lim - 5 ))
+    python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    ;;
+lowmem)   # the smallest budgets with CUDA graphs (1B 1.25GiB / 0.4, 8B 1.6GiB / 0.2), against unsloth's checkpointed points
+    step lowmem ${LOWMEM_LIMIT:-560} python3 benchmarks/run_suite.py lowmem --out "$OUT/train_step.jsonl" \
+        --time-limit $(( ${LOWMEM_LIMIT:-560} - 5 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
