@@ -185,7 +185,7 @@ def part_skinny(clock, rows, tag, x2, dy2, a, b, xa, dxa):
         nbytes = big.numel() * big.element_size() + small.numel() * small.element_size() + p * small.shape[1] * 4
         impls = {"skinny_mm": lambda: skinny_mm(big, small), "peft_fp32": peft,
                  "cublas_bf16": lambda: (big @ small.to(BF)).float()} if fp32 else \
-            {"fxopt_mm": lambda: _mm(big, small, True)}
+            {"fxopt_mm": lambda: _mm(big, small, True, x2.shape[0])}
         if f32out:
             impls["cublas_bf16_f32out"] = lambda: torch.mm(big, small.to(BF), out_dtype=torch.float32)
             impls["cublas_hilo"] = lambda: hilo_mm(big, small)
