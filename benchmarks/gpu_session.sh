@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_session.sh rope      # RoPE kernel bench, both rounding modes
 #   bash benchmarks/gpu_session.sh convergence | packing | retest_rel | retest_rest   # issue 11, issue 12, GPU tests
 #   bash benchmarks/gpu_session.sh cudagraphs  # 8B QLoRA / 1B LoRA steps as CUDA graphs
-#   bash benchmarks/gpu_session.sh cg8b | cg1b | lowmem | cgtest   # budgets with CUDA graphs; the cudagraphs GPU tests
+#   bash benchmarks/gpu_session.sh cg8b | cg1b | lowmem | maxseq | cgtest   # budgets with CUDA graphs; the cudagraphs GPU tests
 #   bash benchmarks/gpu_session.sh nolce | budgets8b   # 1B without linear_cross_entropy (profiled); 8B QLoRA budgets
 # Several stages run one after the other: `gpu_session.sh evidence rope`; ONLY8B picks qlora8b's runs.
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
@@ -121,6 +121,14 @@ lowmem)   # the smallest budgets with CUDA graphs (1B 1.25GiB / 0.4, 8B 1.6GiB /
     step lowmem ${LOWMEM_LIMIT:-560} python3 benchmarks/run_suite.py lowmem --out "$OUT/train_step.jsonl" \
         --time-limit $(( ${LOWMEM_LIMIT:-560} - 5 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    ;;
+maxseq)   # issue 13: the longest sequence an 8B QLoRA step fits at batch 1, per variant (doubling, then bisection)
+    for v in ${MAXSEQ_VARIANTS:-fxopt:0.2 unsloth eager}; do
+        flags=$([ "$v" = eager ] || [ "$v" = unsloth ] && echo --gc || echo --loss-only)
+        step "maxseq_${v//:/_}" ${MAXSEQ_LIMIT:-540} python3 benchmarks/train_step.py --shape 8b --mode qlora \
+            --batch 1 --seq ${MAXSEQ_START:-16384} --variant "$v" $flags --max-seq-search \
+            --time-limit $(( ${MAXSEQ_LIMIT:-540} - 15 ))   # its RESULT line is in the log (report.py reads it)
+    done
     ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
     step pytest_cg 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_gpu_models.py -k cudagraphs -m gpu

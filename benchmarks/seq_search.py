@@ -17,6 +17,8 @@ def probe_argv(a, seq):
             "--seq", str(seq), "--steps", "1", "--warmup", "1", "--device", a.device]
     if a.gc:
         argv.append("--gc")
+    if getattr(a, "loss_only", False):
+        argv.append("--loss-only")
     if a.fxopt_options:
         argv += ["--fxopt-options", a.fxopt_options]
     return argv
