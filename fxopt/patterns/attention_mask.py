@@ -75,13 +75,10 @@ def _constant_subgraph(node: fx.Node):
 
 def _meta_to_cpu(a):
     """args / kwargs with each meta device (torch.device or string) replaced by the CPU."""
-    if isinstance(a, (tuple, list)):
-        return type(a)(_meta_to_cpu(x) for x in a)
-    if isinstance(a, dict):
-        return {k: _meta_to_cpu(x) for k, x in a.items()}
-    if isinstance(a, torch.device) and a.type == "meta" or isinstance(a, str) and a == "meta":
-        return torch.device("cpu")
-    return a
+    def leaf(x):
+        meta_dev = isinstance(x, torch.device) and x.type == "meta" or isinstance(x, str) and x == "meta"
+        return torch.device("cpu") if meta_dev else x
+    return fx.node.map_aggregate(a, leaf)
 
 
 def evaluate_constant(node: fx.Node):

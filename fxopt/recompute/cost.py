@@ -201,10 +201,23 @@ def op_workspace(node) -> int:
     return int(_registered(WORKSPACES, node) or 0)
 
 
+def _arg_index(node, name: str) -> int | None:
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    return names.index(name) if name in names else None
+
+
+def op_arg(node, name: str, default=None):
+    """The op call's argument `name` (positional or keyword, by the op's schema); `default` when absent."""
+    i = _arg_index(node, name)
+    if i is None:
+        return default
+    return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+
+
 def set_op_arg(node, name: str, value) -> None:
     """Set the op call's argument `name` (positional or keyword, by the op's schema) to `value`, in place."""
-    names = [a.name for a in node.target._schema.arguments]
-    i = names.index(name)
+    i = _arg_index(node, name)
     if i < len(node.args):
         node.args = node.args[:i] + (value,) + node.args[i + 1:]
     else:

@@ -31,8 +31,8 @@ def capture_joint(model, inputs: dict, *, patterns=None, dynamic_dims=None):
     cfg = _config.parse(opts)
 
     def partition(joint_gm, joint_inputs, **kw):
-        from fxopt.recompute.partition import _cse
-        _cse(joint_gm)
+        from fxopt.recompute.partition import prepare_joint
+        prepare_joint(joint_gm)
         box["joint"] = Joint(joint_gm, kw["num_fwd_outputs"], kw.get("static_lifetime_input_indices") or ())
         raise _Captured()
 

@@ -108,7 +108,7 @@ def _depends_on_tangents(n, joint) -> bool:
 
 
 def _drop_backward_detaches(gm: fx.GraphModule) -> int:
-    """Replace each `detach(x)` that only backward ops read by x (in the joint graph a detach is the identity).
+    """Replace each `detach(x)` that is not a graph output by x (in the joint graph a detach is the identity).
     A custom op's autograd saves its outputs through such detaches, which AOT places right after the forward op:
     the backward then reads every layer's saved outputs at its very start, so a recomputed output was materialized
     for all layers at once (1B-shape LoRA, meta trace: smallest plan 7.70 GiB of activations; read where used
@@ -123,9 +123,9 @@ def _drop_backward_detaches(gm: fx.GraphModule) -> int:
     return dropped
 
 
-def _cse(gm: fx.GraphModule) -> None:
-    """What min_cut_rematerialization_partition does first (DCE, then CSE), so the model sees the same graph; and
-    backward detaches dropped (_drop_backward_detaches)."""
+def prepare_joint(gm: fx.GraphModule) -> None:
+    """The joint graph both the cost model and the partitioner see: detaches dropped (_drop_backward_detaches),
+    then what min_cut_rematerialization_partition does first (DCE, then CSE)."""
     _drop_backward_detaches(gm)
     gm.graph.eliminate_dead_code()
     from torch._functorch import config as fconfig
@@ -151,7 +151,7 @@ class FxoptPartitioner(_Base):
     def __call__(self, gm, joint_inputs, compiler="inductor", *, num_fwd_outputs, static_lifetime_input_indices=None,
                  **kwargs):
         from torch._functorch.partitioners import min_cut_rematerialization_partition
-        _cse(gm)
+        prepare_joint(gm)
         joint = _cost.Joint(gm, num_fwd_outputs, static_lifetime_input_indices or ())
         p = make_plan(joint, self.budget)
         tag(joint, p.sim.recompute)

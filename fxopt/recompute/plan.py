@@ -153,48 +153,41 @@ MARGIN = 0.015
 CHUNK_FLOOR = 512
 
 
-def _chunk_moves(joint: Joint):
-    """(workspace bytes, node, rows) per op that can take smaller chunks: its current chunk halved (rows >= floor)."""
+def _smaller_chunk(node, ws: int) -> int | None:
+    """For an op whose registered workspace takes `chunk` (rows): the largest power-of-2 chunk >= CHUNK_FLOOR whose
+    workspace is below its current `ws` (0 = the op's default chunk, so it is found the same way); else None."""
+    import inspect
+
     from fxopt.kernels.registry import WORKSPACES
     from fxopt.recompute.cost import _bind_cost_args, _fxopt_op_name
-    out = []
-    for n, ws in joint.workspace.items():
-        fn = WORKSPACES.get(_fxopt_op_name(n))
-        if fn is None or "chunk" not in fn.__code__.co_varnames:
-            continue
-        rows = _bind_cost_args(fn, n).get("chunk") or 0
-        if not rows:   # the op's default: the largest power-of-2 rows whose workspace is not above the current one
-            rows = 1 << 20
-            while rows > CHUNK_FLOOR and fn(**{**_bind_cost_args(fn, n), "chunk": rows}) > ws:
-                rows //= 2
-        if rows // 2 >= CHUNK_FLOOR:
-            out.append((ws, n, rows // 2))
-    return sorted(out, key=lambda t: -t[0])
+    fn = WORKSPACES.get(_fxopt_op_name(node))
+    if fn is None or "chunk" not in inspect.signature(fn).parameters:
+        return None
+    args = _bind_cost_args(fn, node)
+    rows = 1 << 20
+    while rows >= CHUNK_FLOOR:
+        if fn(**{**args, "chunk": rows}) < ws:
+            return rows
+        rows //= 2
+    return None
 
 
 def _shrink_chunk(joint: Joint) -> bool:
     """Halve the chunk of the op with the largest shrinkable workspace; False when none is left."""
     from fxopt.recompute.cost import op_workspace, set_op_arg
-    moves = _chunk_moves(joint)
-    if not moves:
-        return False
-    _, node, rows = moves[0]
-    set_op_arg(node, "chunk", rows)
-    joint.workspace[node] = op_workspace(node)
-    return True
+    for ws, node in sorted(((ws, n) for n, ws in joint.workspace.items()), key=lambda t: -t[0]):
+        rows = _smaller_chunk(node, ws)
+        if rows is not None:
+            set_op_arg(node, "chunk", rows)
+            joint.workspace[node] = op_workspace(node)
+            return True
+    return False
 
 
 def chunked_ops(joint: Joint) -> dict:
     """{op node name: rows} of the op calls given an explicit chunk (by _shrink_chunk)."""
-    out = {}
-    for n in joint.workspace:
-        names = [a.name for a in getattr(getattr(n.target, "_schema", None), "arguments", [])]
-        if "chunk" in names:
-            i = names.index("chunk")
-            rows = n.args[i] if i < len(n.args) else n.kwargs.get("chunk", 0)
-            if rows:
-                out[n.name] = rows
-    return out
+    from fxopt.recompute.cost import op_arg
+    return {n.name: rows for n in joint.workspace if (rows := op_arg(n, "chunk", 0))}
 
 
 def _walk(joint: Joint, sizes, aim):
