@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_session.sh rope      # RoPE kernel bench, both rounding modes
 #   bash benchmarks/gpu_session.sh convergence | packing | retest_rel | retest_rest   # issue 11, issue 12, GPU tests
 #   bash benchmarks/gpu_session.sh cudagraphs  # 8B QLoRA / 1B LoRA steps as CUDA graphs
-#   bash benchmarks/gpu_session.sh cg8b | cg1b | lowmem | maxseq | cgtest   # budgets with CUDA graphs; the cudagraphs GPU tests
+#   bash benchmarks/gpu_session.sh cg8b | cg1b | lowmem | amb8b | maxseq | cgtest   # budgets with CUDA graphs; the cudagraphs GPU tests
 #   bash benchmarks/gpu_session.sh nolce | budgets8b   # 1B without linear_cross_entropy (profiled); 8B QLoRA budgets
 # Several stages run one after the other: `gpu_session.sh evidence rope`; ONLY8B picks qlora8b's runs.
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
@@ -120,6 +120,11 @@ cg8b|cg1b)   # the memory-budget frontier with CUDA graphs: 8B QLoRA at 0.6 / 1.
 lowmem)   # the smallest budgets with CUDA graphs (1B 1.25GiB / 0.4, 8B 1.6GiB / 0.2), against unsloth's checkpointed points
     step lowmem ${LOWMEM_LIMIT:-560} python3 benchmarks/run_suite.py lowmem --out "$OUT/train_step.jsonl" \
         --time-limit $(( ${LOWMEM_LIMIT:-560} - 5 ))
+    python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    ;;
+amb8b)   # torch's activation_memory_budget at 0.6 / 0.2 on the 8B QLoRA step (Inductor, no fxopt)
+    step amb8b ${AMB_LIMIT:-560} python3 benchmarks/run_suite.py amb8b --out "$OUT/train_step.jsonl" \
+        --time-limit $(( ${AMB_LIMIT:-560} - 5 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
 maxseq)   # issue 13: the longest sequence an 8B QLoRA step fits at batch 1, per variant (doubling, then bisection)
