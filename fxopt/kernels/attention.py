@@ -37,7 +37,7 @@ import torch
 from fxopt.kernels.attention_masks import (MASKED_BELOW, allowed_mask, doc_allowed, doc_bounds, is_doc_ids,
                                            mask_args)
 from fxopt.kernels.registry import (capturing, interpreting, next_pow2, register_cost, run_kernel, triton_available,
-                                    use_triton)
+                                    tuning, use_triton)
 
 LOG2E = 1.4426950408889634
 RUNS = collections.Counter()    # which implementation ran: "triton", "reference" (read by benchmarks / reports)
@@ -45,7 +45,7 @@ TUNED: dict = {}                # (kernel, key) -> chosen config, filled by `lau
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, timed once per shape key on the GPU; those over the
 # shared memory / accumulator register estimates (`fits`) are skipped (the small ones are for head dim 256). The first
-# fitting one is used without timing when FXOPT_ATTN_AUTOTUNE=0; FXOPT_ATTN_<FWD|DKDV|DQ>_CONFIG="bm,bn,w,s" forces
+# fitting one is used without timing when FXOPT_ATTN_AUTOTUNE=0 (or FXOPT_TUNE=0); FXOPT_ATTN_<FWD|DKDV|DQ>_CONFIG="bm,bn,w,s" forces
 # one. The lead sweeps these on the H200; the interpreter uses INTERPRET_CONFIG.
 CONFIGS = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
@@ -279,7 +279,7 @@ def launch_tuned(kind: str, key: tuple, launch, d_pad: int) -> None:
     cands = cands or [min(CONFIGS[kind], key=lambda c: smem_bytes(kind, c, d_pad))]
     if capturing():   # recording a CUDA graph: no timing now (the choice is made on a later, uncaptured call)
         return launch(cands[0])
-    if os.environ.get("FXOPT_ATTN_AUTOTUNE", "1") == "0":
+    if os.environ.get("FXOPT_ATTN_AUTOTUNE", "1") == "0" or not tuning():
         cands = cands[:1]
     best, best_ms, err = None, float("inf"), None
     for c in cands:

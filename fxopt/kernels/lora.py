@@ -24,7 +24,7 @@ import torch
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
 from fxopt.kernels.nf4_chunked import chunked_matmul
 from fxopt.kernels.registry import (capturing, next_pow2, num_sms, register_cost, register_workspace, run_kernel,
-                                    triton_available, tuning_key, use_triton)
+                                    triton_available, tuning, tuning_key, use_triton)
 
 if triton_available():
     import triton
@@ -156,7 +156,8 @@ def _run_choice(env, table, key, candidates, default, measure):
     if name is not None and name not in candidates:
         raise ValueError(f"{env} must be {' or '.join(map(repr, candidates))}, not {name!r}")
     if name is None:
-        name = _measure_choice(table, key, candidates) if measure and not capturing() else table.get(key, default)
+        timed = measure and tuning() and not capturing()
+        name = _measure_choice(table, key, candidates) if timed else table.get(key, default)
     return candidates[name]()
 
 

@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fxopt.kernels.registry import capturing, next_pow2, register_cost, triton_available
+from fxopt.kernels.registry import capturing, next_pow2, register_cost, triton_available, tuning
 
 # NF4 code-book (QLoRA paper; bitsandbytes get_4bit_type("nf4")), fp32, index = 4-bit code.
 NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -402,7 +402,7 @@ def fused_matmul(x2: torch.Tensor, weight, trans: bool, lora_left: Optional[torc
         if cfg is None and capturing():     # recording a CUDA graph: no timing now; tune on a later call
             cfg = _CUDA_CANDIDATES[0]
         elif cfg is None:
-            cfg = _TUNED[key] = _tune(launch)
+            cfg = _TUNED[key] = _tune(launch) if tuning() else _CUDA_CANDIDATES[0]
     launch(cfg)
     return out
 

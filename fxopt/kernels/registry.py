@@ -65,6 +65,13 @@ def capturing() -> bool:
         return False
 
 
+def tuning() -> bool:
+    """Whether first-call tuners may time candidates (attention configs, NF4 block sizes, LoRA GEMM paths).
+    FXOPT_TUNE=0: each takes its default without timing, for quick compiles (tests, smoke runs); the kernels stay
+    correct, possibly slower."""
+    return os.environ.get("FXOPT_TUNE", "1") != "0"
+
+
 def register_cost(name: str):
     def deco(fn):
         COSTS[name] = fn

@@ -34,3 +34,29 @@ def test_tuners_do_not_time_while_capturing(monkeypatch):
     seen = []
     attention.launch_tuned("fwd", ("capture-test",), seen.append, 64)
     assert len(seen) == 1 and seen[0] in attention.CONFIGS["fwd"] and ("fwd", ("capture-test",)) not in attention.TUNED
+
+
+def test_fxopt_tune_0_takes_defaults_without_timing(monkeypatch):
+    """FXOPT_TUNE=0 (quick compiles): lora's measured choices take their default, attention its first fitting
+    config, with no do_bench; unset, the same calls time the candidates."""
+    import triton.testing
+
+    timed = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **k: timed.append(fn) or 1.0)
+    monkeypatch.setattr(attention, "interpreting", lambda: False)
+    monkeypatch.delenv("FXOPT_ATTN_FWD_CONFIG", raising=False)
+    monkeypatch.delenv("FXOPT_ATTN_AUTOTUNE", raising=False)
+    cands = {"a": lambda: 1, "b": lambda: 2}
+
+    monkeypatch.setenv("FXOPT_TUNE", "0")
+    assert not registry.tuning()
+    table = {}
+    assert lora._run_choice("FXOPT_TEST_CHOICE", table, ("k",), cands, default="b", measure=True) == 2
+    seen = []
+    attention.launch_tuned("fwd", ("tune0-test",), seen.append, 64)
+    fitting = [c for c in attention.CONFIGS["fwd"] if attention.fits("fwd", c, 64)]
+    assert timed == [] and table == {} and seen == fitting[:1]
+
+    monkeypatch.setenv("FXOPT_TUNE", "1")
+    assert lora._run_choice("FXOPT_TEST_CHOICE", table, ("k",), cands, default="b", measure=True) in (1, 2)
+    assert len(timed) == 2 and table[("k",)] in cands

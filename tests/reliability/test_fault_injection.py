@@ -182,6 +182,7 @@ def test_kernel_failure_on_first_run_falls_back(name, monkeypatch):
 def test_kernel_failure_on_first_run_cuda(name, monkeypatch):
     """As above with CUDA tensors: the real Triton kernel is replaced by a failing one once, the reference runs."""
     token = f"kernel-cuda-{name}-{next(_ids)}"
+    monkeypatch.setenv("FXOPT_ATTN_SDPA", "never")   # fxopt's kernel, not the per-shape SDPA dispatch
     failed = _inject_kernel_failure(monkeypatch, token, first_only=True)
     fn, args = EXAMPLES[name]()
     if isinstance(fn, torch.nn.Module):
