@@ -87,15 +87,18 @@ packing)   # packed vs padded finetune, with per-step progress in the log
     step packing ${PACK_LIMIT:-300} python3 benchmarks/packing.py --out "$OUT/packing_h200.json" \
         --steps ${PACK_STEPS:-40} --skip ${PACK_SKIP:-10}
     ;;
-retest_rel|retest_rest)   # GPU tests in groups with their own limits, so one slow group cannot hide the others
+retest_rel|retest_rest|retest_recompute|retest_finetune)   # GPU tests in groups with their own limits, so one slow
+    # group cannot hide the others; a test running past FAULT_S seconds dumps its threads' stacks (where it waits)
     # reliability with FXOPT_TUNE=0: ~29 s a case when every first call timed its candidates (block configs, GEMM
     # paths); these tests are about fallbacks and inputs, each kernel's default config is enough
     if [ "$stage" = retest_rel ]; then groups=("reliability:tests/reliability:${REL_LIMIT:-300}:0")
     else groups=("recompute:tests/recompute:${RECOMPUTE_LIMIT:-150}:1" "finetune:tests/finetune:${FT_LIMIT:-240}:1"); fi
+    [ "$stage" = retest_recompute ] && groups=("${groups[0]}")
+    [ "$stage" = retest_finetune ] && groups=("${groups[1]}")
     for grp in "${groups[@]}"; do
         IFS=: read -r name path lim tune <<<"$grp"
         FXOPT_TUNE=$tune step "pytest_$name" "$lim" python3 -m pytest -v -s -p no:cacheprovider -rfE --durations=10 \
-            --junitxml="$LOGS/junit_$name.xml" "$path" -m gpu
+            -o faulthandler_timeout=${FAULT_S:-120} -k "${PYTEST_K:-}" --junitxml="$LOGS/junit_$name.xml" "$path" -m gpu
     done
     ;;
 budgets)   # the 1B LoRA speed-memory frontier: fxopt at 0.8/0.6/0.4, torch's activation_memory_budget at 0.8/0.6
@@ -124,6 +127,11 @@ cg8b|cg1b)   # the memory-budget frontier with CUDA graphs: 8B QLoRA at 0.6 / 1.
 lowmem)   # the smallest budgets with CUDA graphs (1B 1.25GiB / 0.4, 8B 1.6GiB / 0.2), against unsloth's checkpointed points
     step lowmem ${LOWMEM_LIMIT:-560} python3 benchmarks/run_suite.py lowmem --out "$OUT/train_step.jsonl" \
         --time-limit $(( ${LOWMEM_LIMIT:-560} - 5 ))
+    python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    ;;
+archs)   # the other architectures of issue 13 with fxopt (CUDA graphs, loss-only forward): Gemma2-like LoRA
+    step archs ${ARCHS_LIMIT:-300} python3 benchmarks/run_suite.py archs --out "$OUT/train_step.jsonl" \
+        --time-limit $(( ${ARCHS_LIMIT:-300} - 5 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
 amb8b)   # torch's activation_memory_budget at 0.6 / 0.2 on the 8B QLoRA step (Inductor, no fxopt)

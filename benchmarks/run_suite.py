@@ -74,6 +74,10 @@ LOWMEM = (grid("1b", "lora", ["fxopt:1.25GiB", "fxopt:0.4"], steps=6, warmup=3, 
 # torch's own activation_memory_budget on the 8B QLoRA step at fxopt's budgets (issue 10 asks for it in the same
 # run): Inductor without a budget measured 10.8k tok/s at 35.9 GiB (anchors), ~190 s of compilation each.
 AMB8B = grid("8b", "qlora", ["inductor:0.6", "inductor:0.2"], batch=2, steps=5, warmup=3, timeout=280)
+# Issue 13's other shapes with fxopt as it runs best (CUDA graphs, loss-only forward): Gemma2-like (soft-capped
+# eager attention, GeGLU, head dim 256, vocab 256000); anchors: Inductor 26.6k tok/s at 68.0 GiB, unsloth failed.
+ARCHS = grid("gemma2-2b", "lora", ["fxopt"], steps=6, warmup=3, timeout=290, loss_only=True,
+             fxopt_options={"cudagraphs": True}, tag="cg")
 # Where the step's GPU time goes (torch.profiler, one step after timing).
 PROFILE1B = grid("1b", "lora", ["fxopt"], steps=4, warmup=2, timeout=200, loss_only=True, profile=True)
 FULL = (
@@ -94,7 +98,7 @@ STEP1B = (grid("1b", "lora", ["eager"], steps=6, warmup=2, timeout=200)
 # CPU smoke test of this machinery (shape "tiny", --device cpu): no GPU needed.
 SMOKE = grid("tiny", "lora", ["eager", "fxopt", "liger"], batch=2, seq=64, steps=3, warmup=1, timeout=300)
 SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b": BUDGETS1B, "nolce1b": NOLCE1B, "cudagraphs": CUDAGRAPHS,
-          "cg8b": CG8B, "cg1b": CG1B, "lowmem": LOWMEM, "amb8b": AMB8B, "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
+          "cg8b": CG8B, "cg1b": CG1B, "lowmem": LOWMEM, "amb8b": AMB8B, "archs": ARCHS, "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
 
 NEEDS = {"liger": ["liger_kernel"], "unsloth": ["unsloth", "bitsandbytes"], "fxopt": ["fxopt"]}
 

@@ -135,17 +135,20 @@ def test_no_budget_leaves_partition_alone(fresh_dynamo):
 @pytest.mark.parametrize("inductor", [True, False])
 @pytest.mark.parametrize("frac", [1.0, 0.8, 0.6])
 def test_gpu_measured_peak_within_10pct(frac, inductor, fresh_dynamo):
-    """H200: the measured step peak (max_memory_allocated - allocated before) is within +-10% of the prediction."""
+    """H200: the measured step peak (max_memory_allocated - allocated before) is within +-10% of the prediction.
+    Compiled as training compiles it (compile_for_trainer: the loss-only forward, lm_head + loss fused). The first
+    H200 run compiled the logits forward instead: 0.6 was infeasible (smallest 0.76 of save-all) and with Inductor
+    the measured peak was 0.88-0.91x the prediction (Inductor fused away part of the fp32 logits' buffers)."""
+    import fxopt.hf
     m = tiny_model("llama", dtype=torch.bfloat16, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
-                   num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=32000).cuda()
+                   num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=32000).cuda().train()
     ids = torch.randint(3, 32000, (4, 2048), device="cuda")
-    cm = torch.compile(m, backend="fxopt", options={"memory_budget": frac, "inductor": inductor})
+    cm = fxopt.hf.compile_for_trainer(m, memory_budget=frac, inductor=inductor)
     for _ in range(2):
         cm(input_ids=ids, labels=ids).loss.backward()
         m.zero_grad(set_to_none=True)
     rep = fxopt.last_report()
-    if any("BudgetError" in f.error for f in rep.fallbacks):
-        pytest.skip(f"budget {frac} infeasible for the rewritten graph: {rep.fallbacks}")
+    assert rep.matched["linear_cross_entropy"] == 1 and not rep.fallbacks, (rep.matched, rep.fallbacks)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -158,6 +161,7 @@ def test_gpu_measured_peak_within_10pct(frac, inductor, fresh_dynamo):
           f"{measured} ratio {measured / mem['predicted_peak']:.3f} saved {mem['saved_bytes']} "
           f"recomputed {len(mem['recomputed'])} at {mem['peak_at']}")
     assert abs(measured / mem["predicted_peak"] - 1) <= 0.10
+    assert frac == 1.0 or measured <= mem["budget"]   # the plan aims MARGIN under a budget (1.0: save-all itself)
 
 
 def test_smaller_chunks_when_recompute_alone_cannot_fit(monkeypatch, fresh_dynamo):
