@@ -252,11 +252,11 @@ def _bwd_triton(do, q, k, v, out, lse, mask, scale, causal, window, softcap):
             *dq.stride()[:3], *ms, *common, MASK_KIND=kind, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=warps, num_stages=stages, **fl)
 
-    launch_tuned("dkdv", key + (atomic,), launch_dkdv, d_pad)
+    launch_tuned("dkdv", key + (atomic,), launch_dkdv, d_pad, tune=not fl["IEEE"])
     if atomic:
         dq.copy_(dq_acc[..., :D].mul_(scale))
     else:
-        launch_tuned("dq", key, launch_dq, d_pad)
+        launch_tuned("dq", key, launch_dq, d_pad, tune=not fl["IEEE"])
     return dq, dk, dv
 
 
