@@ -7,6 +7,7 @@ inputs of that shape with batch 1 (time scales with the batch; batch 1 keeps the
 SDPA when it is faster: the report lists it under `rejected` with both times, so the report says which kernel runs.
 fxopt's kernel is kept where SDPA has no equivalent: soft-capping, sliding windows, packed document ids, masks,
 eager attention (those are never SDPA nodes without a mask here).
+fp32 on CUDA keeps SDPA without measuring (the kernel's fp32 build compiles for minutes).
 `FXOPT_ATTN_SDPA`: `auto` (default: measure), `never` (always fxopt's kernel), `always` (keep every eligible SDPA).
 """
 from __future__ import annotations
@@ -66,6 +67,10 @@ def keep_sdpa(qs, ks, dtype, device, causal, scale, repeated) -> str | None:
         return None
     if m == "always":
         return "kept SDPA (FXOPT_ATTN_SDPA=always)"
+    if dtype == torch.float32:   # an fp32 fine-tune test on the H200: one fp32 build of the forward kernel (IEEE
+        # dots, 128x64 tiles, head dim 64) was still in ptxas after 100 s
+        return ("kept SDPA: fp32 on CUDA (fxopt's attention kernel is built for bf16/fp16; its fp32 build compiles "
+                "for minutes); FXOPT_ATTN_SDPA=never forces fxopt's kernel")
     key = (tuple(qs[1:]), tuple(ks[1:]), dtype, str(device), bool(causal), float(scale), bool(repeated))
     if key not in _TIMES:
         try:

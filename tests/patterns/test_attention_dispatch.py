@@ -29,9 +29,9 @@ def _compile_llama():
 
 @pytest.fixture
 def as_if_cuda(monkeypatch):
-    """Pretend the graph is on CUDA and that the probe measured (fxopt ms, sdpa ms)."""
+    """Pretend the graph is on CUDA in bf16 (the CPU model is fp32) and that the probe measured (fxopt ms, sdpa ms)."""
     def fake_keep(qs, ks, dtype, device, causal, scale, repeated):
-        return AD.keep_sdpa(qs, ks, dtype, "cuda", causal, scale, repeated)
+        return AD.keep_sdpa(qs, ks, torch.bfloat16, "cuda", causal, scale, repeated)
     monkeypatch.setattr("fxopt.patterns.attention.keep_sdpa", fake_keep)
     monkeypatch.setattr(AD, "_TIMES", {})
     times = {}
@@ -66,6 +66,15 @@ def test_cpu_never_dispatches_and_bad_env_is_an_error(monkeypatch):
     monkeypatch.setenv("FXOPT_ATTN_SDPA", "sometimes")
     with pytest.raises(ValueError, match="FXOPT_ATTN_SDPA must be"):
         AD.mode()
+
+
+def test_fp32_on_cuda_keeps_sdpa_without_measuring(monkeypatch):
+    """fp32 builds of the kernel compile for minutes (H200): SDPA stays, said so; `never` still forces fxopt."""
+    monkeypatch.setattr(AD, "_measure", lambda *a: pytest.fail("measured"))
+    reason = AD.keep_sdpa((1, 4, 8, 16), (1, 2, 8, 16), torch.float32, "cuda", True, 0.25, False)
+    assert "fp32 on CUDA" in reason and "FXOPT_ATTN_SDPA=never" in reason
+    monkeypatch.setenv("FXOPT_ATTN_SDPA", "never")
+    assert AD.keep_sdpa((1, 4, 8, 16), (1, 2, 8, 16), torch.float32, "cuda", True, 0.25, False) is None
 
 
 def test_failed_probe_keeps_fxopt(monkeypatch):
