@@ -6,8 +6,9 @@ h // (Hq / Hkv), so grouped-query attention never materializes repeated k/v).
   cap    : s -> c * tanh(s / c)                  (soft-capping, c = softcap > 0; applied before masking)
   mask   : k index j allowed for q index i iff   [causal] j <= i  and  [window W > 0] i - j < W
            and the optional tensor mask allows it (bool: True = attend; float: added to s, a value <= -1e4 masks:
-           exp(-1e4) = 0 in fp32 next to any kept key, so only rows with no kept key differ from eager's meaningless
-           uniform average: they give 0, as SDPA does), broadcast [B|1, Hq|1, Sq, Sk]
+           exp(-1e4) = 0 in fp32 next to any kept key), broadcast [B|1, Hq|1, Sq, Sk]. A row with no allowed key
+           gives 0 (as SDPA does) under a bool mask, and eager's uniform average of V under an additive one
+           (attention_masks.uniform_rows_*: the kernels give 0, the op then writes those rows)
   p      = exp(s - lse),  lse = log sum_j exp(s_ij)  (online softmax in base 2; a row with nothing allowed: out 0,
            lse -inf)
 Forward (FlashAttention-2 order): one program per (q block, batch*head) loops over k blocks; blocks entirely outside
@@ -34,8 +35,8 @@ from typing import Optional
 
 import torch
 
-from fxopt.kernels.attention_masks import (MASKED_BELOW, allowed_mask, doc_allowed, doc_bounds, is_doc_ids,
-                                           mask_args)
+from fxopt.kernels.attention_masks import (MASKED_BELOW, allowed_mask, doc_allowed, doc_bounds, empty_rows,
+                                           is_doc_ids, mask_args, uniform_rows_forward)
 from fxopt.kernels.registry import (capturing, interpreting, next_pow2, register_cost, run_kernel, triton_available,
                                     tuning, use_triton)
 
@@ -414,8 +415,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
             r = _fwd_triton(q, k, v, mask, scale, causal, window, softcap)
             RUNS.update(["triton"])
             return r
-        return run_kernel("attention", kernel, ref)
-    return ref()
+        out, lse = run_kernel("attention", kernel, ref)
+    else:
+        out, lse = ref()
+    dead = empty_rows(mask, lse)
+    if dead is not None:    # additive mask: a row with no allowed key gives eager's uniform average (attention_masks)
+        uniform_rows_forward(out, v, dead)
+    return out, lse
 
 
 @attention.register_fake

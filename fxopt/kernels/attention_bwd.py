@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from fxopt.kernels.attention import RUNS, cap_scalars, kernel_flags, launch_tuned, reference_logits, safe_lse
-from fxopt.kernels.attention_masks import doc_bounds, mask_args
-from fxopt.kernels.registry import next_pow2, run_kernel, triton_available, use_triton
+from fxopt.kernels.attention_masks import doc_bounds, empty_rows, mask_args, uniform_rows_backward
+from fxopt.kernels.registry import capturing, next_pow2, run_kernel, triton_available, use_triton
 
 DQ_MODE = "separate"
 
@@ -300,8 +300,13 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             r = _bwd_triton(do, q, k, v, out, lse, mask, scale, causal, window, softcap)
             RUNS.update(["triton_backward"])
             return r
-        return run_kernel("attention_backward", kernel, ref)
-    return ref()
+        dq, dk, dv = run_kernel("attention_backward", kernel, ref)
+    else:
+        dq, dk, dv = ref()
+    dead = empty_rows(mask, lse)
+    if dead is not None:   # additive mask: the rows with no allowed key were eager's uniform average (forward)
+        uniform_rows_backward(do, q, k, v, dead, scale, softcap, dq, dk, dv, capturing())
+    return dq, dk, dv
 
 
 @attention_backward.register_fake

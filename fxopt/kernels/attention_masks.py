@@ -62,3 +62,61 @@ def mask_args(mask, B, H, Sq, Sk, dummy):
     if m.dtype == torch.bool:
         return m.view(torch.uint8), 1, m.stride()
     return m, 2, m.stride()
+
+
+# ---- rows that see no key under an additive mask (eager attention with left padding) ----
+# HF's eager attention adds finfo.min: for a query row where every key is masked, s + min rounds to min for every
+# key, so softmax is uniform and the row's output is the mean of V over all Sk keys (a garbage value, but it enters
+# the loss: with left padding the last pad position predicts the first real token). The kernels give such a row 0
+# (lse -inf), as SDPA does with a bool mask. For additive masks the op follows eager instead:
+#   forward   out_i = vbar = mean_j v_j
+#   backward  (through s + min, d/ds = 1; with a cap times 1 - t^2):  P = 1/Sk,  dP_ij = dO_i . v_j,
+#             dS_ij = (dP_ij - dO_i . vbar) / Sk,  dq_i = scale sum_j dS_ij k_j,  dk_j += scale sum_i dS_ij q_i,
+#             dv_j += sum_i dO_i / Sk
+# Exact for masks whose masked values absorb the logits (fp32/bf16 finfo.min); fp16's -65504 does not quite.
+
+def empty_rows(mask, lse):
+    """Bool [B, H, Sq] of the rows with no allowed key under an additive float mask, else None."""
+    if mask is None or not mask.dtype.is_floating_point:
+        return None
+    return lse == float("-inf")
+
+
+def uniform_rows_forward(out, v, dead):
+    """out (in place) = mean of V over all keys on the dead rows."""
+    g = out.shape[1] // v.shape[1]
+    vbar = v.float().mean(2, keepdim=True).repeat_interleave(g, dim=1)     # [B, H, 1, D]
+    out.copy_(torch.where(dead[..., None], vbar.to(out.dtype), out))
+
+
+def uniform_rows_backward(do, q, k, v, dead, scale, softcap, dq, dk, dv, capturing):
+    """Adds the dead rows' gradients (formulas above) to dq, dk, dv in place. Nothing to do (one host sync) when no
+    row is dead; while a CUDA graph is recorded every row is computed (masked), with no sync."""
+    if not capturing and not bool(dead.any()):
+        return
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = H // Hkv
+    deadf = dead.float()
+    dof = do.float() * deadf[..., None]                                     # only dead rows contribute
+    dv += (dof.sum(2).view(B, Hkv, g, D).sum(2) / Sk)[:, :, None, :].to(dv.dtype)
+    vbar = v.float().mean(2)                                                # [B, Hkv, D]
+    for b in range(B):
+        for kv in range(Hkv):
+            hs = slice(kv * g, (kv + 1) * g)
+            rows = None if capturing else dead[b, hs].any(0).nonzero().flatten()
+            if rows is not None and rows.numel() == 0:
+                continue
+            pick = (lambda t: t) if rows is None else (lambda t: t.index_select(-2, rows))
+            qf, dob = pick(q[b, hs].float()), pick(dof[b, hs])              # [g, R, D]
+            kf, vf = k[b, kv].float(), v[b, kv].float()                     # [Sk, D]
+            ds = (dob @ vf.T - (dob @ vbar[b, kv])[..., None]) / Sk        # [g, R, Sk]; 0 on live rows
+            if softcap > 0:
+                t = torch.tanh(scale * (qf @ kf.T) / softcap)
+                ds = ds * (1 - t * t)
+            dqr = (scale * ds @ kf).to(dq.dtype)
+            if rows is None:
+                dq[b, hs] += dqr
+            else:
+                dq[b, hs] = dq[b, hs].index_add(-2, rows, dqr)
+            dk[b, kv] += (scale * (ds.transpose(-1, -2) @ qf).sum(0)).to(dk.dtype)

@@ -42,9 +42,8 @@ def _truth(q, k, v, mask, scale, causal, window, softcap):
         ok = ok & (mask[:, None, :, None] == mask[:, None, None, :])
     elif mask is not None and mask.dtype == torch.bool:
         ok = ok & mask
-    elif mask is not None:      # additive: values <= -1e4 mask (rows with no key left give 0, as SDPA)
-        ok = ok & (mask > -1e4)
-        s = s + mask.double().clamp(min=-1e4)
+    elif mask is not None:      # additive, as eager adds it: a finfo.min row is uniform (min absorbs s in fp64 too)
+        s = s + mask.double()
     s = s.masked_fill(~ok, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)        # fully masked rows: 0 (the op's convention)
     out = p @ vd.repeat_interleave(g, 1)
@@ -122,7 +121,7 @@ def test_dq_atomic_mode(case, monkeypatch, no_fallback):
 
 
 @pytest.mark.parametrize("additive", [False, True])
-def test_fully_masked_rows_give_zero(additive, no_fallback):
+def test_fully_masked_rows(additive, no_fallback):
     q, k, v = _inputs(1, 2, 1, 20, 16, torch.float32)
     m = torch.rand(1, 1, 20, 20, device=DEV) > 0.5
     m[0, 0, 3] = False                      # row 3 sees nothing
@@ -130,7 +129,9 @@ def test_fully_masked_rows_give_zero(additive, no_fallback):
     if additive:                            # HF eager's form: where(allowed, 0, finfo.min)
         m = torch.where(m, 0.0, torch.finfo(torch.float32).min)
     out, lse = torch.ops.fxopt.attention(q, k, v, m, 0.25, False, 0, 0.0)
-    assert torch.all(out[:, :, 3] == 0) and torch.all(lse[:, :, 3] == float("-inf"))
+    assert torch.all(lse[:, :, 3] == float("-inf"))
+    empty_row = v.mean(2).expand(1, 2, 16) if additive else 0   # eager's uniform row (additive), SDPA's 0 (bool)
+    assert torch.allclose(out[:, :, 3], empty_row, atol=1e-6) if additive else torch.all(out[:, :, 3] == 0)
     ref, leaves = _truth(q, k, v, m, 0.25, False, 0, 0.0)
     assert rel(out, ref) <= 2e-5
     grads = torch.autograd.grad(out.sum(), (q, k, v))
@@ -222,3 +223,43 @@ def test_gpu_head_dims(D, dtype, causal, window, softcap, mask, no_fallback):
     want = torch.autograd.grad(ref, leaves, dout.double())
     for name, a, b in zip("qkv", got, want):
         assert _err(a, b) <= 2 * TOL[dtype], (name, _err(a, b))
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.parametrize("triton_path", [False, True])
+def test_additive_mask_rows_with_no_key_follow_eager(softcap, triton_path, monkeypatch):
+    """Left padding under an additive finfo.min mask (HF eager): a row that sees no key is softmax of equal logits,
+    the mean of V, with gradients through s + min. The op matches eager there, kernel and reference, with and
+    without a cap; the masked all-rows path taken while a CUDA graph records equals the gathered one."""
+    from fxopt.kernels import attention_masks as AM
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if triton_path else "0")
+    B, H, Hkv, S, D, scale = 2, 4, 2, 9, 8, 0.3
+    q, k, v = torch.randn(B, H, S, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[1, :4] = False
+    allowed = torch.tril(torch.ones(S, S, dtype=torch.bool))[None, None] & keep[:, None, None, :]
+    mask = torch.zeros(B, 1, S, S).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+    def eager(q, k, v):
+        s = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * scale
+        s = softcap * torch.tanh(s / softcap) if softcap else s
+        return torch.softmax(s + mask, -1) @ v.repeat_interleave(2, 1)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = eager(*leaves)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = torch.ops.fxopt.attention(*ours, mask, scale, False, 0, softcap)
+    out.backward(g)
+    dead = lse == float("-inf")
+    assert dead[1, :, :4].all() and dead.sum() == H * 4
+    assert torch.allclose(out[1, :, :4], v[1].mean(1, keepdim=True).repeat_interleave(2, 0).expand(H, 4, D), atol=1e-6)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for a, b in zip(ours, leaves):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), (a.grad - b.grad).abs().max()
+    paths = []
+    for capturing in (False, True):
+        grads = [torch.zeros_like(t) for t in (q, k, v)]
+        AM.uniform_rows_backward(g, q, k, v, dead, scale, softcap, *grads, capturing)
+        paths.append(grads)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*paths)) and paths[0][0].abs().sum() > 0
