@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_session.sh rope      # RoPE kernel bench, both rounding modes
 #   bash benchmarks/gpu_session.sh convergence | packing | retest_rel | retest_rest   # issue 11, issue 12, GPU tests
 #   bash benchmarks/gpu_session.sh cudagraphs  # 8B QLoRA / 1B LoRA steps as CUDA graphs
-#   bash benchmarks/gpu_session.sh cg8b | cg1b | lowmem | amb8b | maxseq | cgtest   # budgets with CUDA graphs; the cudagraphs GPU tests
+#   bash benchmarks/gpu_session.sh cg8b | cg1b | lowmem | lowmem_sdpa | amb8b | archs | maxseq | cgtest   # budgets with CUDA graphs; the cudagraphs GPU tests
 #   bash benchmarks/gpu_session.sh nolce | budgets8b   # 1B without linear_cross_entropy (profiled); 8B QLoRA budgets
 # Several stages run one after the other: `gpu_session.sh evidence rope`; ONLY8B picks qlora8b's runs.
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
@@ -127,6 +127,11 @@ cg8b|cg1b)   # the memory-budget frontier with CUDA graphs: 8B QLoRA at 0.6 / 1.
 lowmem)   # the smallest budgets with CUDA graphs (1B 1.25GiB / 0.4, 8B 1.6GiB / 0.2), against unsloth's checkpointed points
     step lowmem ${LOWMEM_LIMIT:-560} python3 benchmarks/run_suite.py lowmem --out "$OUT/train_step.jsonl" \
         --time-limit $(( ${LOWMEM_LIMIT:-560} - 5 ))
+    python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
+    ;;
+lowmem_sdpa)   # the low budgets with the kept SDPA calls recomputable (opt-in FXOPT_RECOMPUTE_NO_DROPOUT=1)
+    FXOPT_RECOMPUTE_NO_DROPOUT=1 step lowmem_sdpa ${LOWMEM_LIMIT:-560} python3 benchmarks/run_suite.py lowmem_sdpa \
+        --out "$OUT/train_step.jsonl" --time-limit $(( ${LOWMEM_LIMIT:-560} - 5 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
 archs)   # the other architectures of issue 13 with fxopt (CUDA graphs, loss-only forward): Gemma2-like LoRA

@@ -138,15 +138,16 @@ def prepare_joint(gm: fx.GraphModule) -> None:
 class FxoptPartitioner(_Base):
     """Plan + tag + min-cut partition. `budget`: int bytes or float fraction; the result goes to `graph_report`."""
 
-    def __init__(self, budget, graph_report=None):
+    def __init__(self, budget, graph_report=None, no_dropout=None):
         self.budget = budget
         self.graph_report = graph_report
+        self.no_dropout = _cost.recompute_no_dropout() if no_dropout is None else no_dropout   # part of the key
 
     def uuid(self):
-        return f"fxopt-recompute-{_source_hash()}-{self.budget!r}"
+        return f"fxopt-recompute-{_source_hash()}-{self.budget!r}-{self.no_dropout}"
 
     def __reduce__(self):   # the config cache key pickles the partitioner: only what decides the result
-        return (FxoptPartitioner, (self.budget,))
+        return (FxoptPartitioner, (self.budget, None, self.no_dropout))
 
     def __call__(self, gm, joint_inputs, compiler="inductor", *, num_fwd_outputs, static_lifetime_input_indices=None,
                  **kwargs):

@@ -200,3 +200,33 @@ def test_smaller_chunks_when_recompute_alone_cannot_fit(monkeypatch, fresh_dynam
     for p, q in zip(m.parameters(), ref.parameters()):
         if q.grad is not None:
             assert rel(p.grad, q.grad) <= 1e-4
+
+
+def test_sdpa_kept_is_recomputed_when_opted_in(monkeypatch, fresh_dynamo):
+    """Where the dispatch keeps SDPA (its kernels are seeded ops, for dropout), its output is always saved; with
+    FXOPT_RECOMPUTE_NO_DROPOUT=1 a call with dropout_p 0 is recomputable: the smallest plan drops to that of fxopt's
+    own attention op, the partitioner saves only the RNG state in addition (torch's RNG functionalization), and
+    training matches eager, with and without Inductor."""
+    from fxopt.recompute import partition
+    from fxopt.recompute.model_plan import capture_joint
+    monkeypatch.setattr("fxopt.patterns.attention.keep_sdpa", lambda *a: "kept SDPA (test)")
+    ids, labels = batch(s=64)
+
+    def smallest():
+        torch._dynamo.reset()
+        j, _, matched = capture_joint(tiny_model("llama", attn="sdpa"), {"input_ids": ids, "labels": labels})
+        assert matched["attention"] == 0
+        return smallest_peak(j).peak
+    saved_sdpa = smallest()
+    monkeypatch.setenv("FXOPT_RECOMPUTE_NO_DROPOUT", "1")
+    recomputed_sdpa = smallest()
+    assert recomputed_sdpa < saved_sdpa
+    for inductor in (False, True):
+        torch._dynamo.reset()
+        worst, _ = compare_with_eager(tiny_model("llama", attn="sdpa"), steps=2, s=64,
+                                      options={"inductor": inductor, "memory_budget": int(recomputed_sdpa * 1.02)})
+        mem = fxopt.last_report().memory
+        assert worst <= 1e-4, worst
+        assert any("scaled_dot_product" in r["op"] for r in mem["recomputed"]), mem["recomputed"]
+        pred, part = set(partition.LAST["predicted"]), set(partition.LAST["partitioned"])
+        assert pred <= part and len(part - pred) == 2        # one RNG state per recomputed SDPA call (2 layers)
