@@ -46,8 +46,8 @@ TUNED: dict = {}                # (kernel, key) -> chosen config, filled by `lau
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per kernel, timed once per shape key on the GPU; those over the
 # shared memory / accumulator register estimates (`fits`) are skipped (the small ones are for head dim 256). The first
-# fitting one is used without timing when FXOPT_ATTN_AUTOTUNE=0 (or FXOPT_TUNE=0); FXOPT_ATTN_<FWD|DKDV|DQ>_CONFIG="bm,bn,w,s" forces
-# one. The lead sweeps these on the H200; the interpreter uses INTERPRET_CONFIG.
+# fitting one is used without timing when FXOPT_ATTN_AUTOTUNE=0 (or FXOPT_TUNE=0);
+# FXOPT_ATTN_<FWD|DKDV|DQ>_CONFIG="bm,bn,w,s" forces one. The interpreter uses INTERPRET_CONFIG.
 CONFIGS = {
     "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
     "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)],

@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from fxopt.kernels import attention as _ops  # noqa: F401  (registers the op)
 from fxopt.normalize import meta
-from fxopt.patterns.attention_dispatch import keep_sdpa
+from fxopt.patterns.attention_dispatch import GQA_NOTE, keep_sdpa
 from fxopt.patterns.attention_mask import classify
 from fxopt.patterns.match import (Match, NoMatch, Pattern, arg, call, cast_dtype, insert_op, number, only_user,
                                   replace_output, require, split_scalar)
@@ -122,6 +122,12 @@ def _causal_flag(n):
     n.args, n.kwargs = tuple(args), kw
 
 
+def _drop_repeat(n, k0, v0):
+    """SDPA node: k/v replaced by their un-repeated sources, enable_gqa=True (the repeats become dead code)."""
+    n.args = (n.args[0], k0, v0, *n.args[3:])
+    n.kwargs = {**n.kwargs, "enable_gqa": True}
+
+
 def match_sdpa(n):
     q, k, v = n.args[:3]
     mask = arg(n, 3, "attn_mask")
@@ -147,6 +153,8 @@ def match_sdpa(n):
         if why_sdpa is not None and flag_only:   # SDPA's flash backend needs is_causal, not a dense mask
             _causal_flag(n)
             why_sdpa += "; its constant causal mask became is_causal=True"
+        if why_sdpa is not None and GQA_NOTE in why_sdpa and krep:
+            _drop_repeat(n, k0, v0)
         require(why_sdpa is None, why_sdpa)
     return Match(anchor=n, output=n, nodes=[n, *krep, *vrep],
                  params=dict(q=q, k=k0, v=v0, mask=tmask, invert=False, scale=scale, causal=causal, window=window,
