@@ -134,7 +134,7 @@ lowmem_sdpa)   # the low budgets with the kept SDPA calls recomputable (opt-in F
         --out "$OUT/train_step.jsonl" --time-limit $(( ${LOWMEM_LIMIT:-560} - 5 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
-archs)   # the other architectures of issue 13 with fxopt (CUDA graphs, loss-only forward): Gemma2-like LoRA
+archs)   # the other architectures of issue 13 with fxopt (CUDA graphs, loss-only forward): Gemma2-, Qwen2-like LoRA
     step archs ${ARCHS_LIMIT:-300} python3 benchmarks/run_suite.py archs --out "$OUT/train_step.jsonl" \
         --time-limit $(( ${ARCHS_LIMIT:-300} - 5 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1

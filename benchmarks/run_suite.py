@@ -83,8 +83,12 @@ LOWMEM_SDPA = (grid("1b", "lora", ["fxopt:1.25GiB"], steps=6, warmup=3, timeout=
 AMB8B = grid("8b", "qlora", ["inductor:0.6", "inductor:0.2"], batch=2, steps=5, warmup=3, timeout=280)
 # Issue 13's other shapes with fxopt as it runs best (CUDA graphs, loss-only forward): Gemma2-like (soft-capped
 # eager attention, GeGLU, head dim 256, vocab 256000); anchors: Inductor 26.6k tok/s at 68.0 GiB, unsloth failed.
-ARCHS = grid("gemma2-2b", "lora", ["fxopt"], steps=6, warmup=3, timeout=290, loss_only=True,
-             fxopt_options={"cudagraphs": True}, tag="cg")
+# Qwen2-7B-like LoRA bf16 at batch 2 (anchors have no Qwen2 row; run eager beside it for a same-run baseline).
+ARCHS = (grid("gemma2-2b", "lora", ["fxopt"], steps=6, warmup=3, timeout=290, loss_only=True,
+              fxopt_options={"cudagraphs": True}, tag="cg")
+         + grid("qwen2-7b", "lora", ["fxopt"], batch=2, steps=5, warmup=3, timeout=290, loss_only=True,
+                fxopt_options={"cudagraphs": True}, tag="cg")
+         + grid("qwen2-7b", "lora", ["eager"], gcs=(True,), batch=2, steps=5, warmup=2, timeout=200))
 # Where the step's GPU time goes (torch.profiler, one step after timing).
 PROFILE1B = grid("1b", "lora", ["fxopt"], steps=4, warmup=2, timeout=200, loss_only=True, profile=True)
 FULL = (
