@@ -90,17 +90,38 @@ def uniform_rows_forward(out, v, dead):
 
 
 def uniform_rows_backward(do, q, k, v, dead, scale, softcap, dq, dk, dv, capturing):
-    """Adds the dead rows' gradients (formulas above) to dq, dk, dv in place. Nothing to do (one host sync) when no
-    row is dead; while a CUDA graph is recorded every row is computed (masked), with no sync."""
-    if not capturing and not bool(dead.any()):
-        return
+    """Adds the dead rows' gradients (formulas above) to dq, dk, dv in place. Without a cap the sums factor through
+    D x D matrices (no host sync, O(S D^2)); with a cap each (row, key) has its own 1 - t^2, so the dead rows are
+    found (one host sync; nothing more when there are none) and computed densely; while a CUDA graph is recorded,
+    every row is (masked, no sync)."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     g = H // Hkv
-    deadf = dead.float()
-    dof = do.float() * deadf[..., None]                                     # only dead rows contribute
-    dv += (dof.sum(2).view(B, Hkv, g, D).sum(2) / Sk)[:, :, None, :].to(dv.dtype)
+    dof = do.float() * dead.float()[..., None]                              # only dead rows contribute
     vbar = v.float().mean(2)                                                # [B, Hkv, D]
+    dv += (dof.sum(2).view(B, Hkv, g, D).sum(2) / Sk)[:, :, None, :].to(dv.dtype)
+    if softcap > 0:
+        if capturing or bool(dead.any()):
+            _dense_rows_backward(dof, q, k, v, dead, vbar, scale, softcap, dq, dk, capturing)
+        return
+    # dq_i = scale/Sk dO_i (V^T K) - scale (dO_i . vbar) kbar;  dk_j += scale/Sk (v_j A - c),
+    # A = sum_i dO_i^T q_i,  c = sum_i (dO_i . vbar) q_i   (sums over the dead rows of the kv head's q heads)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    rep = lambda t: t.repeat_interleave(g, dim=1)
+    vk = torch.einsum("bksd,bkse->bkde", vf, kf)                          # [B, Hkv, D, D]
+    dd = torch.einsum("bhsd,bhd->bhs", dof, rep(vbar))                    # dO_i . vbar
+    dq += (scale / Sk * torch.einsum("bhsd,bhde->bhse", dof, rep(vk))
+           - scale * dd[..., None] * rep(kf.mean(2))[:, :, None, :]).to(dq.dtype)
+    a = torch.einsum("bhsd,bhse->bhde", dof, qf).view(B, Hkv, g, D, D).sum(2)
+    c = torch.einsum("bhs,bhse->bhe", dd, qf).view(B, Hkv, g, D).sum(2)
+    dk += (scale / Sk * (torch.einsum("bksd,bkde->bkse", vf, a) - c[:, :, None, :])).to(dk.dtype)
+
+
+def _dense_rows_backward(dof, q, k, v, dead, vbar, scale, softcap, dq, dk, capturing):
+    """dq, dk of the dead rows with a cap, per (batch, kv head): the rows gathered (or all, masked, in a capture)."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = H // Hkv
     for b in range(B):
         for kv in range(Hkv):
             hs = slice(kv * g, (kv + 1) * g)
@@ -111,9 +132,8 @@ def uniform_rows_backward(do, q, k, v, dead, scale, softcap, dq, dk, dv, capturi
             qf, dob = pick(q[b, hs].float()), pick(dof[b, hs])              # [g, R, D]
             kf, vf = k[b, kv].float(), v[b, kv].float()                     # [Sk, D]
             ds = (dob @ vf.T - (dob @ vbar[b, kv])[..., None]) / Sk        # [g, R, Sk]; 0 on live rows
-            if softcap > 0:
-                t = torch.tanh(scale * (qf @ kf.T) / softcap)
-                ds = ds * (1 - t * t)
+            t = torch.tanh(scale * (qf @ kf.T) / softcap)
+            ds = ds * (1 - t * t)
             dqr = (scale * ds @ kf).to(dq.dtype)
             if rows is None:
                 dq[b, hs] += dqr

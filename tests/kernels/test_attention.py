@@ -230,7 +230,8 @@ def test_gpu_head_dims(D, dtype, causal, window, softcap, mask, no_fallback):
 def test_additive_mask_rows_with_no_key_follow_eager(softcap, triton_path, monkeypatch):
     """Left padding under an additive finfo.min mask (HF eager): a row that sees no key is softmax of equal logits,
     the mean of V, with gradients through s + min. The op matches eager there, kernel and reference, with and
-    without a cap; the masked all-rows path taken while a CUDA graph records equals the gathered one."""
+    without a cap (two backward paths: D x D sums without a cap, dense rows with one; with a cap the masked all-rows
+    path taken while a CUDA graph records equals the gathered one)."""
     from fxopt.kernels import attention_masks as AM
     monkeypatch.setenv("TRITON_INTERPRET", "1" if triton_path else "0")
     B, H, Hkv, S, D, scale = 2, 4, 2, 9, 8, 0.3
@@ -257,9 +258,14 @@ def test_additive_mask_rows_with_no_key_follow_eager(softcap, triton_path, monke
     assert torch.allclose(out, ref, atol=1e-5)
     for a, b in zip(ours, leaves):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), (a.grad - b.grad).abs().max()
-    paths = []
-    for capturing in (False, True):
+    if softcap:   # the dense path (a cap): gathered dead rows == all rows masked (the CUDA-graph capture path)
+        paths = []
+        for capturing in (False, True):
+            grads = [torch.zeros_like(t) for t in (q, k, v)]
+            AM.uniform_rows_backward(g, q, k, v, dead, scale, softcap, *grads, capturing)
+            paths.append(grads)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*paths)) and paths[0][0].abs().sum() > 0
+    else:         # the D x D path leaves the rows that see a key alone
         grads = [torch.zeros_like(t) for t in (q, k, v)]
-        AM.uniform_rows_backward(g, q, k, v, dead, scale, softcap, *grads, capturing)
-        paths.append(grads)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*paths)) and paths[0][0].abs().sum() > 0
+        AM.uniform_rows_backward(g, q, k, v, dead, scale, 0.0, *grads, False)
+        assert grads[0][~dead].abs().max() == 0 and grads[0][dead].abs().sum() > 0
