@@ -278,12 +278,12 @@ def launch_tuned(kind: str, key: tuple, launch, d_pad: int, tune: bool = True) -
     cfg = _env_config(kind) or TUNED.get((kind, key))
     if cfg is not None:
         return launch(cfg)
-    cands = [c for c in CONFIGS[kind] if fits(kind, c, d_pad)]
-    cands = cands or [min(CONFIGS[kind], key=lambda c: smem_bytes(kind, c, d_pad))]
+    smallest = lambda cs: min(cs, key=lambda c: smem_bytes(kind, c, d_pad))
+    cands = [c for c in CONFIGS[kind] if fits(kind, c, d_pad)] or [smallest(CONFIGS[kind])]
     if capturing():   # recording a CUDA graph: no timing now (the choice is made on a later, uncaptured call)
         return launch(cands[0])
     if not tune:   # the smallest tiles: the least for the compiler (fp32 builds are the slow ones)
-        cands = [min(cands, key=lambda c: smem_bytes(kind, c, d_pad))]
+        cands = [smallest(cands)]
     elif os.environ.get("FXOPT_ATTN_AUTOTUNE", "1") == "0" or not tuning():
         cands = cands[:1]
     best, best_ms, err = None, float("inf"), None

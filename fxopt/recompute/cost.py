@@ -263,7 +263,8 @@ def _op_name(node) -> str:
 
 def recompute_no_dropout() -> bool:
     """FXOPT_RECOMPUTE_NO_DROPOUT=1: seeded ops whose dropout_p is 0 may be recomputed (opt-in, see _no_dropout)."""
-    return os.environ.get("FXOPT_RECOMPUTE_NO_DROPOUT", "0") == "1"
+    from fxopt.config import _env_flag
+    return _env_flag(os.environ, "FXOPT_RECOMPUTE_NO_DROPOUT")
 
 
 def _no_dropout(node) -> bool:
@@ -278,17 +279,20 @@ def _no_dropout(node) -> bool:
 
 def _never_recompute(node) -> str | None:
     t = node.target
+    seeded_without_dropout = False   # fx calls every seeded op impure: such an op skips that check below
     if isinstance(t, torch._ops.OpOverload):
-        if torch.Tag.nondeterministic_seeded in t.tags and not _no_dropout(node):
-            return "random op"
+        if torch.Tag.nondeterministic_seeded in t.tags:
+            if not _no_dropout(node):
+                return "random op"
+            seeded_without_dropout = True
         if t._schema.is_mutable:
             return "mutates an input"
         if t.namespace not in ("aten", "prims", "fxopt"):
             return f"custom op of namespace {t.namespace!r}"
     elif t is not operator.getitem and not isinstance(t, torch._ops.HigherOrderOperator):
         return "not an op overload"
-    try:   # fx calls every seeded op impure; one without dropout was let through above
-        if node.is_impure() and not (isinstance(t, torch._ops.OpOverload) and _no_dropout(node)):
+    try:
+        if not seeded_without_dropout and node.is_impure():
             return "impure"
     except Exception:  # noqa: BLE001
         pass
