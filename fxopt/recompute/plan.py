@@ -25,6 +25,7 @@ import dataclasses
 
 from fxopt.errors import FxoptError
 from fxopt.recompute.cost import ACT, Joint, Sim
+from fxopt.recompute.ops import op_arg, op_workspace, registered_call, set_op_arg
 
 
 class BudgetError(FxoptError, ValueError):
@@ -159,11 +160,10 @@ def _smaller_chunk(node, ws: int) -> int | None:
     import inspect
 
     from fxopt.kernels.registry import WORKSPACES
-    from fxopt.recompute.cost import _bind_cost_args, _fxopt_op_name
-    fn = WORKSPACES.get(_fxopt_op_name(node))
-    if fn is None or "chunk" not in inspect.signature(fn).parameters:
+    call = registered_call(WORKSPACES, node)
+    if call is None or "chunk" not in inspect.signature(call[0]).parameters:
         return None
-    args = _bind_cost_args(fn, node)
+    fn, args = call
     rows = 1 << 20
     while rows >= CHUNK_FLOOR:
         if fn(**{**args, "chunk": rows}) < ws:
@@ -174,7 +174,6 @@ def _smaller_chunk(node, ws: int) -> int | None:
 
 def _shrink_chunk(joint: Joint) -> bool:
     """Halve the chunk of the op with the largest shrinkable workspace; False when none is left."""
-    from fxopt.recompute.cost import op_workspace, set_op_arg
     for ws, node in sorted(((ws, n) for n, ws in joint.workspace.items()), key=lambda t: -t[0]):
         rows = _smaller_chunk(node, ws)
         if rows is not None:
@@ -186,7 +185,6 @@ def _shrink_chunk(joint: Joint) -> bool:
 
 def chunked_ops(joint: Joint) -> dict:
     """{op node name: rows} of the op calls given an explicit chunk (by _shrink_chunk)."""
-    from fxopt.recompute.cost import op_arg
     return {n.name: rows for n in joint.workspace if (rows := op_arg(n, "chunk", 0))}
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.recompute import cost, partition
+from fxopt.recompute import cost, ops, partition
 from fxopt.recompute.model_plan import capture_joint
 from tests.helpers import batch, tiny_model
 
@@ -77,18 +77,18 @@ def test_costs_from_kernel_files_and_roofline(fresh_dynamo):
     by_op = {}
     for g in j.groups:
         by_op.setdefault(cost._op_name(g.node), g.node)
-    flops, nbytes, src = cost.op_flops_bytes(by_op["fxopt.rms_norm"])
+    flops, nbytes, src = ops.op_flops_bytes(by_op["fxopt.rms_norm"])
     assert src == "COSTS[rms_norm]" and flops == 4 * 2 * 64 * 64
-    flops, nbytes, src = cost.op_flops_bytes(by_op["aten.mm"])
+    flops, nbytes, src = ops.op_flops_bytes(by_op["aten.mm"])
     a, b = [cost._val(x) for x in by_op["aten.mm"].args]
     assert src == "roofline" and flops == 2 * a.shape[0] * a.shape[1] * b.shape[1]
-    t = cost.op_time(by_op["aten.mm"])
-    assert t == pytest.approx(max(flops / cost.GEMM_FLOPS[torch.float32], nbytes / cost.COPY_BYTES))
+    t = ops.op_time(by_op["aten.mm"])
+    assert t == pytest.approx(max(flops / ops.GEMM_FLOPS[torch.float32], nbytes / ops.COPY_BYTES))
     # an op without a bindable cost falls back to its bytes
     from fxopt.kernels.registry import COSTS
     fn = COSTS.pop("rms_norm")
     try:
-        assert cost.op_flops_bytes(by_op["fxopt.rms_norm"])[2] == "bytes"
+        assert ops.op_flops_bytes(by_op["fxopt.rms_norm"])[2] == "bytes"
     finally:
         COSTS["rms_norm"] = fn
 
