@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_session.sh rope      # RoPE kernel bench, both rounding modes
 #   bash benchmarks/gpu_session.sh convergence | packing | retest_rel | retest_rest   # issue 11, issue 12, GPU tests
 #   bash benchmarks/gpu_session.sh cudagraphs  # 8B QLoRA / 1B LoRA steps as CUDA graphs
-#   bash benchmarks/gpu_session.sh cg8b | cg1b | lowmem | lowmem_sdpa | amb8b | archs | maxseq | cgtest   # budgets with CUDA graphs; the cudagraphs GPU tests
+#   bash benchmarks/gpu_session.sh cg8b | cg1b | lowmem | lowmem_sdpa | amb8b | archs (ARCHS_SUITE=qwen2) | maxseq | cgtest   # budgets with CUDA graphs; the cudagraphs GPU tests
 #   bash benchmarks/gpu_session.sh nolce | budgets8b   # 1B without linear_cross_entropy (profiled); 8B QLoRA budgets
 # Several stages run one after the other: `gpu_session.sh evidence rope`; ONLY8B picks qlora8b's runs.
 # Carry .whl (benchmarks/prepare_wheels.sh). A step that fails or times out leaves its log and the next one runs.
@@ -135,7 +135,7 @@ lowmem_sdpa)   # the low budgets with the kept SDPA calls recomputable (opt-in F
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
 archs)   # the other architectures of issue 13 with fxopt (CUDA graphs, loss-only forward): Gemma2-, Qwen2-like LoRA
-    step archs ${ARCHS_LIMIT:-300} python3 benchmarks/run_suite.py archs --out "$OUT/train_step.jsonl" \
+    step archs ${ARCHS_LIMIT:-300} python3 benchmarks/run_suite.py ${ARCHS_SUITE:-archs} --out "$OUT/train_step.jsonl" \
         --time-limit $(( ${ARCHS_LIMIT:-300} - 5 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
