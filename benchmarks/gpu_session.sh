@@ -130,7 +130,7 @@ lowmem)   # the smallest budgets with CUDA graphs (1B 1.25GiB / 0.4, 8B 1.6GiB /
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;
 lowmem_sdpa)   # the low budgets with the kept SDPA calls recomputable (opt-in FXOPT_RECOMPUTE_NO_DROPOUT=1)
-    FXOPT_RECOMPUTE_NO_DROPOUT=1 step lowmem_sdpa ${LOWMEM_LIMIT:-560} python3 benchmarks/run_suite.py lowmem_sdpa \
+    FXOPT_RECOMPUTE_NO_DROPOUT=1 step lowmem_sdpa ${LOWMEM_LIMIT:-560} python3 benchmarks/run_suite.py ${LOWMEM_SUITE:-lowmem_sdpa} \
         --out "$OUT/train_step.jsonl" --time-limit $(( ${LOWMEM_LIMIT:-560} - 5 ))
     python3 benchmarks/report.py "$OUT/train_step.jsonl" --out "$OUT" >/dev/null 2>&1
     ;;

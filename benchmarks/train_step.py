@@ -244,6 +244,11 @@ def time_steps(step, a, rec):
     if cuda:
         sync()
         torch.cuda.reset_peak_memory_stats()
+    mem = a.mem_peak and cuda
+    if mem:   # the allocator's history over the warm-up (the peak under CUDA graphs is there: replays allocate nothing)
+        import mem_peak
+        baseline = torch.cuda.memory_allocated()
+        mem_peak.recording().__enter__()
     log(f"warm-up {a.warmup} steps (compiles here)")
     t0, loss = time.time(), None
     for i in range(a.warmup):
@@ -254,6 +259,10 @@ def time_steps(step, a, rec):
     sync()
     rec["warm_s"] = round(time.time() - t0, 1)
     peak_warm = torch.cuda.max_memory_allocated() if cuda else 0
+    if mem:
+        rec["mem_peak"] = mem_peak.summarize(torch.cuda.memory._snapshot(), baseline)
+        mem_peak.stop()
+        log(f"memory peak: {rec['mem_peak']['peak_mib']} MiB; max_memory_allocated {peak_warm / 2**20:.0f} MiB")
     if cuda:   # between steps: weights, optimizer state, nothing of the step (grads are set to None)
         rec["resident_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
         torch.cuda.reset_peak_memory_stats()
@@ -462,6 +471,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing (HF non-reentrant; unsloth's own)")
     p.add_argument("--profile", action="store_true", help="after timing, profile one step (top GPU kernels)")
+    p.add_argument("--mem-peak", action="store_true",
+                   help="record the allocator's history over the warm-up; the blocks live at the peak (mem_peak.py)")
     p.add_argument("--loss-only", action="store_true",
                    help="compile a function returning only the loss (no logits output), for every compiled variant")
     p.add_argument("--fxopt-options", default=None, help="extra fxopt options as JSON, e.g. '{\"disable\":[\"rope\"]}'")
