@@ -97,7 +97,7 @@ retest_rel|retest_rest|retest_recompute|retest_finetune)   # GPU tests in groups
     [ "$stage" = retest_finetune ] && groups=("${groups[1]}")
     for grp in "${groups[@]}"; do
         IFS=: read -r name path lim tune <<<"$grp"
-        FXOPT_TUNE=$tune step "pytest_$name" "$lim" python3 -m pytest -v -s -p no:cacheprovider -rfE --durations=10 \
+        FXOPT_TUNE=${RETEST_TUNE:-$tune} step "pytest_$name" "$lim" python3 -m pytest -v -s -p no:cacheprovider -rfE --durations=10 \
             -o faulthandler_timeout=${FAULT_S:-120} -k "${PYTEST_K:-}" --junitxml="$LOGS/junit_$name.xml" "$path" -m gpu
     done
     ;;
@@ -151,6 +151,18 @@ maxseq)   # issue 13: the longest sequence an 8B QLoRA step fits at batch 1, per
             --batch 1 --seq ${MAXSEQ_START:-16384} --variant "$v" $flags --max-seq-search \
             --time-limit $(( ${MAXSEQ_LIMIT:-540} - 15 ))   # its RESULT line is in the log (report.py reads it)
     done
+    ;;
+seqdebug)   # the 8B QLoRA step at batch 1 x SEQ (65536: an illegal memory access in the maxseq search), every launch
+    # synchronous so the traceback names the kernel; first SDPA's own GQA at that length alone
+    step sdpa_gqa_long 120 python3 -c "
+import torch, torch.nn.functional as F
+S = ${SEQ:-65536}
+q = torch.randn(1, 32, S, 128, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+k, v = (torch.randn(1, 8, S, 128, device='cuda', dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True); o.sum().backward()
+torch.cuda.synchronize(); print('sdpa enable_gqa fwd+bwd ok at', S)"
+    CUDA_LAUNCH_BLOCKING=1 step seqdebug 400 python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 \
+        --seq ${SEQ:-65536} --variant fxopt:0.2 --loss-only --steps 1 --warmup 1
     ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
     step pytest_cg 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_gpu_models.py -k cudagraphs -m gpu

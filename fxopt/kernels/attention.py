@@ -37,7 +37,7 @@ import torch
 
 from fxopt.kernels.attention_masks import (MASKED_BELOW, allowed_mask, doc_allowed, doc_bounds, empty_rows,
                                            is_doc_ids, mask_args, uniform_rows_forward)
-from fxopt.kernels.registry import (capturing, interpreting, next_pow2, register_cost, run_kernel, triton_available,
+from fxopt.kernels.registry import (bench_ms, capturing, interpreting, next_pow2, register_cost, run_kernel, triton_available,
                                     tuning, use_triton)
 
 LOG2E = 1.4426950408889634
@@ -293,8 +293,7 @@ def launch_tuned(kind: str, key: tuple, launch, d_pad: int, tune: bool = True) -
                 launch(c)
                 best = c
                 break
-            from triton.testing import do_bench
-            ms = do_bench(lambda c=c: launch(c), warmup=5, rep=20)
+            ms = bench_ms(lambda c=c: launch(c))
         except Exception as e:  # noqa: BLE001 - e.g. OutOfResources for big tiles at d=256
             err = e
             continue

@@ -23,7 +23,7 @@ import torch
 
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
 from fxopt.kernels.nf4_chunked import chunked_matmul
-from fxopt.kernels.registry import (capturing, next_pow2, num_sms, register_cost, register_workspace, run_kernel,
+from fxopt.kernels.registry import (bench_ms, capturing, next_pow2, num_sms, register_cost, register_workspace, run_kernel,
                                     triton_available, tuning, tuning_key, use_triton)
 
 if triton_available():
@@ -98,6 +98,23 @@ def skinny_mm(big: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
 _SKINNY_CHOICE: dict = {}  # (shape, strides, dtypes) -> "triton" | "fp32"; env FXOPT_LORA_SKINNY forces one
 
 
+# The fp32 copy of big is made this many bytes at a time: a whole copy is 2x big (256 MiB for the 1B step's
+# [8192, 8192] MLP gradient), held at the backward's peak.
+FP32_COPY_BYTES = 64 << 20
+
+
+def fp32_mm(big: torch.Tensor, small: torch.Tensor, copy_bytes: int = FP32_COPY_BYTES) -> torch.Tensor:
+    """big.float() @ small (peft's form for fp32 adapters), the fp32 copy of big made a block of rows at a time."""
+    P, Q = big.shape
+    step = max(1, copy_bytes // max(1, 4 * Q))
+    if P <= step:
+        return big.float() @ small
+    out = torch.empty((P, small.shape[1]), dtype=torch.float32, device=big.device)
+    for s in range(0, P, step):
+        torch.mm(big[s:s + step].float(), small, out=out[s:s + step])
+    return out
+
+
 def _mm(big, small, triton_gemm, rows):
     """big @ small for the rank-r products. A half big with an fp32 small (peft's fp32 adapters): the split fp32
     kernel, or (on CUDA, when measured faster) peft's own form, an fp32 copy of big and an fp32 GEMM; both carry
@@ -105,7 +122,7 @@ def _mm(big, small, triton_gemm, rows):
     if triton_gemm and small.dtype == torch.float32 and big.dtype in (torch.float16, torch.bfloat16) \
             and big.shape[1] > 0:
         return _run_choice("FXOPT_LORA_SKINNY", _SKINNY_CHOICE, (tuning_key(big, rows), small.shape[1], big.dtype),
-                           {"triton": lambda: skinny_mm(big, small), "fp32": lambda: big.float() @ small},
+                           {"triton": lambda: skinny_mm(big, small), "fp32": lambda: fp32_mm(big, small)},
                            default="triton", measure=big.device.type == "cuda")
     return big.to(small.dtype) @ small
 
@@ -143,8 +160,7 @@ def _measure_choice(table, key, candidates):
     """The fastest of candidates {name: fn} (median of a short do_bench), measured once per key."""
     choice = table.get(key)
     if choice is None:
-        from triton.testing import do_bench
-        times = {name: do_bench(fn, warmup=5, rep=20) for name, fn in candidates.items()}
+        times = {name: bench_ms(fn) for name, fn in candidates.items()}
         choice = table[key] = min(times, key=times.get)
     return choice
 

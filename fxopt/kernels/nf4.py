@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fxopt.kernels.registry import capturing, next_pow2, register_cost, triton_available, tuning
+from fxopt.kernels.registry import bench_ms, capturing, next_pow2, register_cost, triton_available, tuning
 
 # NF4 code-book (QLoRA paper; bitsandbytes get_4bit_type("nf4")), fp32, index = 4-bit code.
 NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -408,12 +408,11 @@ def fused_matmul(x2: torch.Tensor, weight, trans: bool, lora_left: Optional[torc
 
 
 def _tune(launch):
-    """Pick the fastest candidate (median of a short do_bench); the kernel only writes C, so reruns are harmless."""
-    from triton.testing import do_bench
+    """Pick the fastest candidate (median of a short bench_ms); the kernel only writes C, so reruns are harmless."""
     best, best_ms = None, float("inf")
     for cfg in _CUDA_CANDIDATES:
         try:
-            ms = do_bench(lambda: launch(cfg), warmup=5, rep=20)
+            ms = bench_ms(lambda: launch(cfg))
         except Exception:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
             continue
         if ms < best_ms:

@@ -98,6 +98,26 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def bench_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
+    """Median milliseconds of `fn` over `rep` runs (CUDA events) after `warmup` runs, with no L2 flush between runs.
+    The first-call tuners time with this, not triton's do_bench: do_bench allocates a 256 MiB buffer to flush L2,
+    and a tuner runs inside the training step. On the H200 1B LoRA step with the smallest memory plan that buffer
+    sat on top of the step's peak (3.83 GiB measured, benchmarks/mem_peak.py). The operands timed here are mostly
+    larger than the 50 MiB L2, and every candidate sees the same warm cache."""
+    fn()
+    torch.cuda.synchronize()
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rep)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[len(times) // 2]
+
+
 def tuning_key(t: torch.Tensor, rows: int) -> tuple:
     """A tensor's part of a measured-choice key: its shape with the token-row count `rows` (batch x sequence) rounded
     up to a power of 2, and which dim is unit-stride. Exact row counts made every step of a dynamic-length run

@@ -197,3 +197,33 @@ def test_choice_keys_round_the_row_count(monkeypatch):
     with pytest.raises(AssertionError, match="not the stored choice"):      # transposed layout: its own choice
         lora._mm(torch.randn(8, 50, device=DEV).half().t(), small, True, 50)
     assert tuning_key(torch.empty(50, 64), 50) == ((64, 64), (False, True))
+
+
+@pytest.mark.parametrize("rows,copy_bytes", [(37, 4 * 11 * 5), (37, 4 * 11 * 37), (1, 1), (64, 4 * 11 * 7 + 3)])
+def test_fp32_mm_blocks_of_rows_equal_one_fp32_copy(rows, copy_bytes):
+    """peft's fp32 form (big.float() @ small) made a block of rows at a time (bounded copy): every row written, the
+    same values as one whole copy, transposed big too."""
+    from fxopt.kernels import lora
+    small = torch.randn(11, 3, device=DEV)
+    for big in (torch.randn(rows, 11, device=DEV).bfloat16(), torch.randn(11, rows, device=DEV).bfloat16().t()):
+        want = big.float() @ small
+        got = lora.fp32_mm(big, small, copy_bytes)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert rel(got, want) <= 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events")
+def test_bench_ms_times_without_allocating():
+    """The first-call tuners' timer holds no memory of its own (triton's do_bench holds a 256 MiB L2-flush buffer,
+    which sat on top of the 1B step's peak) and measures a longer op as longer."""
+    from fxopt.kernels.registry import bench_ms
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    t1 = bench_ms(lambda: torch.mm(a, a, out=out))
+    t8 = bench_ms(lambda: [torch.mm(a, a, out=out) for _ in range(8)])
+    assert torch.cuda.max_memory_allocated() - before < 1 << 20
+    assert 0 < t1 < t8

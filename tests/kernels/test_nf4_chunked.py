@@ -86,15 +86,10 @@ def test_bad_forced_choice_is_a_clear_error(monkeypatch):
 
 
 def test_measured_choice_picks_fastest_once(monkeypatch):
-    import triton.testing
-
     from fxopt.kernels import lora as L
     times = {"fused": 3.0, "chunked": 1.0}
     ran = []
-
-    def fake_bench(fn, warmup, rep):
-        return times[fn()]
-    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(L, "bench_ms", lambda fn: times[fn()])
     table = {}
     cands = {name: (lambda name=name: ran.append(name) or name) for name in times}
     assert L._measure_choice(table, "k", cands) == "chunked"

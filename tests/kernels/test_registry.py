@@ -10,15 +10,13 @@ def test_capturing_is_false_outside_a_capture():
 
 def test_tuners_do_not_time_while_capturing(monkeypatch):
     """lora's measured choices, nf4's fused-GEMM configs and attention's block configs: under capture each takes a
-    choice without do_bench (which synchronizes: not permitted while recording) and caches nothing (nf4's
+    choice without timing (bench_ms synchronizes: not permitted while recording) and caches nothing (nf4's
     guard is the same two lines around its tuner; its GPU path cannot run here)."""
-    import triton.testing
-
     def no_bench(*a, **k):
         raise AssertionError("timed while capturing")
-    monkeypatch.setattr(triton.testing, "do_bench", no_bench)
     for mod in (lora, nf4, attention):
         monkeypatch.setattr(mod, "capturing", lambda: True)
+        monkeypatch.setattr(mod, "bench_ms", no_bench)
 
     table, ran = {}, []
     out = lora._run_choice("FXOPT_TEST_CHOICE", table, ("k",), {"a": lambda: ran.append("a") or 1,
@@ -38,11 +36,10 @@ def test_tuners_do_not_time_while_capturing(monkeypatch):
 
 def test_fxopt_tune_0_takes_defaults_without_timing(monkeypatch):
     """FXOPT_TUNE=0 (quick compiles): lora's measured choices take their default, attention its first fitting
-    config, with no do_bench; unset, the same calls time the candidates."""
-    import triton.testing
-
+    config, with no timing; unset, the same calls time the candidates."""
     timed = []
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **k: timed.append(fn) or 1.0)
+    for mod in (lora, attention):
+        monkeypatch.setattr(mod, "bench_ms", lambda fn, **k: timed.append(fn) or 1.0)
     monkeypatch.setattr(attention, "interpreting", lambda: False)
     monkeypatch.delenv("FXOPT_ATTN_FWD_CONFIG", raising=False)
     monkeypatch.delenv("FXOPT_ATTN_AUTOTUNE", raising=False)
