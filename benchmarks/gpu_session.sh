@@ -161,7 +161,7 @@ q = torch.randn(1, 32, S, 128, device='cuda', dtype=torch.bfloat16, requires_gra
 k, v = (torch.randn(1, 8, S, 128, device='cuda', dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True); o.sum().backward()
 torch.cuda.synchronize(); print('sdpa enable_gqa fwd+bwd ok at', S)"
-    CUDA_LAUNCH_BLOCKING=1 step seqdebug 400 python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 \
+    CUDA_LAUNCH_BLOCKING=1 step seqdebug ${SEQDEBUG_LIMIT:-400} python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 \
         --seq ${SEQ:-65536} --variant fxopt:0.2 --loss-only --steps 1 --warmup 1
     ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
