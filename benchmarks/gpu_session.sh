@@ -163,6 +163,8 @@ o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True); o.
 torch.cuda.synchronize(); print('sdpa enable_gqa fwd+bwd ok at', S)"
     CUDA_LAUNCH_BLOCKING=1 step seqdebug ${SEQDEBUG_LIMIT:-400} python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 \
         --seq ${SEQ:-65536} --variant fxopt:0.2 --loss-only --steps 1 --warmup 1
+    step pytest_int32 150 python3 -m pytest -v -p no:cacheprovider -rfE tests/kernels/test_attention.py \
+        tests/kernels/test_lora.py -k "int32 or bench_ms" -m gpu
     ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
     step pytest_cg 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_gpu_models.py -k cudagraphs -m gpu

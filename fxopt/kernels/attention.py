@@ -183,7 +183,7 @@ if triton_available():
             v = _load_rows(Vb + offs_n[:, None] * svn + offs_d[None, :], offs_n, Sk, d_ok, INDEX_MASK, EVEN_D,
                            UPCAST)
             qk = _dot(q, tl.trans(k), None, IEEE)
-            mptrs = Mb + offs_m[:, None] * smm + offs_n[None, :] * smn
+            mptrs = Mb + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :].to(tl.int64) * smn
             mload = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
             s, _t = _logits(qk, offs_m[:, None], offs_n[None, :], mptrs, mload, Mb, smm, Sq, Sk, window, qk_scale2,
                             cap_x, cap2,
@@ -211,7 +211,7 @@ if triton_available():
             pid_m = tl.num_programs(0) - 1 - pid_m
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
-        h = bh % H
+        h = (bh % H).to(tl.int64)   # int64 head offsets: h x head stride passes 2^31 for long sequences
         hk = h // G
         start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)

@@ -33,7 +33,7 @@ if triton_available():
                         D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
-        h = bh % H
+        h = (bh % H).to(tl.int64)   # int64 head offsets: h x head stride passes 2^31 for long sequences
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D_PAD)
         msk = (offs_m < Sq)[:, None] & (offs_d < D)[None, :]
@@ -60,7 +60,7 @@ if triton_available():
             lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
             delta = tl.load(DELTAb + offs_m, mask=m_ok, other=0.0)
             qkT = _dot(k, tl.trans(q), None, IEEE)                                  # [BLOCK_N, BLOCK_M]
-            mptrs = Mb + offs_m[None, :] * smm + offs_n[:, None] * smn
+            mptrs = Mb + offs_m[None, :].to(tl.int64) * smm + offs_n[:, None].to(tl.int64) * smn
             mload = m_ok[None, :] & (offs_n < Sk)[:, None]
             sT, tT = _logits(qkT, offs_m[None, :], offs_n[:, None], mptrs, mload, Mb, smm, Sq, Sk, window,
                              qk_scale2, cap_x, cap2, CAUSAL, WINDOW, SOFTCAP, MASK_KIND, INDEX_MASK, LIBDEVICE)
@@ -88,7 +88,7 @@ if triton_available():
         bhk = tl.program_id(1)
         Hkv = H // G
         b = (bhk // Hkv).to(tl.int64)
-        hk = bhk % Hkv
+        hk = (bhk % Hkv).to(tl.int64)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D_PAD)
         d_ok = offs_d < D
@@ -138,7 +138,7 @@ if triton_available():
             v = _load_rows(Vb + offs_n[:, None] * svn + offs_d[None, :], offs_n, Sk, d_ok, INDEX_MASK, EVEN_D,
                            UPCAST)
             qk = _dot(q, tl.trans(k), None, IEEE)
-            mptrs = Mb + offs_m[:, None] * smm + offs_n[None, :] * smn
+            mptrs = Mb + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :].to(tl.int64) * smn
             mload = (offs_m < Sq)[:, None] & (offs_n < Sk)[None, :]
             s, t = _logits(qk, offs_m[:, None], offs_n[None, :], mptrs, mload, Mb, smm, Sq, Sk, window, qk_scale2,
                            cap_x, cap2,
@@ -163,7 +163,7 @@ if triton_available():
             pid_m = tl.num_programs(0) - 1 - pid_m
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
-        h = bh % H
+        h = (bh % H).to(tl.int64)   # int64 head offsets: h x head stride passes 2^31 for long sequences
         hk = h // G
         start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)

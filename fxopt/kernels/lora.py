@@ -34,13 +34,16 @@ if triton_available():
 
     @triton.jit
     def _lowp(v, HALF: tl.constexpr, INTERP: tl.constexpr):
-        """fp32 -> nearest bf16 (HALF=0) / fp16 (HALF=1): the low dtype itself, or its fp32 value in the interpreter."""
-        if HALF == 1:
-            r = v.to(tl.float16)
-            return r.to(tl.float32) if INTERP else r
+        """fp32 -> nearest bf16 (HALF=0) / fp16 (HALF=1): the low dtype itself, or its fp32 value in the interpreter.
+        One return: a compiled Triton function must return one type from every return (fp16 and bf16 returns did
+        not compile, found on the H200 by the fp16 finetune test; the interpreter runs either)."""
         if INTERP:
-            return _rne_bf16(v)
-        return v.to(tl.bfloat16)
+            r = v.to(tl.float16).to(tl.float32) if HALF == 1 else _rne_bf16(v)
+        elif HALF == 1:
+            r = v.to(tl.float16)
+        else:
+            r = v.to(tl.bfloat16)
+        return r
 
     @triton.jit
     def _skinny_kernel(BIG, SMALL, OUT, P, Q, RANK, s_bp, s_bq, s_sq, s_sr, s_os, s_op, s_or,

@@ -269,3 +269,22 @@ def test_additive_mask_rows_with_no_key_follow_eager(softcap, triton_path, monke
         grads = [torch.zeros_like(t) for t in (q, k, v)]
         AM.uniform_rows_backward(g, q, k, v, dead, scale, 0.0, *grads, False)
         assert grads[0][~dead].abs().max() == 0 and grads[0][dead].abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_gpu_dense_mask_past_int32_offsets(no_fallback):
+    """A dense [S, S] bool mask at S = 65536 (2^32 elements: HF's causal mask at that length is read as a tensor) -
+    row x stride passed 2^31 and the kernel read out of bounds (illegal memory access in the H200 max-seq search).
+    Forward and backward against SDPA's own causal attention."""
+    S, D = 65536, 64
+    q, k, v = (torch.randn(1, 2, S, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = torch.ones(S, S, dtype=torch.bool, device="cuda").tril_()[None, None]
+    out, _ = torch.ops.fxopt.attention(q, k, v, mask, D ** -0.5, False, 0, 0.0)
+    del mask
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    assert rel(out, ref) <= TOL[torch.bfloat16]
+    for name, a, b in zip("qkv", got, want):
+        assert rel(a, b) <= 2 * TOL[torch.bfloat16], name
