@@ -68,12 +68,12 @@ def _bool(key, value):
     return value
 
 
-def _env_flag(environ, name: str) -> bool:
-    """An on/off environment variable: unset, "" or "0" is off, "1" is on, anything else is an error."""
+def _env_flag(environ, name: str, default: bool = False) -> bool:
+    """An on/off environment variable: "0" is off, "1" is on, unset or "" is `default`, anything else an error."""
     value = environ.get(name, "")
     if value not in ("", "0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return default if value == "" else value == "1"
 
 
 def parse(options: dict | None = None, mode: str | None = None, environ=None) -> Config:

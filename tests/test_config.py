@@ -94,3 +94,15 @@ def test_cudagraphs_patch_is_handed_to_inductor_and_cpu_graphs_still_run(monkeyp
     out = torch.compile(f, backend="fxopt", options={"cudagraphs": True})(x, w)
     assert seen and seen[0].get("triton.cudagraphs") is True   # (compile_fx re-enters itself without patches)
     torch.testing.assert_close(out, f(x, w))
+
+
+def test_recompute_no_dropout_is_on_unless_0(monkeypatch):
+    from fxopt.recompute.cost import recompute_no_dropout
+    monkeypatch.delenv("FXOPT_RECOMPUTE_NO_DROPOUT", raising=False)
+    assert recompute_no_dropout()
+    for value, want in (("", True), ("1", True), ("0", False)):
+        monkeypatch.setenv("FXOPT_RECOMPUTE_NO_DROPOUT", value)
+        assert recompute_no_dropout() is want
+    monkeypatch.setenv("FXOPT_RECOMPUTE_NO_DROPOUT", "yes")
+    with pytest.raises(ValueError, match="FXOPT_RECOMPUTE_NO_DROPOUT must be 0 or 1"):
+        recompute_no_dropout()

@@ -64,17 +64,19 @@ def _op_name(node) -> str:
 
 
 def recompute_no_dropout() -> bool:
-    """FXOPT_RECOMPUTE_NO_DROPOUT=1: seeded ops whose dropout_p is 0 may be recomputed (opt-in, see _no_dropout)."""
+    """Seeded ops whose dropout_p is 0 may be recomputed (see _no_dropout); FXOPT_RECOMPUTE_NO_DROPOUT=0 turns it
+    off."""
     from fxopt.config import _env_flag
-    return _env_flag(os.environ, "FXOPT_RECOMPUTE_NO_DROPOUT")
+    return _env_flag(os.environ, "FXOPT_RECOMPUTE_NO_DROPOUT", default=True)
 
 
 def _no_dropout(node) -> bool:
     """A seeded op whose only randomness is a `dropout_p` argument that is 0 (SDPA's flash / cuDNN / efficient / CPU
-    kernels in training without attention dropout): recomputing it gives the same values. Opt-in: the partitioner
-    then wraps it in torch's RNG functionalization (its RNG state saved: 16 B on CUDA, 5 KiB on CPU, not in the
-    prediction), not yet run on a GPU. Where the per-shape dispatch keeps SDPA, its output is otherwise always saved:
-    on the H200 the smallest 1B LoRA plan was 1.55 GiB against 1.22 with fxopt's recomputable attention op."""
+    kernels in training without attention dropout): recomputing it gives the same values. The partitioner then
+    wraps it in torch's RNG functionalization (its RNG state saved: 16 B on CUDA, 5 KiB on CPU, not in the
+    prediction). Where the per-shape dispatch keeps SDPA, its output was otherwise always saved: on the H200 the
+    smallest 1B LoRA plan took 1.55 GiB of activations that way, 1.40 GiB with SDPA recomputed (planned 1.22; the
+    rest was a tuner's timing buffer, since removed); 8B QLoRA 2.31 -> 1.58 GiB (train_step_h200.jsonl)."""
     return recompute_no_dropout() and _arg_index(node, "dropout_p") is not None and \
         op_arg(node, "dropout_p", 0.0) == 0
 

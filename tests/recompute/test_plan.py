@@ -202,11 +202,11 @@ def test_smaller_chunks_when_recompute_alone_cannot_fit(monkeypatch, fresh_dynam
             assert rel(p.grad, q.grad) <= 1e-4
 
 
-def test_sdpa_kept_is_recomputed_when_opted_in(monkeypatch, fresh_dynamo):
-    """Where the dispatch keeps SDPA (its kernels are seeded ops, for dropout), its output is always saved; with
-    FXOPT_RECOMPUTE_NO_DROPOUT=1 a call with dropout_p 0 is recomputable: the smallest plan drops to that of fxopt's
-    own attention op, the partitioner saves only the RNG state in addition (torch's RNG functionalization), and
-    training matches eager, with and without Inductor."""
+def test_sdpa_kept_is_recomputed_with_dropout_0(monkeypatch, fresh_dynamo):
+    """Where the dispatch keeps SDPA (its kernels are seeded ops, for dropout), a call with dropout_p 0 is
+    recomputable (FXOPT_RECOMPUTE_NO_DROPOUT=0: its output is always saved): the smallest plan drops to that of
+    fxopt's own attention op, the partitioner saves only the RNG state in addition (torch's RNG functionalization),
+    and training matches eager, with and without Inductor."""
     from fxopt.recompute import partition
     from fxopt.recompute.model_plan import capture_joint
     monkeypatch.setattr("fxopt.patterns.attention.keep_sdpa", lambda *a: "kept SDPA (test)")
@@ -217,8 +217,9 @@ def test_sdpa_kept_is_recomputed_when_opted_in(monkeypatch, fresh_dynamo):
         j, _, matched = capture_joint(tiny_model("llama", attn="sdpa"), {"input_ids": ids, "labels": labels})
         assert matched["attention"] == 0
         return smallest_peak(j).peak
+    monkeypatch.setenv("FXOPT_RECOMPUTE_NO_DROPOUT", "0")
     saved_sdpa = smallest()
-    monkeypatch.setenv("FXOPT_RECOMPUTE_NO_DROPOUT", "1")
+    monkeypatch.delenv("FXOPT_RECOMPUTE_NO_DROPOUT")   # the default
     recomputed_sdpa = smallest()
     assert recomputed_sdpa < saved_sdpa
     for inductor in (False, True):
