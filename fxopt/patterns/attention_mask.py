@@ -13,6 +13,8 @@ Packed sequences (HF builds the mask from position_ids): the conjuncts
 and constant causal/window conjuncts are recognised; inside one document X rises by exactly 1 per token (that is
 what keeps P constant), so X[k] <= X[q] <=> k <= q there, and the mask equals causal & (P[q] == P[k]): the kernel
 reads P ([B, S]), never a dense [B, 1, S, S] mask.
+A constant mask of more than MAX_EVAL_NUMEL elements (HF's causal mask past S = 32768) goes through the same
+conjunct analysis; when its document ids (a constant [B, S]) hold one document per row, it is plain causal / window.
 """
 from __future__ import annotations
 
@@ -247,6 +249,13 @@ def _gather(n, B: int, S: int, axis: int):
     return t
 
 
+def _strip(n):
+    """n without the position-keeping ops around it (expand, device moves, full slices)."""
+    while isinstance(n, fx.Node) and _transparent_input(n) is not None:
+        n = _transparent_input(n)
+    return n
+
+
 def _doc_ids_source(p):
     """X if p = cumsum(ne(diff(X, prepend=X[:, :1] - 1, dim=-1), 1), -1) (HF's packed-sequence ids), else None."""
     if not (_op(p, "cumsum") and (p.args[1:2] or [p.kwargs.get("dim")])[0] in (-1, 1)):
@@ -276,6 +285,10 @@ def _packed_docs(parts, B, Sq, Sk):
         v = evaluate_constant(p) if isinstance(p, fx.Node) else None
         if v is not None:                          # a constant conjunct must be exactly all-true / causal / window
             if v.dtype != torch.bool:
+                return None
+            if v.numel() == 1:                     # broadcast to [Sq, Sk] it would be 4 GiB at S = 65536
+                if bool(v):
+                    continue
                 return None
             rows, uniform = _as_rows(v, Sq, Sk)
             c, w = _tightest_flags(rows, Sq, Sk)
@@ -308,13 +321,21 @@ def _packed_docs(parts, B, Sq, Sk):
     if docs is None:
         return None
     if pos is not None or wpos:
-        if any(_doc_ids_source(docs) is not x for x in [pos] * (pos is not None) + [x for x, _ in wpos]):
+        src = _strip(_doc_ids_source(docs))
+        if src is None or any(src is not _strip(x) for x in [pos] * (pos is not None) + [x for x, _ in wpos]):
             return None
         causal = causal or pos is not None
         for _, w in wpos:   # inside a document X[q] - X[k] = q - k
             w = w if w < Sq else 0
             window = _tighter(window, w)
     return docs, causal, window, "packed sequences: document ids from position_ids, no dense mask read"
+
+
+def _one_document(docs) -> bool:
+    """Document ids [B, S] computed from constants (position ids from arange) with one id per row: then the
+    same-document conjunct allows everything, and position = index + constant inside the row."""
+    v = evaluate_constant(docs) if isinstance(docs, fx.Node) else None
+    return v is not None and v.dim() == 2 and bool((v == v[:, :1]).all())
 
 
 def classify(mask: fx.Node, Sq, Sk, allowed_is_not: bool = False) -> MaskInfo:
@@ -329,14 +350,21 @@ def classify(mask: fx.Node, Sq, Sk, allowed_is_not: bool = False) -> MaskInfo:
     if val is not None:
         info = classify_constant(~val if allowed_is_not else val, Sq, Sk)
     else:
-        info = MaskInfo(tensor=True, why="mask depends on graph inputs: read")
+        big = _constant_subgraph(mask) is not None and meta(mask).numel() > MAX_EVAL_NUMEL
+        info = MaskInfo(tensor=True, why=f"constant mask of {meta(mask).numel()} elements, too large to evaluate: read"
+                        if big else "mask depends on graph inputs: read")
         root = _additive_to_bool(mask) if meta(mask).is_floating_point() else mask
         if root is not None and not allowed_is_not:
             parts = []
             _conjuncts(root, parts)
             packed = _packed_docs(parts, meta(mask).shape[0] if meta(mask).dim() == 4 else -1, Sq, Sk)
             if packed is not None:
-                mask.meta[key] = info = MaskInfo(causal=packed[1], window=packed[2], docs=packed[0], why=packed[3])
+                info = MaskInfo(causal=packed[1], window=packed[2], docs=packed[0], why=packed[3])
+                if _one_document(packed[0]):
+                    info = MaskInfo(causal=packed[1], window=packed[2], why=(
+                        f"constant mask of {meta(mask).numel()} elements, too large to evaluate; its conjuncts: "
+                        "positions rising by 1 (one document per row), so causal/window in positions = in indices"))
+                mask.meta[key] = info
                 return info
             causal, window = False, 0
             for p in parts:

@@ -96,3 +96,21 @@ def test_doc_ids_source_recognised_only_for_hf_formula():
     assert _doc_ids_source(p) is x
     ne2 = g.call_function(torch.ne, (d, 2))
     assert _doc_ids_source(g.call_function(torch.cumsum, (ne2, -1))) is None
+
+
+@pytest.mark.parametrize("arch,attn,window", [("llama", "sdpa", None), ("llama", "eager", None),
+                                              ("mistral", "sdpa", 8), ("qwen2", "eager", None)])
+def test_constant_mask_too_large_to_evaluate_is_still_causal(arch, attn, window, seen_masks, monkeypatch,
+                                                              fresh_dynamo):
+    """HF's causal mask without position_ids is a constant, but past MAX_EVAL_NUMEL (2^30: S > 32768) it is not
+    evaluated; its conjuncts (positions from arange: one document per row; causal / window in positions) prove it
+    causal / window, so the kernel gets flags and no mask (on the H200 at S = 65536 it was read as a 4 GiB tensor)."""
+    from fxopt.patterns import attention_mask as AM
+    monkeypatch.setattr(AM, "MAX_EVAL_NUMEL", 100)   # this test's [2, 1, 40, 40] mask counts as too large
+    ids = torch.randint(3, 128, (2, 40))
+    kw = {} if window is None else {"sliding_window": window}
+    worst, r = _run(tiny_model(arch, attn=attn, **kw), input_ids=ids, labels=ids)
+    assert r.matched["attention"] == 2 and not r.fallbacks
+    assert worst <= 1e-5, worst
+    assert seen_masks and all(m is None for m in seen_masks), seen_masks
+
