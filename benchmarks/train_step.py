@@ -367,6 +367,8 @@ def measure(a):
         try:
             import fxopt
             rec["fxopt_report"] = fxopt.last_report().to_dict()
+            from fxopt.kernels.registry import TUNING_LOG
+            rec["tuning"] = TUNING_LOG   # the first-call choices: which candidate won, each one's ms
         except Exception as e:  # the package is under construction: record why there is no report
             rec["fxopt_report_error"] = f"{type(e).__name__}: {e}"[:300]
     if kind == "unsloth":

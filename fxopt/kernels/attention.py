@@ -37,8 +37,8 @@ import torch
 
 from fxopt.kernels.attention_masks import (MASKED_BELOW, allowed_mask, doc_allowed, doc_bounds, empty_rows,
                                            is_doc_ids, mask_args, uniform_rows_forward)
-from fxopt.kernels.registry import (bench_ms, capturing, interpreting, next_pow2, register_cost, run_kernel, triton_available,
-                                    tuning, use_triton)
+from fxopt.kernels.registry import (bench_ms, capturing, interpreting, log_choice, next_pow2, register_cost,
+                                    run_kernel, triton_available, tuning, use_triton)
 
 LOG2E = 1.4426950408889634
 RUNS = collections.Counter()    # which implementation ran: "triton", "reference" (read by benchmarks / reports)
@@ -286,14 +286,14 @@ def launch_tuned(kind: str, key: tuple, launch, d_pad: int, tune: bool = True) -
         cands = [smallest(cands)]
     elif os.environ.get("FXOPT_ATTN_AUTOTUNE", "1") == "0" or not tuning():
         cands = cands[:1]
-    best, best_ms, err = None, float("inf"), None
+    best, best_ms, err, times = None, float("inf"), None, {}
     for c in cands:
         try:
             if len(cands) == 1:
                 launch(c)
                 best = c
                 break
-            ms = bench_ms(lambda c=c: launch(c))
+            ms = times[c] = bench_ms(lambda c=c: launch(c))
         except Exception as e:  # noqa: BLE001 - e.g. OutOfResources for big tiles at d=256
             err = e
             continue
@@ -303,6 +303,7 @@ def launch_tuned(kind: str, key: tuple, launch, d_pad: int, tune: bool = True) -
         raise RuntimeError(f"no attention {kind} config compiled: {err}")
     TUNED[(kind, key)] = best
     if len(cands) > 1:
+        log_choice(f"attention_{kind}", key, best, times)
         launch(best)
 
 

@@ -23,8 +23,8 @@ import torch
 
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
 from fxopt.kernels.nf4_chunked import chunked_matmul
-from fxopt.kernels.registry import (bench_ms, capturing, next_pow2, num_sms, register_cost, register_workspace, run_kernel,
-                                    triton_available, tuning, tuning_key, use_triton)
+from fxopt.kernels.registry import (bench_ms, capturing, log_choice, next_pow2, num_sms, register_cost,
+                                    register_workspace, run_kernel, triton_available, tuning, tuning_key, use_triton)
 
 if triton_available():
     import triton
@@ -165,6 +165,7 @@ def _measure_choice(table, key, candidates):
     if choice is None:
         times = {name: bench_ms(fn) for name, fn in candidates.items()}
         choice = table[key] = min(times, key=times.get)
+        log_choice("lora", key, choice, times)
     return choice
 
 

@@ -28,7 +28,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fxopt.kernels.registry import bench_ms, capturing, next_pow2, register_cost, triton_available, tuning
+from fxopt.kernels.registry import (bench_ms, capturing, log_choice, next_pow2, register_cost, triton_available,
+                                    tuning)
 
 # NF4 code-book (QLoRA paper; bitsandbytes get_4bit_type("nf4")), fp32, index = 4-bit code.
 NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -402,23 +403,24 @@ def fused_matmul(x2: torch.Tensor, weight, trans: bool, lora_left: Optional[torc
         if cfg is None and capturing():     # recording a CUDA graph: no timing now; tune on a later call
             cfg = _CUDA_CANDIDATES[0]
         elif cfg is None:
-            cfg = _TUNED[key] = _tune(launch) if tuning() else _CUDA_CANDIDATES[0]
+            cfg = _TUNED[key] = _tune(launch, key) if tuning() else _CUDA_CANDIDATES[0]
     launch(cfg)
     return out
 
 
-def _tune(launch):
+def _tune(launch, key=()):
     """Pick the fastest candidate (median of a short bench_ms); the kernel only writes C, so reruns are harmless."""
-    best, best_ms = None, float("inf")
+    best, best_ms, times = None, float("inf"), {}
     for cfg in _CUDA_CANDIDATES:
         try:
-            ms = bench_ms(lambda: launch(cfg))
+            ms = times[cfg] = bench_ms(lambda: launch(cfg))
         except Exception:  # noqa: BLE001 - a config that does not fit (shared memory) is skipped
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:
         raise RuntimeError("no fused_matmul config could run")
+    log_choice("nf4_fused_matmul", key, best, times)
     return best
 
 

@@ -98,6 +98,15 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+# Every measured first-call choice of this process: (tuner, key, choice, {candidate: ms}). A benchmark records it
+# beside its numbers (two H200 runs of one configuration differed by 20%; which candidates won was not known).
+TUNING_LOG: list = []
+
+
+def log_choice(tuner: str, key, choice, times: dict) -> None:
+    TUNING_LOG.append((tuner, str(key), str(choice), {str(k): round(float(v), 4) for k, v in times.items()}))
+
+
 def bench_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
     """Median milliseconds of `fn` over `rep` runs (CUDA events) after `warmup` runs, with no L2 flush between runs.
     The first-call tuners time with this, not triton's do_bench: do_bench allocates a 256 MiB buffer to flush L2,

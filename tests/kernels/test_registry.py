@@ -60,3 +60,14 @@ def test_fxopt_tune_0_takes_defaults_without_timing(monkeypatch):
     seen = []                                 # fp32 (IEEE dots) attention: the smallest tiles, untimed
     attention.launch_tuned("fwd", ("fp32-test",), seen.append, 64, tune=False)
     assert len(timed) == 2 and seen == [min(fitting, key=lambda c: attention.smem_bytes("fwd", c, 64))]
+
+
+def test_measured_choices_are_logged(monkeypatch):
+    """Each measured first-call choice is logged with every candidate's time (benchmarks record the log)."""
+    monkeypatch.setattr(lora, "bench_ms", lambda fn: {1: 2.0, 2: 0.5}[fn()])
+    monkeypatch.setattr(registry, "TUNING_LOG", [])
+    monkeypatch.delenv("FXOPT_TUNE", raising=False)
+    out = lora._run_choice("FXOPT_TEST_CHOICE", {}, ("log-test",), {"a": lambda: 1, "b": lambda: 2}, default="a",
+                           measure=True)
+    assert out == 2
+    assert registry.TUNING_LOG == [("lora", "('log-test',)", "b", {"a": 2.0, "b": 0.5})]
