@@ -324,6 +324,15 @@ def _env_config(kind):
     return None
 
 
+def num_stages(stages: int, flags: dict) -> int:
+    """A config's pipeline depth for these kernel flags. fp32 dots on a double-quantized weight with K % blocksize != 0
+    stage a per-element uint8 code tile and fp32 scale tile next to the fp32 x tile: the sm_90 build of every candidate
+    at its own depth needs 288-512 KiB of shared memory, over the 227 KiB limit (the launch raises OutOfResources, no
+    candidate runs, the op falls back to the reference; tests/kernels/test_compile_sm90.py); 2 stages of the first
+    candidate need 160 KiB."""
+    return min(stages, 2) if flags["F32DOT"] and flags["NESTED"] and not flags["FAST"] else stages
+
+
 def _interp_config(M, P, Q):
     # the interpreter pays per program and per loop step: few, large tiles
     clamp = lambda v, hi: max(16, min(hi, next_pow2(v)))
@@ -392,7 +401,7 @@ def fused_matmul(x2: torch.Tensor, weight, trans: bool, lora_left: Optional[torc
         bm, bp, bq, gm, warps, stages = cfg[:6]
         grid = (triton.cdiv(M, bm) * triton.cdiv(P, bp),)
         _fused_matmul_kernel[grid](*args, **flags, SWAP=bool(cfg[6]) if len(cfg) > 6 else False, BM=bm, BP=bp,
-                                   BQ=bq, GROUP_M=gm, num_warps=warps, num_stages=stages)
+                                   BQ=bq, GROUP_M=gm, num_warps=warps, num_stages=num_stages(stages, flags))
 
     cfg = config or _CONFIGS[kind] or _env_config(kind)
     if cfg is None and interp:
