@@ -1,16 +1,16 @@
 """What is live at a step's memory peak: CUDA allocator history -> the blocks alive at the peak, with where each was
 allocated (Python frames), grouped and largest first.
 
-    with mem_peak.recording():        # torch.cuda.memory._record_memory_history under the hood
-        run warm-up steps
+    mem_peak.start()                  # torch.cuda.memory._record_memory_history under the hood
+    run warm-up steps
     summary = mem_peak.summarize(torch.cuda.memory._snapshot(), baseline=bytes allocated before recording)
+    mem_peak.stop()
 
 The history only holds blocks allocated while it records: `baseline` (weights, optimizer state) is added as one
 entry. Frees count when requested (torch's memory_allocated counts them then as well).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import defaultdict
 
@@ -66,14 +66,10 @@ def summarize(snapshot, baseline=0, top=40, device=0):
                             key=lambda r: -r["mib"])[:top]}
 
 
-@contextlib.contextmanager
-def recording(max_entries=int(os.environ.get("FXOPT_MEM_ENTRIES", "400000"))):
+def start(max_entries=int(os.environ.get("FXOPT_MEM_ENTRIES", "400000"))):
+    """Record the CUDA allocator's history (Python stacks) from now on; take the snapshot, then stop()."""
     import torch
     torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
-    try:
-        yield
-    finally:
-        pass   # stopped by the caller after taking the snapshot
 
 
 def stop():

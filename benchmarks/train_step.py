@@ -248,7 +248,7 @@ def time_steps(step, a, rec):
     if mem:   # the allocator's history over the warm-up (the peak under CUDA graphs is there: replays allocate nothing)
         import mem_peak
         baseline = torch.cuda.memory_allocated()
-        mem_peak.recording().__enter__()
+        mem_peak.start()
     log(f"warm-up {a.warmup} steps (compiles here)")
     t0, loss = time.time(), None
     for i in range(a.warmup):

@@ -231,6 +231,13 @@ def _const_equals(n, expected: torch.Tensor) -> bool:
                                                                        expected)
 
 
+def _strip(n):
+    """n without the position-keeping ops around it (expand, device moves, full slices)."""
+    while isinstance(n, fx.Node) and _transparent_input(n) is not None:
+        n = _transparent_input(n)
+    return n
+
+
 def _gather(n, B: int, S: int, axis: int):
     """T for T[b_idx, idx] with b_idx = arange(B)[:, None, None, None] and idx = arange(S) on dim `axis` (2: q,
     3: k) of the 4-D mask; else None."""
@@ -244,16 +251,7 @@ def _gather(n, B: int, S: int, axis: int):
     idx_shape[axis] = S
     if not (_const_equals(bi, torch.arange(B).view(B, 1, 1, 1)) and _const_equals(ii, torch.arange(S).view(idx_shape))):
         return None
-    while _transparent_input(t) is not None:      # expand(B, -1) of the [B, S] / [1, S] source
-        t = _transparent_input(t)
-    return t
-
-
-def _strip(n):
-    """n without the position-keeping ops around it (expand, device moves, full slices)."""
-    while isinstance(n, fx.Node) and _transparent_input(n) is not None:
-        n = _transparent_input(n)
-    return n
+    return _strip(t)                              # expand(B, -1) of the [B, S] / [1, S] source
 
 
 def _doc_ids_source(p):
