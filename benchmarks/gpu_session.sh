@@ -153,6 +153,18 @@ maxseq)   # issue 13: the longest sequence an 8B QLoRA step fits at batch 1, per
             --time-limit $(( ${MAXSEQ_LIMIT:-540} - 15 ))   # its RESULT line is in the log (report.py reads it)
     done
     ;;
+kern7)   # layer_norm and NF4-dequantization launch-config sweeps; the LoRA/NF4 layer with wall and GPU time; then
+    # the 8B fxopt max-seq search from MAXSEQ_START (65536) at SEQ_GRANULE (32768) for what time is left
+    step ln_sweep 120 python3 benchmarks/kernels.py --sweep layer_norm --out "$OUT/layer_norm_sweep.json"
+    step dequant_sweep 150 python3 benchmarks/kernels.py --sweep nf4_dequant --out "$OUT/nf4_dequant_sweep.json"
+    step kernels_lora 220 python3 benchmarks/kernels.py --ops lora --out "$OUT/kernels_lora.json"
+    step pytest_ln 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_layer_norm.py \
+        tests/kernels/test_nf4_chunked.py -m gpu
+    left=$(( ${KERN7_END:-560} - $(elapsed) ))
+    SEQ_GRANULE=${SEQ_GRANULE:-32768} step maxseq_fxopt "$left" python3 benchmarks/train_step.py --shape 8b \
+        --mode qlora --batch 1 --seq ${MAXSEQ_START:-65536} --variant "${MAXSEQ_VARIANT:-fxopt:0.2}" --loss-only \
+        --max-seq-search --time-limit $(( left - 15 ))
+    ;;
 seqdebug)   # the 8B QLoRA step at batch 1 x SEQ (65536: an illegal memory access in the maxseq search), every launch
     # synchronous so the traceback names the kernel; first SDPA's own GQA at that length alone
     step sdpa_gqa_long 120 python3 -c "

@@ -1,6 +1,7 @@
 """Kernel benchmarks on the GPU: fwd+bwd per op against eager, Inductor and Liger in one process.
 
 usage: python benchmarks/kernels.py [--ops rms_norm,...] [--out results.json]
+       python benchmarks/kernels.py --sweep layer_norm|rms_norm|nf4_dequant --out sweep.json
 Each op lives in benchmarks/kernel_bench/<op>.py with `run(ceiling_tbps) -> (rows, correctness)`.
 """
 import argparse
@@ -21,7 +22,18 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "kernels.json"))
+    p.add_argument("--sweep", default=None, help="run kernel_bench/<op>.py's sweep() (launch configs) instead")
     a = p.parse_args()
+    if a.sweep:
+        mod = importlib.import_module(f"benchmarks.kernel_bench.{a.sweep}")
+        result = dict(environment(), what=f"{a.sweep} launch-config sweep",
+                      copy_ceiling_tbps=round(copy_ceiling_tbps(), 3))
+        out = mod.sweep()
+        result.update(out if isinstance(out, dict) else dict(rows=out))
+        for r in result["rows"]:
+            print("SWEEP " + json.dumps(r), flush=True)
+        write_json(a.out, result)
+        return
     ceiling = copy_ceiling_tbps()
     print(f"copy ceiling {ceiling:.2f} TB/s", flush=True)
     result = dict(environment(), copy_ceiling_tbps=round(ceiling, 3), ops={})

@@ -8,7 +8,9 @@ import json, os, sys, time
 
 from benchmarks.run_suite import run_child  # train_step.py puts the repo root on sys.path
 
-GRANULE = 1024
+# Bisection step. SEQ_GRANULE coarsens it: an 8B probe past 64k tokens takes minutes (load, compile, two steps),
+# and a GPU session has 30; the RESULT says which granule bounded it (min_seq_oom - max_seq_fit).
+GRANULE = int(os.environ.get("SEQ_GRANULE", "1024"))
 
 
 def probe_argv(a, seq):
@@ -66,7 +68,8 @@ def search(a, record):
             oom = mid
         else:
             stop = status
-    rec = dict(record, steps=1, warmup=1, search="max_seq", max_seq_fit=fit, min_seq_oom=oom, seq_cap=a.seq_cap,
+    rec = dict(record, steps=1, warmup=1, search="max_seq", granule=GRANULE, max_seq_fit=fit, min_seq_oom=oom,
+               seq_cap=a.seq_cap,
                complete=stop is None and fit is not None and (oom is None or oom - fit <= GRANULE),
                stopped_by=stop, search_s=round(time.time() - t_start, 1), probes=probes)
     at_fit = [p for p in probes if p["status"] == "ok" and p["seq"] == fit]

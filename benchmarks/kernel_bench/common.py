@@ -33,6 +33,22 @@ def fwd_bwd(fn, args, grads, leaves=None, accumulate=True):
     return do_bench(run)
 
 
+def gpu_busy_ms(step, n=20, warmup=3):
+    """Sum of the GPU kernels' durations per call of `step` (torch.profiler, CUDA activity): the device's work
+    without the host's launch and dispatch time, which do_bench's wall time includes when the host is slower."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+             for e in prof.key_averages())
+    return us / n / 1e3
+
+
 def copy_ceiling_tbps(nbytes=2 * 2**30):
     """Device-to-device copy bandwidth (read + write bytes / time), TB/s."""
     a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")

@@ -88,3 +88,40 @@ def run(ceiling_tbps):
         rows.append(row(name, fwd_bwd(impls[name], (x, wf, bf), gy, leaves=[x], accumulate=False), False, False,
                         gpu_ms(impls[name], (x, wf, bf), gy, [x])))
     return rows, check
+
+
+def sweep(widths=(2048, 4096), elems=T * D):
+    """Launch-config sweep of the fxopt kernels alone (no autograd): forward (rows per program, warps) and backward
+    (rows per program, warps, programs per SM) separately, at [elems / H, H] bf16, weight and bias trainable.
+    Returns rows sorted by H then ms; the default config of fxopt/kernels/layer_norm.py is marked."""
+    import itertools
+
+    import fxopt.kernels.layer_norm as K
+    from benchmarks.kernel_bench.common import do_bench
+    orig = K._config
+    rows = []
+    try:
+        for h in widths:
+            x = torch.randn(elems // h, h, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(h, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(h, device="cuda", dtype=torch.bfloat16)
+            dy = torch.randn_like(x)
+            nbytes = x.numel() * 2
+            _, mean, rstd = K._fwd_triton(x, w, b, EPS, None, x.dtype)
+            default = dict(fwd=orig(h, x.device, False), bwd=orig(h, x.device, True))
+            for kind, space in (("fwd", itertools.product((1, 2, 4, 8), (4, 8, 16), (1,))),
+                                ("bwd", itertools.product((1, 2, 4, 8), (4, 8, 16), (1, 2, 4, 8)))):
+                for cfg in space:
+                    K._config = lambda n, dev, backward, cfg=cfg: cfg
+                    if kind == "fwd":   # reads x, writes y
+                        ms, moved = do_bench(lambda: K._fwd_triton(x, w, b, EPS, None, x.dtype)), 2 * nbytes
+                    else:               # reads x, dy, writes dx (+ partial sums)
+                        ms = do_bench(lambda: K._bwd_triton(dy, x, w, mean, rstd, None, True, torch.bfloat16))
+                        moved = 3 * nbytes
+                    rows.append(dict(h=h, kind=kind, block_m=cfg[0], warps=cfg[1], progs_per_sm=cfg[2],
+                                     ms=round(ms, 4), tbps=round(moved / ms / 1e9, 3),
+                                     default=tuple(default[kind]) == cfg))
+    finally:
+        K._config = orig
+    rows.sort(key=lambda r: (r["h"], r["kind"], r["ms"]))
+    return rows

@@ -3,15 +3,16 @@
 
 Per shape and base (NF4 double-quant bf16-compute, or dense bf16), adapters as peft makes them by default over a bf16
 model (fp32, autocast_adapter_dtype=True) and in bf16. Time: fwd + bwd (grads of x, A, B), leaf grads reset each
-run. Memory: torch.cuda.max_memory_allocated over one fwd+bwd above what was allocated before it — a dequantized bf16
-copy of W (K*N*2 bytes) kept or re-materialized would show there. Correctness: fxopt vs peft eager on the same run.
+run: `ms` the wall time (do_bench), `gpu_ms` the kernels' summed durations (torch.profiler). Memory:
+torch.cuda.max_memory_allocated over one fwd+bwd above what was allocated before it — a dequantized bf16 copy of W
+(K*N*2 bytes) kept or re-materialized would show there. Correctness: fxopt vs peft eager on the same run.
 """
 import json
 import os
 
 import torch
 
-from benchmarks.kernel_bench.common import do_bench, rel
+from benchmarks.kernel_bench.common import do_bench, gpu_busy_ms, rel
 
 T, R, ALPHA = 4096, 16, 32          # tokens, rank, lora_alpha (scale 2)
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]   # (in_features K, out_features N)
@@ -52,11 +53,12 @@ def peak_mib(fn, x, gy):
 
 
 def bench(fn, x, gy, leaves):
+    """(wall ms: do_bench median, GPU ms: the kernels' summed durations) of one fwd+bwd."""
     def step():
         for t in leaves:
             t.grad = None
         fn(x).backward(gy)
-    return do_bench(step, warmup=10, rep=50)
+    return do_bench(step, warmup=10, rep=50), gpu_busy_ms(step)
 
 
 def grads(fn, x, gy, leaves):
@@ -101,13 +103,14 @@ def run(ceiling_tbps):
             flops = 2 * 2 * T * k * n + 3 * 2 * T * R * (k + n)   # fwd + dx (no dW); LoRA: 3 skinny GEMMs each way
             for name, f in impls.items():
                 try:
-                    ms = bench(f, x, gy, leaves)
+                    ms, busy = bench(f, x, gy, leaves)
                     mem = peak_mib(f, x, gy)
                 except Exception as e:  # noqa: BLE001
                     rows.append(dict(op="lora", impl=name, base=base, k=k, n=n, error=f"{type(e).__name__}: {e}"))
                     continue
                 rows.append(dict(op="lora", impl=name, base=base, adapters="fp32" if fp32_adapters else "bf16",
                                  tokens=T, k=k, n=n, r=R, ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1),
+                                 gpu_ms=round(busy, 4),
                                  peak_extra_mib=mem, dequant_w_mib=round(k * n * 2 / 2**20, 1)))
                 print("ROW " + json.dumps(rows[-1]), flush=True)   # partial results survive a timeout
             del impls, layer

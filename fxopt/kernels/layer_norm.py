@@ -157,16 +157,21 @@ def _bwd_triton(dy, x, weight, mean, rstd, mid_dtype, need_dw, db_dtype):
     nprog = max(1, min(n_blocks, num_sms(x.device) * per_sm))
     compute_dw = weight is not None and need_dw
     compute_db = db_dtype is not None
-    dw_part = torch.empty((nprog, n_cols), dtype=torch.float32, device=x.device) if compute_dw else dx
-    db_part = torch.empty((nprog, n_cols), dtype=torch.float32, device=x.device) if compute_db else dx
+    # dW and dB partials in one buffer, summed by one reduction kernel
+    n_part = int(compute_dw) + int(compute_db)
+    part = torch.empty((n_part, nprog, n_cols), dtype=torch.float32, device=x.device) if n_part else dx
+    dw_part = part[0] if compute_dw else dx
+    db_part = part[n_part - 1] if compute_db else dx
     w = weight.contiguous() if weight is not None else x2
     _layer_norm_bwd[(nprog,)](dy2, x2, w, mean.reshape(-1), rstd.reshape(-1), dx, dw_part, db_part, n_rows, n_cols,
                               dy2.stride(0), x2.stride(0), dx.stride(0), HAS_W=weight is not None,
                               MID=_mid_code(mid_dtype), DX_RND=_store_code(x.dtype), COMPUTE_DW=compute_dw,
                               COMPUTE_DB=compute_db,
                               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    dw = dw_part.sum(0).to(weight.dtype).view(weight.shape) if compute_dw else x.new_empty(0)
-    db = db_part.sum(0).to(db_dtype) if compute_db else x.new_empty(0)
+    sums = part.sum(1) if n_part else None
+    # copy=True: rows of one `sums` must not be returned as aliases of each other
+    dw = sums[0].to(weight.dtype, copy=True).view(weight.shape) if compute_dw else x.new_empty(0)
+    db = sums[n_part - 1].to(db_dtype, copy=True) if compute_db else x.new_empty(0)
     return dx.view(x.shape), dw, db
 
 

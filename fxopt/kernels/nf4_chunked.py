@@ -32,6 +32,9 @@ from fxopt.kernels.rounding import rounding_code
 # transient (bitsandbytes' own path holds the whole dequantized weight too). Not yet re-measured.
 CHUNK_BYTES = 128 * 2**20
 _ALIGN = 256          # chunk boundaries: a multiple of every tile width and of bitsandbytes' block sizes <= 256
+# (rows, columns, warps) per program of the dequantization kernel on CUDA; benchmarks/kernel_bench/nf4_dequant.py
+# sweeps it. In the 8B QLoRA step profile it took 20.5 of 249 ms GPU time (~1.7 TB/s at (64, 128, 4)).
+DEQUANT_CONFIG = (64, 128, 4)
 
 if triton_available():
     import triton
@@ -65,13 +68,13 @@ def dequantize_chunk(w: NF4Weight, r0: int, r1: int, c0: int, c1: int, dtype: to
     wq, absm, abs2, code2, off = kernel_operands(w)
     fast = w.k % w.blocksize == 0 and c0 % _ALIGN == 0
     interp = dev.type != "cuda"
-    bn, bk = (32, 64) if interp else (64, 128)
+    bn, bk, warps = (32, 64, 4) if interp else DEQUANT_CONFIG
     if fast and bk > w.blocksize and bk % w.blocksize:
         bk = w.blocksize
     grid = (triton.cdiv(R, bn), triton.cdiv(C, bk))
     _dequant_kernel[grid](wq, absm, abs2, code2, off, nf4_code(dev), d, r0, c0, R, C, w.n, w.k, d.stride(0),
                           BS=w.blocksize, BS2=w.blocksize2, NESTED=w.nested, FAST=fast,
-                          RND=rounding_code(dtype) if interp else 0, BN=bn, BK=bk, num_warps=4)
+                          RND=rounding_code(dtype) if interp else 0, BN=bn, BK=bk, num_warps=warps)
     return d
 
 
