@@ -165,6 +165,15 @@ kern7)   # layer_norm and NF4-dequantization launch-config sweeps; the LoRA/NF4 
         --mode qlora --batch 1 --seq ${MAXSEQ_START:-65536} --variant "${MAXSEQ_VARIANT:-fxopt:0.2}" --loss-only \
         --max-seq-search --time-limit $(( left - 15 ))
     ;;
+kern7b)   # issue 3's kernels again after the layer_norm configs (sweep with pipelined stages first); the LoRA/NF4
+    # layer with both compilers' CUDA-graph variants
+    step ln_sweep 100 python3 benchmarks/kernels.py --sweep layer_norm --out "$OUT/layer_norm_sweep.json"
+    for op in layer_norm rms_norm rope gated_mlp; do
+        step "kernels_$op" 100 python3 benchmarks/kernels.py --ops "$op" --out "$OUT/kernels_$op.json"
+    done
+    step kernels_lora $(( ${KERN7_END:-565} - $(elapsed) )) python3 benchmarks/kernels.py --ops lora \
+        --out "$OUT/kernels_lora.json"
+    ;;
 seqdebug)   # the 8B QLoRA step at batch 1 x SEQ (65536: an illegal memory access in the maxseq search), every launch
     # synchronous so the traceback names the kernel; first SDPA's own GQA at that length alone
     step sdpa_gqa_long 120 python3 -c "

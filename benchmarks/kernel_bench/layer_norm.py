@@ -92,7 +92,7 @@ def run(ceiling_tbps):
 
 def sweep(widths=(2048, 4096), elems=T * D):
     """Launch-config sweep of the fxopt kernels alone (no autograd): forward (rows per program, warps) and backward
-    (rows per program, warps, programs per SM) separately, at [elems / H, H] bf16, weight and bias trainable.
+    (rows per program, warps, programs per SM; a few with 2-3 pipelined stages) separately, at [elems / H, H] bf16, weight and bias trainable.
     Returns rows sorted by H then ms; the default config of fxopt/kernels/layer_norm.py is marked."""
     import itertools
 
@@ -110,7 +110,9 @@ def sweep(widths=(2048, 4096), elems=T * D):
             _, mean, rstd = K._fwd_triton(x, w, b, EPS, None, x.dtype)
             default = dict(fwd=orig(h, x.device, False), bwd=orig(h, x.device, True))
             for kind, space in (("fwd", itertools.product((1, 2, 4, 8), (4, 8, 16), (1,))),
-                                ("bwd", itertools.product((1, 2, 4, 8), (4, 8, 16), (1, 2, 4, 8)))):
+                                ("bwd", itertools.product((1, 2, 4, 8), (4, 8, 16), (1, 2, 4, 8))),
+                                ("bwd", [(bm, w, ps, st) for bm, w, ps in ((4, 16, 1), (2, 4, 2), (2, 4, 8), (2, 8, 2))
+                                         for st in (2, 3)])):
                 for cfg in space:
                     K._config = lambda n, dev, backward, cfg=cfg: cfg
                     if kind == "fwd":   # reads x, writes y
@@ -119,6 +121,7 @@ def sweep(widths=(2048, 4096), elems=T * D):
                         ms = do_bench(lambda: K._bwd_triton(dy, x, w, mean, rstd, None, True, torch.bfloat16))
                         moved = 3 * nbytes
                     rows.append(dict(h=h, kind=kind, block_m=cfg[0], warps=cfg[1], progs_per_sm=cfg[2],
+                                     stages=cfg[3] if len(cfg) > 3 else 1,
                                      ms=round(ms, 4), tbps=round(moved / ms / 1e9, 3),
                                      default=tuple(default[kind]) == cfg))
     finally:

@@ -1,5 +1,6 @@
 """LoRA / QLoRA linear layer fwd+bwd at Llama-3-8B shapes, 4096 tokens, r=16: peft(+bitsandbytes) eager, Inductor
-(torch.compile of the peft module) and fxopt (torch.compile(backend="fxopt") and the op called directly).
+(torch.compile of the peft module) and fxopt (torch.compile(backend="fxopt")), and both compilers with CUDA graphs
+(Inductor's mode="reduce-overhead", fxopt's option "cudagraphs"; FXOPT_LORA_BENCH_CG=0 leaves them out).
 
 Per shape and base (NF4 double-quant bf16-compute, or dense bf16), adapters as peft makes them by default over a bf16
 model (fp32, autocast_adapter_dtype=True) and in bf16. Time: fwd + bwd (grads of x, A, B), leaf grads reset each
@@ -92,6 +93,11 @@ def run(ceiling_tbps):
             torch._dynamo.reset()
             impls = {"eager": layer, "inductor": torch.compile(layer),
                      "fxopt": torch.compile(layer, backend="fxopt")}
+            if os.environ.get("FXOPT_LORA_BENCH_CG", "1") == "1":
+                # both compilers with their graphs replayed as CUDA graphs: the host's launch work gone (fxopt's op
+                # costs ~2 ms of host time per fwd+bwd here, more than its GPU time at 4096 x 4096)
+                impls["inductor_cudagraphs"] = torch.compile(layer, mode="reduce-overhead")
+                impls["fxopt_cudagraphs"] = torch.compile(layer, backend="fxopt", options={"cudagraphs": True})
             base = "nf4" if nf4 else "bf16"
             tag = f"{base}_{k}x{n}_{'a32' if fp32_adapters else 'a16'}"
             ref = grads(layer, x, gy, leaves)

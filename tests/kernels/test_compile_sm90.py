@@ -214,7 +214,12 @@ def norm_cases(dts=DTYPES, hidden=4096):
                             dict(DY=dt, X=dt, W=dt, MEAN="fp32", RSTD="fp32", DX=dt, DW_PART="fp32" if dw else dt,
                                  DB_PART="fp32" if db else dt),
                             dict(HAS_W=has_w, MID=m, DX_RND=0, COMPUTE_DW=dw, COMPUTE_DB=db, BLOCK_M=bm,
-                                 BLOCK_N=hidden), dict(num_warps=w)))
+                                 BLOCK_N=hidden, STAGES=1), dict(num_warps=w)))
+        # the sweep's pipelined variant (STAGES 2)
+        out.append(case("layer_norm._layer_norm_bwd", "STAGES=2", dt,
+                        dict(DY=dt, X=dt, W=dt, MEAN="fp32", RSTD="fp32", DX=dt, DW_PART="fp32", DB_PART="fp32"),
+                        dict(HAS_W=True, MID=mid, DX_RND=0, COMPUTE_DW=True, COMPUTE_DB=True, BLOCK_M=bm,
+                             BLOCK_N=hidden, STAGES=2), dict(num_warps=w)))
         bm = RN._block_m(hidden, CUDA)
         # Llama (round, then w), Gemma (1 + w), none, fp32 weight (x rounded to its dtype, then an fp32 product)
         for has_w, m, wdt in ((True, mid, dt), (True, 0, dt), (False, 0, dt), (True, mid, "fp32")):
