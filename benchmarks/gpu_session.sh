@@ -174,6 +174,14 @@ kern7b)   # issue 3's kernels again after the layer_norm configs (sweep with pip
     step kernels_lora $(( ${KERN7_END:-565} - $(elapsed) )) python3 benchmarks/kernels.py --ops lora \
         --out "$OUT/kernels_lora.json"
     ;;
+kern7c)   # sweeps for issue 3's last gaps (rope bhsd and geglu_tanh 2-3% behind Inductor; layer_norm stages), rms_norm
+    # with GPU time, the LoRA layer with a host-time profile (cProfile) of fxopt and Inductor
+    step ln_sweep 100 python3 benchmarks/kernels.py --sweep layer_norm --out "$OUT/layer_norm_sweep.json"
+    step rope_sweep 120 python3 benchmarks/kernels.py --sweep rope --out "$OUT/rope_sweep.json"
+    step gated_sweep 100 python3 benchmarks/kernels.py --sweep gated_mlp --out "$OUT/gated_mlp_sweep.json"
+    step kernels_rms_norm 80 python3 benchmarks/kernels.py --ops rms_norm --out "$OUT/kernels_rms_norm.json"
+    FXOPT_LORA_BENCH_CG=0 step kernels_lora 150 python3 benchmarks/kernels.py --ops lora --out "$OUT/kernels_lora_host.json"
+    ;;
 seqdebug)   # the 8B QLoRA step at batch 1 x SEQ (65536: an illegal memory access in the maxseq search), every launch
     # synchronous so the traceback names the kernel; first SDPA's own GQA at that length alone
     step sdpa_gqa_long 120 python3 -c "

@@ -106,7 +106,8 @@ def run(ceiling_tbps):
 
 
 def sweep(configs=((1, 1024, 4), (2, 1024, 4), (4, 1024, 8), (8, 1024, 8), (2, 2048, 8), (4, 2048, 16),
-                   (1, 4096, 8), (16, 512, 8), (8, 512, 4))):
+                   (1, 4096, 8), (16, 512, 8), (8, 512, 4), (1, 2048, 4), (2, 2048, 4), (4, 1024, 4),
+                   (1, 1024, 2), (2, 512, 4), (4, 512, 4), (8, 1024, 16), (1, 8192, 16))):
     """Time fwd and bwd kernels alone per (BLOCK_R, BLOCK_C, num_warps) tile; prints one line each."""
     import fxopt  # noqa: F401
     from fxopt.kernels import gated_mlp as K
@@ -115,6 +116,7 @@ def sweep(configs=((1, 1024, 4), (2, 1024, 4), (4, 1024, 8), (8, 1024, 8), (2, 2
     dg, du = torch.empty_like(g), torch.empty_like(u)
     gu = torch.randn(T, 2 * FF, device="cuda", dtype=torch.bfloat16)
     dgu = torch.empty_like(gu)
+    rows = []
     try:
         for cfg in (None,) + tuple(configs):
             K._config = default if cfg is None else (lambda R, C, dev, cfg=cfg: cfg)
@@ -125,8 +127,12 @@ def sweep(configs=((1, 1024, 4), (2, 1024, 4), (4, 1024, 8), (8, 1024, 8), (2, 2
                 print(f"tile {cfg or default(T, FF, g.device)} {act:9s} fwd {fwd:.4f} ms "
                       f"({3 * T * FF * 2 / fwd / 1e9:.2f} TB/s)  bwd {bwd:.4f} ms ({5 * T * FF * 2 / bwd / 1e9:.2f} "
                       f"TB/s)  packed bwd {pk:.4f} ms", flush=True)
+                rows.append(dict(tile=cfg or default(T, FF, g.device), default=cfg is None, act=act,
+                                 fwd_ms=round(fwd, 4), bwd_ms=round(bwd, 4), packed_bwd_ms=round(pk, 4),
+                                 total_ms=round(fwd + bwd, 4)))
     finally:
         K._config = default
+    return rows
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ def sweep(widths=(2048, 4096), elems=T * D):
     rows = []
     try:
         for h in widths:
+            K._config = orig
             x = torch.randn(elems // h, h, device="cuda", dtype=torch.bfloat16)
             w = torch.randn(h, device="cuda", dtype=torch.bfloat16)
             b = torch.randn(h, device="cuda", dtype=torch.bfloat16)

@@ -62,6 +62,34 @@ def bench(fn, x, gy, leaves):
     return do_bench(step, warmup=10, rep=50), gpu_busy_ms(step)
 
 
+def host_profile(fn, x, gy, leaves, n=50, top=25):
+    """Where the host time of one fwd+bwd goes: cProfile over n steps, the top functions by own time (us per step)
+    and by cumulative time. The GPU runs ahead; the host's Python is what cProfile sees."""
+    import cProfile
+    import pstats
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        fn(x).backward(gy)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+    prof.disable()
+    torch.cuda.synchronize()
+    st = pstats.Stats(prof)
+    rows = [(f"{os.path.basename(file)}:{line}:{name}", calls / n, tt / n * 1e6, ct / n * 1e6)
+            for (file, line, name), (_, calls, tt, ct, _) in st.stats.items()]
+    fmt = lambda r: dict(fn=r[0], calls=round(r[1], 2), own_us=round(r[2], 1), cum_us=round(r[3], 1))
+    return dict(total_us=round(sum(r[2] for r in rows), 1),
+                by_own=[fmt(r) for r in sorted(rows, key=lambda r: -r[2])[:top]],
+                by_cum=[fmt(r) for r in sorted(rows, key=lambda r: -r[3])[:top]])
+
+
 def grads(fn, x, gy, leaves):
     for t in leaves:
         t.grad = None
@@ -119,6 +147,12 @@ def run(ceiling_tbps):
                                  gpu_ms=round(busy, 4),
                                  peak_extra_mib=mem, dequant_w_mib=round(k * n * 2 / 2**20, 1)))
                 print("ROW " + json.dumps(rows[-1]), flush=True)   # partial results survive a timeout
+            if nf4 and k == n and os.environ.get("FXOPT_LORA_HOST_PROFILE", "1") == "1":
+                try:
+                    check[f"host_profile_{tag}"] = {name: host_profile(impls[name], x, gy, leaves)
+                                                    for name in ("fxopt", "inductor")}
+                except Exception as e:  # noqa: BLE001
+                    check[f"host_profile_{tag}"] = f"{type(e).__name__}: {e}"[:300]
             del impls, layer
             torch.cuda.empty_cache()
     from fxopt.kernels.lora import _DENSE_CHOICE, _NF4_CHOICE, _SKINNY_CHOICE

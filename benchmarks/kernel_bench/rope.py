@@ -142,8 +142,10 @@ def run(ceiling_tbps):
     return rows, correctness
 
 
-def sweep(configs=((1, 8, 4), (1, 16, 4), (2, 8, 8), (4, 2, 4), (8, 4, 4), (8, 4, 8), (16, 1, 4))):
-    """Forward kernel time per (BLOCK_T, BLOCK_H, num_warps) on both layouts (for choosing fxopt's defaults)."""
+def sweep(configs=tuple((t, h, w) for t in (1, 2, 4, 8) for h in (1, 2, 4, 8, 16) for w in (4, 8)
+                         if 64 * t * h <= 4096)):
+    """Forward kernel time per (BLOCK_T, BLOCK_H, num_warps) on both layouts (for choosing fxopt's defaults), and
+    the default's; Inductor's forward on the same inputs."""
     import fxopt  # noqa: F401
     from fxopt.kernels import rope as R
     out = []
@@ -153,9 +155,12 @@ def sweep(configs=((1, 8, 4), (1, 16, 4), (2, 8, 8), (4, 2, 4), (8, 4, 4), (8, 4
         if layout == "hf":
             q, k = q.view(B, S, H, D).transpose(1, 2), k.view(B, S, KV, D).transpose(1, 2)
         yq, yk = torch.empty_like(q), torch.empty_like(k)
-        for cfg in configs:
+        default = R._blocks(S, H, D // 2, q.device)
+        for cfg in (None,) + tuple(configs):
             ms = do_bench(lambda: R._launch(q, k, cos, sin, yq, yk, False, q.dtype, False, blocks=cfg))
-            out.append(dict(layout=layout, blocks=cfg, ms=round(ms, 4)))
+            out.append(dict(layout=layout, blocks=cfg or default, default=cfg is None, ms=round(ms, 4)))
+        fwd = torch.compile(eager)
+        out.append(dict(layout=layout, impl="inductor", ms=round(do_bench(lambda: fwd(q, k, cos, sin)), 4)))
     return out
 
 
