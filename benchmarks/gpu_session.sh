@@ -182,6 +182,18 @@ kern7c)   # sweeps for issue 3's last gaps (rope bhsd and geglu_tanh 2-3% behind
     step kernels_rms_norm 80 python3 benchmarks/kernels.py --ops rms_norm --out "$OUT/kernels_rms_norm.json"
     FXOPT_LORA_BENCH_CG=0 step kernels_lora 150 python3 benchmarks/kernels.py --ops lora --out "$OUT/kernels_lora_host.json"
     ;;
+kern7d)   # issue 3's kernels after the gated_mlp tile change (layer_norm, rms_norm again: sub-0.2 ms timings varied
+    # between calls); then one max-seq probe each for unsloth and eager at PROBE_SEQ (65536; fxopt 0.2 fits there)
+    for op in gated_mlp layer_norm rms_norm; do
+        step "kernels_$op" 80 python3 benchmarks/kernels.py --ops "$op" --out "$OUT/kernels_$op.json"
+    done
+    for v in unsloth eager; do
+        lim=$([ "$v" = unsloth ] && echo "${PROBE_UNSLOTH_S:-230}" || echo $(( ${KERN7_END:-565} - $(elapsed) )))
+        step "maxseq_$v" "$lim" python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 \
+            --seq ${PROBE_SEQ:-65536} --seq-cap ${PROBE_SEQ:-65536} --variant "$v" --gc --max-seq-search \
+            --time-limit $(( lim - 10 ))
+    done
+    ;;
 seqdebug)   # the 8B QLoRA step at batch 1 x SEQ (65536: an illegal memory access in the maxseq search), every launch
     # synchronous so the traceback names the kernel; first SDPA's own GQA at that length alone
     step sdpa_gqa_long 120 python3 -c "
