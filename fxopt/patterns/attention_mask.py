@@ -329,6 +329,60 @@ def _packed_docs(parts, B, Sq, Sk):
     return docs, causal, window, "packed sequences: document ids from position_ids, no dense mask read"
 
 
+_FLIP = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt", "eq": "eq"}
+
+
+def _side(v: torch.Tensor, Sq: int, Sk: int):
+    """Which axis a broadcast operand of a [.., Sq, Sk] comparison varies along: "q" ([.., Sq, 1]), "k" ([.., 1, Sk]),
+    "const" (one element), else None."""
+    if v.numel() == 1:
+        return "const"
+    if v.dim() >= 2 and v.shape[-1] == 1 and v.shape[-2] == Sq:
+        return "q"
+    if v.dim() >= 2 and v.shape[-2] == 1 and v.shape[-1] == Sk:
+        return "k"
+    return None
+
+
+def _outer_flags(p, Sq: int, Sk: int):
+    """A constant conjunct too large to evaluate, compared from small operands: cmp(A[q], B[k]) (HF's kv_idx <= q_idx,
+    kv_idx > q_idx - W, doc[q] == doc[k]). Decided from the operands alone in O(S log S): "all", (causal, window)
+    when it equals exactly that flag set, else None. B sorted along k; each q's allowed k then form a prefix (<=, <)
+    or a suffix (>=, >) of 0..Sk-1, found by searchsorted; rows of different batch/heads must agree."""
+    name = (p.target if p.op == "call_method" else _name(p.target) if p.op == "call_function" else "").strip("_")
+    if name not in _FLIP or len(p.args) != 2 or Sq != Sk:
+        return None
+    vals = [evaluate_constant(a) if isinstance(a, fx.Node) else torch.tensor(a) for a in p.args]
+    if any(v is None for v in vals):
+        return None
+    sides = [_side(v, Sq, Sk) for v in vals]
+    if sorted(sides, key=str) != ["k", "q"]:
+        return None
+    if sides[0] == "q":   # read it as  B[k] op A[q]
+        name, vals = _FLIP[name], vals[::-1]
+    b, a = vals
+    lead = torch.broadcast_shapes(b.shape[:-2], a.shape[:-2])
+    dt = torch.promote_types(a.dtype, b.dtype)
+    b = b.to(dt).expand(*lead, 1, Sk).reshape(-1, Sk)
+    a = a.to(dt).expand(*lead, Sq, 1).reshape(-1, Sq)
+    if name == "eq":   # one value on both sides of every row: all allowed
+        return "all" if bool((b == b[:, :1]).all() and (a == b[:, :1]).all()) else None
+    if b.dtype == torch.bool or not bool((b[:, 1:] >= b[:, :-1]).all()):
+        return None
+    edge = torch.searchsorted(b.contiguous(), a.contiguous(), right=name in ("le", "gt"))
+    if not bool((edge == edge[:1]).all()):
+        return None
+    edge, q = edge[0], torch.arange(Sq, device=edge.device)
+    if name in ("le", "lt"):          # allowed k < edge[q]
+        if bool((edge == Sk).all()):
+            return "all"
+        return (True, 0) if torch.equal(edge, q + 1) else None
+    if bool((edge == 0).all()):       # allowed k >= edge[q]
+        return "all"
+    w = int(q[-1] - edge[-1]) + 1
+    return (False, w) if 0 < w < Sq and torch.equal(edge, (q - w + 1).clamp(min=0)) else None
+
+
 def _one_document(docs) -> bool:
     """Document ids [B, S] computed from constants (position ids from arange) with one id per row: then the
     same-document conjunct allows everything, and position = index + constant inside the row."""
@@ -364,16 +418,30 @@ def classify(mask: fx.Node, Sq, Sk, allowed_is_not: bool = False) -> MaskInfo:
                         "positions rising by 1 (one document per row), so causal/window in positions = in indices"))
                 mask.meta[key] = info
                 return info
-            causal, window = False, 0
+            causal, window, decided = False, 0, 0
             for p in parts:
                 v = evaluate_constant(p) if isinstance(p, fx.Node) else None
+                if v is None and big and isinstance(p, fx.Node):
+                    flags = _outer_flags(p, Sq, Sk)
+                    decided += flags is not None
+                    if isinstance(flags, tuple):
+                        causal, window = causal or flags[0], _tighter(window, flags[1])
+                    continue
+                if v is not None and v.dtype == torch.bool and bool(v.all()):
+                    decided += 1
+                    continue
                 if v is None or v.dtype != torch.bool or v.dim() < 2:
                     continue
-                rows, _ = _as_rows(v, Sq, Sk)
+                rows, uniform = _as_rows(v, Sq, Sk)
                 c, w = _tightest_flags(rows, Sq, Sk)
                 if c or w:
                     causal, window = causal or c, _tighter(window, w)
-            if causal or window:
+                    decided += uniform and torch.equal(rows, _flag_mask(Sq, Sk, c, w, rows.device))
+            if big and decided == len(parts) and (causal or window):   # every conjunct exactly all / causal / window
+                info = MaskInfo(causal=causal, window=window, why=(
+                    f"constant mask of {meta(mask).numel()} elements, too large to evaluate; each conjunct decided "
+                    "from its small operands (index comparisons, one document per row): causal/window"))
+            elif causal or window:
                 info = MaskInfo(causal=causal, window=window, tensor=True,
                                 why="mask depends on graph inputs: read, with constant causal/window conjunct")
     mask.meta[key] = info

@@ -114,3 +114,52 @@ def test_constant_mask_too_large_to_evaluate_is_still_causal(arch, attn, window,
     assert worst <= 1e-5, worst
     assert seen_masks and all(m is None for m in seen_masks), seen_masks
 
+
+
+def _cmp(op, left, right):
+    """A graph computing op(left, right) from two constant tensors (each a torch.tensor node); returns the op node."""
+    import torch.fx as fx
+    g = fx.Graph()
+    nodes = []
+    for t in (left, right):
+        n = g.call_function(torch.tensor, (t.tolist(),))
+        n.meta["val"] = t
+        nodes.append(n)
+    out = g.call_function(op, tuple(nodes))
+    out.meta["val"] = op(left, right)
+    return out
+
+
+@pytest.mark.parametrize("case", ["causal", "causal_q_first", "window", "strict", "docs_one", "docs_two", "unsorted",
+                                  "float_vs_int", "batch_differs", "all"])
+def test_outer_comparison_conjunct_decided_from_operands(case, monkeypatch):
+    """transformers 5.17 builds the causal mask as kv_idx <= q_idx and docs[q] == docs[k] with index tensors
+    [1, 1, S, 1] / [1, 1, 1, S]; at S = 65536 the [S, S] conjunct is too large to evaluate (the H200 8B step read it
+    as a 4 GiB tensor). Each conjunct is decided from its operands; the answer must equal the dense evaluation."""
+    import operator
+    from fxopt.kernels.attention_masks import allowed_mask
+    from fxopt.patterns import attention_mask as AM
+    monkeypatch.setattr(AM, "MAX_EVAL_NUMEL", 100)   # the [.., 24, 24] comparisons count as too large
+    S, W = 24, 5
+    i = torch.arange(S)
+    q, k = i[None, None, :, None], i[None, None, None, :]
+    op, left, right, want = {
+        "causal": (operator.le, k, q, (True, 0)),
+        "causal_q_first": (operator.ge, q, k, (True, 0)),
+        "window": (operator.gt, k, q - W, (False, W)),
+        "strict": (operator.lt, k, q, None),
+        "docs_one": (operator.eq, torch.zeros(1, 1, S, 1), torch.zeros(1, 1, 1, S), "all"),
+        "docs_two": (operator.eq, (q >= 10).long(), (k >= 10).long(), None),
+        "unsorted": (operator.le, k.flip(-1), q, None),
+        "float_vs_int": (operator.le, k, q.double() + 0.5, (True, 0)),
+        "batch_differs": (operator.le, torch.cat([k, k + 1]), torch.cat([q, q]), None),
+        "all": (operator.le, k, q + S, "all"),
+    }[case]
+    node = _cmp(op, left, right)
+    got = AM._outer_flags(node, S, S)
+    assert got == want, (case, got)
+    dense = op(left, right).expand(-1, -1, S, S)
+    if got == "all":
+        assert bool(dense.all())
+    elif got is not None:
+        assert torch.equal(dense[0, 0], allowed_mask(S, S, got[0], got[1], None, "cpu"))
