@@ -24,7 +24,12 @@ export PYTHONPATH="/tmp/site:$_fx_root${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1
 export UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_STUDIO_DISABLED=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache
-export FXOPT_GIT_SHA="${FXOPT_GIT_SHA:-$(git -C "$_fx_root" rev-parse --short=12 HEAD 2>/dev/null)}"
+# The caller exports FXOPT_GIT_SHA (its own HEAD). The GPU machine's copy of .git can be stale: in the seventh
+# session its rev-parse answered the previous session's HEAD for three calls. Unset, results say so.
+if [ -z "${FXOPT_GIT_SHA:-}" ]; then
+    echo "gpu_env: WARNING FXOPT_GIT_SHA not exported by the caller; results record 'unknown'" >&2
+    export FXOPT_GIT_SHA="unknown (FXOPT_GIT_SHA not exported; this machine's .git may be stale)"
+fi
 python3 - <<'PYEOF' >&2 || true
 import importlib.metadata as md
 names = ["torch", "triton", "transformers", "peft", "bitsandbytes", "liger-kernel", "unsloth", "unsloth_zoo", "trl",

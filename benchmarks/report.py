@@ -167,13 +167,19 @@ def step_tables(rows, anchors):
 def search_table(rows):
     if not rows:
         return []
-    md = ["### Longest sequence that fits (one step, 1024-token granularity)", "",
-          "| shape | mode | variant | grad ckpt | batch | fits | OOM at | complete | tok/s there | peak GiB | search s |",
+    md = ["### Longest sequence that fits (one step per probe; doubling, then bisection to the granule)", "",
+          "| shape | mode | variant | grad ckpt | batch | fits | OOM at | searched | tok/s there | peak GiB | search s |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        fit, oom, cap = r.get("max_seq_fit"), r.get("min_seq_oom"), r.get("seq_cap")
+        if fit is not None and oom is None and fit == cap:
+            state = "to the cap only"   # a probe at the cap fit; longer was not tried
+        elif r.get("complete"):
+            state = f"yes ({r.get('granule', 1024)}-token granule)"
+        else:
+            state = "no: " + str(r.get("stopped_by"))
         md.append(f"| {r['shape']} | {r['mode']} | {r['variant']} | {'yes' if r.get('gc') else 'no'} | {r['batch']} | "
-                  f"{fmt(r.get('max_seq_fit'), ',')} | {fmt(r.get('min_seq_oom'), ',')} | "
-                  f"{'yes' if r.get('complete') else 'no: ' + str(r.get('stopped_by'))} | "
+                  f"{'>= ' if oom is None and fit is not None else ''}{fmt(fit, ',')} | {fmt(oom, ',')} | {state} | "
                   f"{fmt(r.get('tok_per_s'), ',')} | {fmt(r.get('peak_gib'), '.2f')} | {fmt(r.get('search_s'), '.0f')} |")
     return md + [""]
 
