@@ -46,3 +46,14 @@ def test_cli_plan(tmp_path, capsys, fresh_dynamo):
     out = capsys.readouterr().out
     assert e.value.code == 0, out
     assert "predicted peak" in out and "save everything" in out
+
+
+def test_causal_mask_past_2_30_elements_is_not_saved(fresh_dynamo):
+    """At S = 65536 HF's causal mask has 2^32 elements, too many to evaluate at compile time. It must still be
+    classified causal (no mask tensor for the kernel), or the plan saves it: a 4 GiB bool per step, as on the H200
+    (transformers 5.17 builds it from index comparisons; 5.24 from position ids). Traced on the meta device."""
+    S = 65536
+    r = plan_for_config(tiny_config("llama", vocab_size=512, max_position_embeddings=2 * S), 1, S, 1.0,
+                        fit=False)
+    assert r["matched"]["attention"] == 2
+    assert r["save_all_peak"] < S * S // 4, r["save_all_peak"]   # a [S, S] bool alone would be S * S bytes
