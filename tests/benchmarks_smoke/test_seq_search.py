@@ -30,3 +30,16 @@ def test_search_finds_the_largest_fit(monkeypatch, capsys):
 def test_probe_forwards_grad_ckpt_and_not_loss_only():
     argv = seq_search.probe_argv(_args(variant="eager", gc=True, loss_only=False), 4096)
     assert "--gc" in argv and "--loss-only" not in argv and argv[argv.index("--seq") + 1] == "4096"
+
+
+def test_single_probe_at_the_cap_is_reported_as_a_lower_bound(monkeypatch, capsys):
+    """--seq X --seq-cap X: one probe; when it fits, the table says ">= X" and "to the cap only", not "complete"."""
+    from benchmarks import report
+    monkeypatch.setattr(seq_search, "run_child", lambda argv, timeout, cold=False: ("ok", {"tok_per_s": 7,
+                                                                                          "peak_gib": 1.0}, 1.0))
+    assert seq_search.search(_args(seq=65536, seq_cap=65536), {"variant": "eager", "shape": "8b", "mode": "qlora",
+                                                                "batch": 1}) == 0
+    rec = json.loads(capsys.readouterr().out.strip().split("RESULT ", 1)[1])
+    assert [p["seq"] for p in rec["probes"]] == [65536] and rec["granule"] == seq_search.GRANULE
+    row = [line for line in report.search_table([rec]) if line.startswith("| 8b")][0]
+    assert ">= 65,536" in row and "to the cap only" in row
