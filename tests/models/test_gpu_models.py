@@ -140,3 +140,31 @@ def test_cudagraphs_option_cuda_bf16(adapter, fresh_dynamo):
     assert report.matched[name] > 0, report.matched
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])   # Inductor's skip counter
     _assert_close_to_fp32(loss, comp, eager, ref, ids, labels)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_causal_mask_at_65536_tokens_is_not_read(attn, fresh_dynamo):
+    """HF's causal mask at S = 65536 has 2^32 elements, too many to evaluate at compile time. It must still become
+    the kernel's causal flag: read as a tensor it is a 4 GiB bool (plus its saved copy), where this tiny model's whole
+    step needs well under 1 GiB. On the H200 (transformers 5.17) it was read until 4f57409."""
+    from transformers import AutoModelForCausalLM
+    S = 65536
+    cfg = coverage.tiny_config("llama", E.SMALL, max_position_embeddings=2 * S)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to("cuda", torch.bfloat16).train()
+    m.config.use_cache = False
+    ids = torch.randint(3, E.SMALL["vocab_size"], (1, S), device="cuda")
+    cm = torch.compile(m, backend="fxopt")
+    cm(input_ids=ids, labels=ids).loss.backward()            # compile
+    m.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss = cm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    report = fxopt.last_report()
+    assert report.matched["attention"] == cfg.num_hidden_layers and not report.fallbacks
+    assert torch.isfinite(loss)
+    assert peak < 2**31, f"step peak {peak / 2**30:.2f} GiB: the [S, S] mask was materialized"
