@@ -168,7 +168,8 @@ def search_table(rows):
     if not rows:
         return []
     md = ["### Longest sequence that fits (one step per probe; doubling, then bisection to the granule)", "",
-          "| shape | mode | variant | grad ckpt | batch | fits | OOM at | searched | tok/s there | peak GiB | search s |",
+          "| shape | mode | variant | grad ckpt | batch | fits | OOM at | searched | tok/s there | peak GiB "
+          "| search s |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fit, oom, cap = r.get("max_seq_fit"), r.get("min_seq_oom"), r.get("seq_cap")

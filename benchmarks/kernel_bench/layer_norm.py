@@ -92,7 +92,8 @@ def run(ceiling_tbps):
 
 def sweep(widths=(2048, 4096), elems=T * D):
     """Launch-config sweep of the fxopt kernels alone (no autograd): forward (rows per program, warps) and backward
-    (rows per program, warps, programs per SM; a few with 2-3 pipelined stages) separately, at [elems / H, H] bf16, weight and bias trainable.
+    (rows per program, warps, programs per SM; a few with 2-3 pipelined stages) separately, at [elems / H, H] bf16,
+    weight and bias trainable.
     Returns rows sorted by H then ms; the default config of fxopt/kernels/layer_norm.py is marked."""
     import itertools
 
