@@ -11,7 +11,8 @@ After this pass patterns see one spelling per operation:
   - `addmm(b, x.view(-1, K), W).view(*x.shape[:-1], N)` (and the 2-D `addmm(b, x, W)`) -> linear(x, W.t(), b)
     (transformers' Conv1D: gpt2 and its LoRA)
   - dtype casts (.to(dtype), .float(), .half(), .bfloat16(), .type(dtype), .type_as(y)) -> `x.to(dtype)` as
-    call_method "to" with exactly (x, dtype); casts to the dtype x already has are dropped
+    call_method "to" with exactly (x, dtype); casts to the dtype x already has are dropped; two casts of one tensor
+    to one dtype become one node (unless either result is written in place)
   - view/reshape to the shape x already has are dropped
   - dropout that is the identity (p == 0 or training=False, not inplace) is dropped
 Every rewrite is checked against dynamo's fake-tensor metadata (node.meta["example_value"]).
@@ -194,10 +195,40 @@ def _addmm_to_linear(g: fx.Graph) -> int:
     return n
 
 
+def _mutated(node: fx.Node) -> bool:
+    """Whether any user may write into `node`'s tensor (an in-place method or operator, setitem)."""
+    for u in node.users:
+        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+        if u.target is operator.setitem or (isinstance(name, str) and name.endswith("_") and not name.startswith("_")):
+            return True
+        if u.op == "call_function" and u.target in _INPLACE_TO_FN and u.args and u.args[0] is node:
+            return True
+    return False
+
+
+def _merge_duplicate_casts(g: fx.Graph) -> int:
+    """`x.float()` written twice (two casts of one tensor to one dtype) -> one node, so patterns that need the same
+    upcast value in two places see it (RMSNorm as `w * (x.float() * rsqrt(x.float().pow(2).mean(-1) + eps))`).
+    Only when nothing writes into either cast's result."""
+    first, merged = {}, 0
+    for node in list(g.nodes):
+        if node.op != "call_method" or node.target != "to" or len(node.args) != 2 or node.kwargs:
+            continue
+        key = (node.args[0], node.args[1])
+        prev = first.get(key)
+        if prev is None:
+            first[key] = node
+        elif not _mutated(prev) and not _mutated(node):
+            node.replace_all_uses_with(prev)
+            g.erase_node(node)
+            merged += 1
+    return merged
+
+
 def normalize(gm: fx.GraphModule) -> dict:
     """Canonicalize `gm` in place; returns counts of rewrites (for logging)."""
     g = gm.graph
-    counts = {"methods": 0, "operators": 0, "casts": 0, "dropped": 0, "inplace": 0, "linear": 0}
+    counts = {"methods": 0, "operators": 0, "casts": 0, "dropped": 0, "inplace": 0, "cse": 0, "linear": 0}
     inplace = [n for n in g.nodes if n.op == "call_function" and n.target in _INPLACE_TO_FN and is_tensor(n)]
     if inplace:
         storages = _storages(g)
@@ -241,6 +272,7 @@ def normalize(gm: fx.GraphModule) -> dict:
             if is_tensor(node.args[0]):
                 node.target = _OPERATOR_TO_FN[node.target]
                 counts["operators"] += 1
+    counts["cse"] = _merge_duplicate_casts(g)
     counts["linear"] = _matmul_to_linear(g) + _addmm_to_linear(g)
     g.lint()
     gm.recompile()

@@ -145,3 +145,45 @@ def test_addmm_with_broadcast_bias_is_kept():
     x, w, b = torch.randn(3, 5), torch.randn(5, 7), torch.randn(3, 7)   # a [M, N] bias is no linear bias
     gm, out = _dynamo_graph(torch.addmm, b, x, w)
     assert torch.addmm in _targets(gm)
+
+
+def _rms_double_upcast(x, w, eps=1e-6):
+    v = x.float().pow(2).mean(-1, keepdim=True)      # x.float() written twice
+    return w * (x.float() * torch.rsqrt(v + eps)).to(x.dtype)
+
+
+def test_two_casts_of_one_tensor_become_one_and_rms_norm_matches(fresh_dynamo):
+    """The rms_norm benchmark's eager form upcasts x twice; the pattern needs one upcast node in both places. Before
+    the merge it was rejected ('rsqrt result is not only multiplied by the same x'), so benchmarks/kernels.py's
+    'fxopt' rms_norm rows on the H200 timed Inductor's own code."""
+    import fxopt
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    w = torch.randn(32, dtype=torch.bfloat16)
+    gm, out = _dynamo_graph(_rms_double_upcast, x, w)
+    casts = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "to" and n.args[1] == torch.float32]
+    assert len(casts) == 1
+    torch.testing.assert_close(out, _rms_double_upcast(x, w), rtol=0, atol=0)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = torch.compile(_rms_double_upcast, backend="fxopt", options={"inductor": False})(xg, wg)
+    assert fxopt.last_report().matched["rms_norm"] == 1
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    yr = _rms_double_upcast(xr, wr)
+    gy = torch.randn_like(yr)
+    y.backward(gy)
+    yr.backward(gy)
+    for a, b in ((y, yr), (xg.grad, xr.grad), (wg.grad, wr.grad)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def _cast_written_in_place(x):
+    h = x.float()
+    h.mul_(2)                 # h is written: a second x.float() must stay a separate value
+    return x.float() + h
+
+
+def test_cast_written_in_place_is_not_merged():
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    gm, out = _dynamo_graph(_cast_written_in_place, x)
+    torch.testing.assert_close(out, _cast_written_in_place(x), rtol=0, atol=0)
+    casts = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "to"]
+    assert len(casts) == 2
