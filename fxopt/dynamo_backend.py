@@ -42,6 +42,15 @@ def _compile_id():
         return None
 
 
+def _compile_context():
+    """The dynamo compile context of this backend call (one object per frame compile), or None."""
+    try:
+        from torch._guards import CompileContext
+        return CompileContext.try_get()
+    except Exception:  # noqa: BLE001 - private API, optional
+        return None
+
+
 def _count_ops(gm: fx.GraphModule, graph_report) -> None:
     for n in gm.graph.nodes:
         if n.op == "call_function" and str(getattr(n.target, "namespace", "")) == "fxopt":
@@ -119,9 +128,9 @@ def backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
     """torch.compile(model, backend="fxopt", options={...}); options as in API.md."""
     config = _config.parse(options, mode)
     set_strict(config.strict)
-    report = _report.report_for(_compile_key(), config.patterns)
-    cid = _compile_id()
-    graph_report = report.new_graph(cid)
+    cid, ctx = _compile_id(), _compile_context()
+    report = _report.report_for(_compile_key(), config.patterns, cid, ctx)
+    graph_report = report.new_graph(cid, ctx)
     try:
         compiled = _backend(gm, example_inputs, config, graph_report, cid)
     except BaseException as e:

@@ -46,26 +46,37 @@ class Report:
         self._frames: dict = {}         # frame id -> (frame compile id, [GraphReport])
         self.runtime_fallbacks: list[Fallback] = []
 
-    def new_graph(self, compile_id) -> GraphReport:
+    def stale(self, compile_id, ctx) -> bool:
+        """Whether this compile's (frame, compile count) is already here from another dynamo compile. Without a
+        dynamo reset, frame ids are unique and counts grow; torch._dynamo.reset() restarts them, and does not reach
+        fxopt when a user's backend calls fxopt.backend (its reset hook is on the backend torch.compile got): the
+        colliding entry then belongs to a finished compilation, and this report to it."""
+        old = self._frames.get(getattr(compile_id, "frame_id", None))
+        if old is None or ctx is None or old[0] != getattr(compile_id, "frame_compile_id", None):
+            return False
+        return old[1]() is not ctx
+
+    def new_graph(self, compile_id, ctx=None) -> GraphReport:
         frame = getattr(compile_id, "frame_id", None)
         count = getattr(compile_id, "frame_compile_id", None)
         g = GraphReport(str(compile_id) if compile_id is not None else f"graph{len(self._all())}")
         old = self._frames.get(frame)
-        if old is None or old[0] != count:
-            self._frames[frame] = (count, [g])   # a recompile of a frame replaces its earlier graphs
+        if old is None or old[0] != count or (ctx is not None and old[1]() is not ctx):
+            # a recompile of a frame replaces its earlier graphs
+            self._frames[frame] = (count, _weak(ctx), [g])
         else:
-            old[1].append(g)
+            old[2].append(g)
         return g
 
     def discard(self, g: GraphReport) -> None:
-        for frame, (count, gs) in list(self._frames.items()):
+        for frame, (count, _, gs) in list(self._frames.items()):
             if g in gs:
                 gs.remove(g)
                 if not gs:
                     del self._frames[frame]
 
     def _all(self) -> list[GraphReport]:
-        return [g for _, gs in self._frames.values() for g in gs]
+        return [g for _, _, gs in self._frames.values() for g in gs]
 
     @property
     def matched(self) -> dict[str, int]:
@@ -149,11 +160,23 @@ _fresh = False          # set by torch._dynamo.reset(): the next compilation sta
 _warned: set = set()
 
 
-def report_for(key, patterns) -> Report:
-    """The report of the torch.compile call identified by `key`; a new key starts a new report."""
+def _weak(obj):
+    """A callable returning obj while it lives (a weak reference when obj allows one)."""
+    import weakref
+    if obj is None:
+        return lambda: None
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
+def report_for(key, patterns, compile_id=None, ctx=None) -> Report:
+    """The report of the torch.compile call identified by `key`; a new key, a dynamo reset, or a compile id already
+    seen under another dynamo compile context (a reset fxopt was not told of) starts a new report."""
     global _current, _fresh
     with _lock:
-        if _current is None or _current.key != key or _fresh:
+        if _current is None or _current.key != key or _fresh or _current.stale(compile_id, ctx):
             _current = Report(key, patterns)
             _fresh = False
         return _current

@@ -184,3 +184,29 @@ def test_inductor_cache_is_keyed_by_fxopt_sources(monkeypatch):
     assert compiled_graphs() == {}                       # same sources: served from the cache
     monkeypatch.setattr(P, "source_hash", lambda: f"fxopt-version-{run}-next")
     assert compiled_graphs() == {"forward": 1, "backward": 1}
+
+
+def _rms(x, w):
+    v = x.float().pow(2).mean(-1, keepdim=True)
+    return w * (x.float() * torch.rsqrt(v + 1e-6)).to(x.dtype)
+
+
+def test_report_of_a_user_backend_is_not_merged_across_dynamo_resets(monkeypatch):
+    """A user's backend that calls fxopt.backend: torch._dynamo.reset() resets the backend torch.compile got, not
+    fxopt, and restarts dynamo's frame ids, so the next compile's id (frame 0, compile 0) equals the last one's. The
+    report key (the id of torch.compile's wrapper object) can repeat too, once the old wrapper is freed: CI's
+    tests/patterns/test_rope.py saw rope matched 3 times in a graph holding 2 ops. Here the key is held fixed, as a
+    reused id would make it; the report must still start again."""
+    from fxopt import dynamo_backend
+    monkeypatch.setattr(dynamo_backend, "_compile_key", lambda: 12345)
+
+    def be(gm, example_inputs):
+        return fxopt.backend(gm, example_inputs, options={"inductor": False})
+    x, w = torch.randn(4, 16), torch.randn(16)
+    torch._dynamo.reset()
+    torch.compile(lambda x, w: _rms(x, w) + _rms(x * 2, w), backend=be)(x, w)
+    assert fxopt.last_report().matched["rms_norm"] == 2
+    torch._dynamo.reset()
+    torch.compile(_rms, backend=be)(x, w)
+    assert fxopt.last_report().matched["rms_norm"] == 1
+    assert fxopt.last_report().graphs == 1
