@@ -22,14 +22,15 @@ log = logging.getLogger("fxopt.backend")
 
 
 def _compile_key():
-    """Identity of the torch.compile call that owns this backend call (its dynamo wrapper object)."""
+    """The torch.compile call that owns this backend call: its dynamo wrapper object (held weakly by the report; its
+    id alone can be reused once an old wrapper is freed)."""
     f = sys._getframe(2)
     for _ in range(40):
         if f is None:
             break
         s = f.f_locals.get("self")
         if s is not None and type(s).__name__ == "_TorchCompileWrapper":
-            return id(s)
+            return s
         f = f.f_back
     return None
 

@@ -41,7 +41,7 @@ class Report:
     """All FX graphs of one torch.compile call's latest compile (graph breaks give several dynamo graphs)."""
 
     def __init__(self, key, patterns):
-        self.key = key
+        self._owner = _weak(key)        # the torch.compile wrapper object (weak: an id could be reused)
         self.patterns = sorted(patterns)
         self._frames: dict = {}         # frame id -> (frame compile id, [GraphReport])
         self.runtime_fallbacks: list[Fallback] = []
@@ -172,11 +172,12 @@ def _weak(obj):
 
 
 def report_for(key, patterns, compile_id=None, ctx=None) -> Report:
-    """The report of the torch.compile call identified by `key`; a new key, a dynamo reset, or a compile id already
+    """The report of the torch.compile call `key` (its wrapper object, or None); another key, a dynamo reset, or a
+    compile id already
     seen under another dynamo compile context (a reset fxopt was not told of) starts a new report."""
     global _current, _fresh
     with _lock:
-        if _current is None or _current.key != key or _fresh or _current.stale(compile_id, ctx):
+        if _current is None or _current._owner() is not key or _fresh or _current.stale(compile_id, ctx):
             _current = Report(key, patterns)
             _fresh = False
         return _current

@@ -194,11 +194,12 @@ def _rms(x, w):
 def test_report_of_a_user_backend_is_not_merged_across_dynamo_resets(monkeypatch):
     """A user's backend that calls fxopt.backend: torch._dynamo.reset() resets the backend torch.compile got, not
     fxopt, and restarts dynamo's frame ids, so the next compile's id (frame 0, compile 0) equals the last one's. The
-    report key (the id of torch.compile's wrapper object) can repeat too, once the old wrapper is freed: CI's
-    tests/patterns/test_rope.py saw rope matched 3 times in a graph holding 2 ops. Here the key is held fixed, as a
-    reused id would make it; the report must still start again."""
+    report key was the id of torch.compile's wrapper object, which repeats once an old wrapper is freed: CI's
+    tests/patterns/test_rope.py saw rope matched 3 times in a graph holding 2 ops. Here both compiles have one owner,
+    the case a reused id made; the report must still start again."""
     from fxopt import dynamo_backend
-    monkeypatch.setattr(dynamo_backend, "_compile_key", lambda: 12345)
+    owner = type("Owner", (), {})()
+    monkeypatch.setattr(dynamo_backend, "_compile_key", lambda: owner)
 
     def be(gm, example_inputs):
         return fxopt.backend(gm, example_inputs, options={"inductor": False})
