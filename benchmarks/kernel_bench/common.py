@@ -19,18 +19,28 @@ def do_bench(fn, warmup=50, rep=200):
     return _db(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
-def fwd_bwd(fn, args, grads, leaves=None, accumulate=True):
-    """ms of fn(*args) + backward(grads). accumulate=True keeps leaf .grad accumulation (as the anchors measured);
-    False sets the leaves' .grad to None before each run (kernel bytes only)."""
+def fwd_bwd_step(fn, args, grads, leaves=None, accumulate=True):
+    """One fn(*args) + backward(grads) as a no-argument callable; accumulate=False sets the leaves' .grad to None
+    first (leaves: the args that require grad, unless given)."""
     leaves = leaves if leaves is not None else [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
 
     def run():
         if not accumulate:
             for t in leaves:
                 t.grad = None
-        outs = fn(*args)
-        torch.autograd.backward(outs, grads)
-    return do_bench(run)
+        torch.autograd.backward(fn(*args), grads)
+    return run
+
+
+def fwd_bwd(fn, args, grads, leaves=None, accumulate=True):
+    """ms of fn(*args) + backward(grads). accumulate=True keeps leaf .grad accumulation (as the anchors measured);
+    False sets the leaves' .grad to None before each run (kernel bytes only)."""
+    return do_bench(fwd_bwd_step(fn, args, grads, leaves, accumulate))
+
+
+def fwd_bwd_gpu_ms(fn, args, grads, leaves=None):
+    """GPU kernel time (gpu_busy_ms) of one fn(*args) + backward(grads), the leaves' .grad reset before each."""
+    return gpu_busy_ms(fwd_bwd_step(fn, args, grads, leaves, accumulate=False))
 
 
 def gpu_busy_ms(step, n=20, warmup=3):

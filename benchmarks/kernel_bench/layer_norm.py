@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from benchmarks.kernel_bench.common import fwd_bwd, rel
+from benchmarks.kernel_bench.common import fwd_bwd, fwd_bwd_gpu_ms, rel
 
 T, D = 16384, 4096
 EPS = 1e-5
@@ -14,29 +14,6 @@ def eager(x, w, b):
 
 def fxopt_ln(x, w, b):
     return torch.ops.fxopt.layer_norm(x, w, b, EPS, None, x.dtype)[0]
-
-
-def gpu_ms(fn, args, grads, leaves, n=20):
-    """GPU busy time of one fwd+bwd (sum of its kernels' durations, torch.profiler): the kernels' cost without the
-    host's launch overhead. At this size the custom op's host path is the larger cost (measured on the H200 host:
-    ~0.75 ms CPU per eager fwd+bwd step vs 0.20 ms of kernels; wall 0.63 ms eager op, 1.23 ms inside a compiled
-    graph, where Inductor's own graph takes 0.55 ms wall for 0.26 ms of kernels)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        torch.autograd.backward(fn(*args), grads)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
-    us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-             for e in prof.key_averages())
-    return us / n / 1e3
 
 
 def _check(impl, x, w, b, gy):
@@ -80,15 +57,18 @@ def run(ceiling_tbps):
         if kernel_ms is not None:
             r.update(gpu_ms=round(kernel_ms, 4), gpu_frac_of_copy=round(nbytes / kernel_ms / 1e9 / ceiling_tbps, 3))
         return r
+    # GPU kernel time beside the wall time: at this size the host path is the larger cost (H200 host: ~0.75 ms CPU
+    # per eager fwd+bwd step vs 0.20 ms of kernels; wall 0.63 ms eager op, 1.23 ms inside a compiled graph, where
+    # Inductor's own graph takes 0.55 ms wall for 0.26 ms of kernels)
     for name, f in impls.items():
         for acc in (True, False):
-            k = gpu_ms(f, (x, w, b), gy, [x, w, b]) if not acc else None
+            k = fwd_bwd_gpu_ms(f, (x, w, b), gy, [x, w, b]) if not acc else None
             rows.append(row(name, fwd_bwd(f, (x, w, b), gy, accumulate=acc), True, acc, k))
     # frozen weight and bias (LoRA): no dw/db work
     wf, bf = w.detach(), b.detach()
     for name in ("inductor", "fxopt", "fxopt_compiled") + (("liger",) if "liger" in impls else ()):
         rows.append(row(name, fwd_bwd(impls[name], (x, wf, bf), gy, leaves=[x], accumulate=False), False, False,
-                        gpu_ms(impls[name], (x, wf, bf), gy, [x])))
+                        fwd_bwd_gpu_ms(impls[name], (x, wf, bf), gy, [x])))
     return rows, check
 
 

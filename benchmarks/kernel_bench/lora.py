@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from benchmarks.kernel_bench.common import do_bench, gpu_busy_ms, rel
+from benchmarks.kernel_bench.common import do_bench, fwd_bwd_step, gpu_busy_ms, rel
 
 T, R, ALPHA = 4096, 16, 32          # tokens, rank, lora_alpha (scale 2)
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]   # (in_features K, out_features N)
@@ -55,10 +55,7 @@ def peak_mib(fn, x, gy):
 
 def bench(fn, x, gy, leaves):
     """(wall ms: do_bench median, GPU ms: the kernels' summed durations) of one fwd+bwd."""
-    def step():
-        for t in leaves:
-            t.grad = None
-        fn(x).backward(gy)
+    step = fwd_bwd_step(fn, (x,), gy, leaves, accumulate=False)
     return do_bench(step, warmup=10, rep=50), gpu_busy_ms(step)
 
 
@@ -67,11 +64,7 @@ def host_profile(fn, x, gy, leaves, n=50, top=25):
     and by cumulative time. The GPU runs ahead; the host's Python is what cProfile sees."""
     import cProfile
     import pstats
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        fn(x).backward(gy)
+    step = fwd_bwd_step(fn, (x,), gy, leaves, accumulate=False)
     for _ in range(3):
         step()
     torch.cuda.synchronize()

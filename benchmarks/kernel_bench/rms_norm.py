@@ -1,7 +1,7 @@
 """RMSNorm fwd+bwd at 16384 x 4096 bf16: eager, Inductor, Liger, fxopt (weight trainable and frozen)."""
 import torch
 
-from benchmarks.kernel_bench.common import fwd_bwd, gpu_busy_ms, rel
+from benchmarks.kernel_bench.common import fwd_bwd, fwd_bwd_gpu_ms, rel
 
 T, D = 16384, 4096
 
@@ -48,11 +48,7 @@ def run(ceiling_tbps):
 
     def busy(f, args, leaves):
         """GPU kernel time of one fwd+bwd: at this size the wall time is the host's (dispatch, launches)."""
-        def step():
-            for t in leaves:
-                t.grad = None
-            torch.autograd.backward(f(*args), gy)
-        k = gpu_busy_ms(step)
+        k = fwd_bwd_gpu_ms(f, args, gy, leaves)
         return dict(gpu_ms=round(k, 4), gpu_frac_of_copy=round(nbytes / k / 1e9 / ceiling_tbps, 3))
     for name, f in impls.items():
         for acc in (True, False):
