@@ -195,15 +195,17 @@ def _addmm_to_linear(g: fx.Graph) -> int:
     return n
 
 
+def is_inplace(n: fx.Node) -> bool:
+    """Whether call `n` is an in-place op by its name: `x.add_()`, `torch.relu_`, `operator.iadd` and co."""
+    name = getattr(n.target, "__name__", str(n.target))
+    if n.op == "call_function" and getattr(n.target, "__module__", "") in ("_operator", "operator"):
+        return name.startswith("i")        # iadd, iand, ... (and_, or_ are not in-place)
+    return name.endswith("_") and not name.startswith("_")
+
+
 def _mutated(node: fx.Node) -> bool:
-    """Whether any user may write into `node`'s tensor (an in-place method or operator, setitem)."""
-    for u in node.users:
-        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
-        if u.target is operator.setitem or (isinstance(name, str) and name.endswith("_") and not name.startswith("_")):
-            return True
-        if u.op == "call_function" and u.target in _INPLACE_TO_FN and u.args and u.args[0] is node:
-            return True
-    return False
+    """Whether any user may write into `node`'s tensor (an in-place op, setitem)."""
+    return any(is_inplace(u) or u.target is operator.setitem for u in node.users)
 
 
 def _merge_duplicate_casts(g: fx.Graph) -> int:

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.kernels.attention_masks import MASKED_BELOW, allowed_mask
-from fxopt.normalize import meta
+from fxopt.normalize import is_inplace as _inplace, meta
 
 MAX_EVAL_NUMEL = 1 << 30        # larger constant masks are read as tensors instead of being evaluated
 _BIG_NEG = MASKED_BELOW          # additive values at or below this mask
@@ -45,13 +45,6 @@ class MaskInfo:
 
 def _name(target) -> str:
     return getattr(target, "__name__", str(target))
-
-
-def _inplace(n: fx.Node) -> bool:
-    name = _name(n.target)
-    if n.op == "call_function" and getattr(n.target, "__module__", "") in ("_operator", "operator"):
-        return name.startswith("i")        # iadd, iand, ... (and_, or_ are not in-place)
-    return name.endswith("_") and not name.startswith("_")
 
 
 def _constant_subgraph(node: fx.Node):
