@@ -61,9 +61,8 @@ class Report:
         count = getattr(compile_id, "frame_compile_id", None)
         g = GraphReport(str(compile_id) if compile_id is not None else f"graph{len(self._all())}")
         old = self._frames.get(frame)
-        if old is None or old[0] != count or (ctx is not None and old[1]() is not ctx):
-            # a recompile of a frame replaces its earlier graphs
-            self._frames[frame] = (count, _weak(ctx), [g])
+        if old is None or old[0] != count:   # a recompile of a frame replaces its earlier graphs
+            self._frames[frame] = (count, _weak(ctx), [g])   # (another compile context: report_for's `stale`)
         else:
             old[2].append(g)
         return g
