@@ -35,21 +35,13 @@ def _compile_key():
     return None
 
 
-def _compile_id():
+def _compile_id_and_context():
+    """(compile id, dynamo compile context object: one per frame compile) of this backend call, or Nones."""
     try:
         from torch._guards import CompileContext
-        return CompileContext.current_compile_id()
+        return CompileContext.current_compile_id(), CompileContext.try_get()
     except Exception:  # noqa: BLE001 - private API, optional
-        return None
-
-
-def _compile_context():
-    """The dynamo compile context of this backend call (one object per frame compile), or None."""
-    try:
-        from torch._guards import CompileContext
-        return CompileContext.try_get()
-    except Exception:  # noqa: BLE001 - private API, optional
-        return None
+        return None, None
 
 
 def _count_ops(gm: fx.GraphModule, graph_report) -> None:
@@ -129,7 +121,7 @@ def backend(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
     """torch.compile(model, backend="fxopt", options={...}); options as in API.md."""
     config = _config.parse(options, mode)
     set_strict(config.strict)
-    cid, ctx = _compile_id(), _compile_context()
+    cid, ctx = _compile_id_and_context()
     report = _report.report_for(_compile_key(), config.patterns, cid, ctx)
     graph_report = report.new_graph(cid, ctx)
     try:
