@@ -208,6 +208,16 @@ torch.cuda.synchronize(); print('sdpa enable_gqa fwd+bwd ok at', S)"
     step pytest_int32 150 python3 -m pytest -v -p no:cacheprovider -rfE tests/kernels/test_attention.py \
         tests/kernels/test_lora.py -k "int32 or bench_ms" -m gpu
     ;;
+s8a)   # eighth session, first call: the 65536-token mask test; rms_norm's compiled form (now matched); host<->device
+    # copy bandwidth and its cost to a GEMM (the offload model); an 8B fxopt probe at 65536 with CUDA graphs
+    step pytest_65536 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_gpu_models.py -k 65536 -m gpu
+    step kernels_rms_norm 80 python3 benchmarks/kernels.py --ops rms_norm --out "$OUT/kernels_rms_norm.json"
+    step pcie 60 python3 benchmarks/pcie.py --out "$OUT/pcie.json"
+    left=$(( ${S8A_END:-560} - $(elapsed) ))
+    step maxseq_fxopt_cg "$left" python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 \
+        --seq ${PROBE_SEQ:-65536} --seq-cap ${PROBE_SEQ:-65536} --variant "${MAXSEQ_VARIANT:-fxopt:0.2}" --loss-only \
+        --fxopt-options '{"cudagraphs": true}' --max-seq-search --time-limit $(( left - 15 ))
+    ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
     step pytest_cg 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_gpu_models.py -k cudagraphs -m gpu
     ;;
