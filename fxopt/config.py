@@ -7,7 +7,7 @@ import re
 
 PATTERNS = ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "lora", "lora_nf4",
             "linear_cross_entropy")
-OPTION_KEYS = ("patterns", "disable", "memory_budget", "strict", "inductor", "cudagraphs")
+OPTION_KEYS = ("patterns", "disable", "memory_budget", "strict", "inductor", "cudagraphs", "offload")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -20,6 +20,7 @@ class Config:
     inductor: bool = True
     cudagraphs: bool = False                     # Inductor replays each compiled graph as a CUDA graph
     mode: str | None = None                      # torch.compile's mode, passed on to Inductor
+    offload: bool = False                        # the memory planner may keep saved activations in host memory
 
     def enabled(self, name: str) -> bool:
         return name in self.patterns
@@ -103,6 +104,11 @@ def parse(options: dict | None = None, mode: str | None = None, environ=None) ->
     if cudagraphs and not inductor:
         raise ValueError("fxopt option 'cudagraphs': True needs 'inductor': True (Inductor does the CUDA graph "
                          "capture); drop one of them")
-    return Config(patterns=frozenset(enabled - disabled), memory_budget=parse_budget(options.get("memory_budget")),
+    budget = parse_budget(options.get("memory_budget"))
+    offload = _bool("offload", options.get("offload", False)) or _env_flag(environ, "FXOPT_OFFLOAD")
+    if offload and budget is None:
+        raise ValueError("fxopt option 'offload': True needs a 'memory_budget' (offloading is one of the planner's "
+                         "moves to meet it); add one, e.g. 'memory_budget': '8GiB'")
+    return Config(patterns=frozenset(enabled - disabled), memory_budget=budget,
                   strict=strict, inductor=inductor, cudagraphs=cudagraphs,
-                  mode=None if mode == "default" else mode)
+                  mode=None if mode == "default" else mode, offload=offload)

@@ -185,6 +185,7 @@ class Joint:
                            for n in self.fwd_order]
         self._bwd_creates = {n: [c for c in self._creates(n) if self.storages[c].kind == BWD] for n in self.bwd}
         self._tangents = {st.sid for st in self.storages if st.kind == TANGENT}
+        self._made_at = {c: i for i, (creates, _) in enumerate(self._fwd_items) for c in creates}
         # transient bytes of the ops themselves (chunk buffers: linear_cross_entropy's 0.49 GiB at the 1B shape)
         self.workspace = {n: w for n in self.fwd_order + self.bwd if (w := op_workspace(n))}
 
@@ -237,15 +238,27 @@ class Joint:
             else:
                 saved.add(sid)
 
-    def simulate(self, recompute=frozenset(), sizes=None) -> "Sim":
+    def simulate(self, recompute=frozenset(), sizes=None, offload=()) -> "Sim":
+        """The plan's saved set, peak and time. `offload`: saved activations kept in host memory instead
+        (fxopt/kernels/offload.py): in the forward each lives until the next offload (whose call waits for its
+        copy; the last one until its own call); in the backward from the first read of the storage reloaded
+        before it (fetched one ahead; the first one where it is read) to its last read."""
         sizes = sizes or self.sizes
         saved, rec_order, schedule = self.saved_for(recompute)
-        keep = {s for s in saved if self.storages[s].kind == ACT} | self.out_sids
+        off = [s for s in dict.fromkeys(offload) if s in saved and self.storages[s].kind == ACT
+               and s not in self.out_sids]
+        keep = ({s for s in saved if self.storages[s].kind == ACT} | self.out_sids) - set(off)
         # forward
         last = {}
         for i, (_, reads) in enumerate(self._fwd_items):
             for s in reads:
                 last[s] = i
+        by_made = sorted(off, key=self._made_at.__getitem__)
+        late: dict = {}                                  # forward index -> offloaded sids whose copy is joined there
+        for j, s in enumerate(by_made):
+            nxt = by_made[j + 1] if j + 1 < len(by_made) else s
+            last[s] = max(last.get(s, -1), self._made_at[nxt])
+            late.setdefault(last[s], []).append(s)
         cur = peak_f = peak_f_ws = 0
         live, peak_f_live, peak_f_at = set(), set(), None
         for i, (creates, reads) in enumerate(self._fwd_items):
@@ -257,7 +270,7 @@ class Joint:
             if here > peak_f:
                 peak_f, peak_f_live, peak_f_at = here, set(live), self.fwd_order[i].name
                 peak_f_ws = here - cur
-            for s in creates + reads:
+            for s in creates + reads + late.get(i, []):
                 if s in live and s not in keep and last.get(s, -1) <= i:
                     live.discard(s)
                     cur -= sizes[s]
@@ -267,14 +280,19 @@ class Joint:
         items = [(self.groups[x].sids, self.groups[x].in_sids) if kind == "g" else (self._bwd_creates[x],
                                                                                       self.bwd_reads[x])
                  for kind, x in schedule]
-        blast = {}
+        blast, first = {}, {}
         for i, (_, reads) in enumerate(items):
             for s in reads:
                 blast[s] = i
+                first.setdefault(s, i)
+        slots = sorted(off, key=lambda s: first.get(s, len(items)))        # the order the backward reloads them
+        fetched: dict = {}                                                   # item index -> offloaded sids made
+        for k, s in enumerate(slots):
+            fetched.setdefault(first.get(slots[k - 1] if k else s, 0), []).append(s)
         stay = self.out_sids | self.grad_sids
         peak_b, peak_b_live, peak_b_i, peak_b_ws = cur, set(live), None, 0
         for i, (creates, reads) in enumerate(items):
-            for s in creates:
+            for s in creates + fetched.get(i, []):
                 if s not in live:
                     live.add(s)
                     cur += sizes[s]
@@ -291,10 +309,13 @@ class Joint:
         else:
             kind, x = schedule[peak_b_i]
             peak_b_at = f"recompute {self.groups[x].node.name}" if kind == "g" else x.name
-        act_saved = sorted(s for s in saved if self.storages[s].kind == ACT and s not in self.out_sids)
+        fetched_sids = set(slots)                 # on the host: not among the saved device bytes
+        act_saved = sorted(s for s in saved if self.storages[s].kind == ACT and s not in self.out_sids
+                           and s not in fetched_sids)
         fwd_is_peak = peak_f >= peak_b
         return Sim(recompute=frozenset(recompute), saved=sorted(saved), act_saved=act_saved,
-                   saved_bytes=sum(sizes[s] for s in act_saved), recomputed=rec_order,
+                   saved_bytes=sum(sizes[s] for s in act_saved), recomputed=rec_order, offloaded=tuple(slots),
+                   offload_bytes=sum(sizes[s] for s in slots),
                    time=sum(self.groups[g].time for g in rec_order), peak=max(peak_f, peak_b),
                    peak_live=peak_f_live if fwd_is_peak else peak_b_live,
                    peak_workspace=peak_f_ws if fwd_is_peak else peak_b_ws,
@@ -328,3 +349,5 @@ class Sim:
     peak_live: set           # storages live at the peak
     peak_at: str
     peak_workspace: int = 0  # the op's own transient bytes in the peak (at the size hints)
+    offloaded: tuple = ()    # saved activations kept in host memory, in the order the backward reloads them
+    offload_bytes: int = 0   # their bytes (each copied to the host and back once per step)

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.recompute import cost as _cost
+from fxopt.recompute import offload as _offload
 from fxopt.recompute.plan import chunked_ops, fmt_bytes, make_plan
 
 log = logging.getLogger("fxopt.recompute")
@@ -138,25 +139,28 @@ def prepare_joint(gm: fx.GraphModule) -> None:
 class FxoptPartitioner(_Base):
     """Plan + tag + min-cut partition. `budget`: int bytes or float fraction; the result goes to `graph_report`."""
 
-    def __init__(self, budget, graph_report=None, no_dropout=None):
+    def __init__(self, budget, graph_report=None, no_dropout=None, offload=False):
         self.budget = budget
         self.graph_report = graph_report
         self.no_dropout = _cost.recompute_no_dropout() if no_dropout is None else no_dropout   # part of the key
+        self.offload = offload
 
     def uuid(self):
-        return f"fxopt-recompute-{_source_hash()}-{self.budget!r}-{self.no_dropout}"
+        return f"fxopt-recompute-{_source_hash()}-{self.budget!r}-{self.no_dropout}-{self.offload}"
 
     def __reduce__(self):   # the config cache key pickles the partitioner: only what decides the result
-        return (FxoptPartitioner, (self.budget, None, self.no_dropout))
+        return (FxoptPartitioner, (self.budget, None, self.no_dropout, self.offload))
 
     def __call__(self, gm, joint_inputs, compiler="inductor", *, num_fwd_outputs, static_lifetime_input_indices=None,
                  **kwargs):
         from torch._functorch.partitioners import min_cut_rematerialization_partition
         prepare_joint(gm)
         joint = _cost.Joint(gm, num_fwd_outputs, static_lifetime_input_indices or ())
-        p = make_plan(joint, self.budget)
+        p = make_plan(joint, self.budget, offload=self.offload)
         tag(joint, p.sim.recompute)
+        offloaded = _offload.rewrite(joint, p.sim, CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE)
         memory = report_dict(joint, p)
+        memory.update(offloaded=offloaded, offload_bytes=p.sim.offload_bytes)
         if self.graph_report is not None:
             self.graph_report.memory = memory
         log.info("memory plan: budget %s, predicted peak %s (save-everything %s), %d saved, %d recomputed, "
@@ -167,7 +171,9 @@ class FxoptPartitioner(_Base):
                                                      static_lifetime_input_indices=static_lifetime_input_indices,
                                                      **kwargs)
         LAST.clear()
-        LAST.update(memory=memory, predicted=sorted(joint.storages[s].node.name for s in p.sim.saved),
+        on_host = set(p.sim.offloaded)
+        LAST.update(memory=memory, predicted=sorted([joint.storages[s].node.name for s in p.sim.saved
+                                                     if s not in on_host] + [r["token"] for r in offloaded]),
                     partitioned=_saved_names(fw, num_fwd_outputs), joint=joint, plan=p)
         return fw, bw
 
@@ -211,4 +217,4 @@ def partitioner(config, graph_report) -> FxoptPartitioner:
     if config.inductor and not inductor_hook_available():
         raise RuntimeError("this torch has no torch._inductor.config.custom_partitioner_fn; use memory_budget "
                            "with options={'inductor': False}")
-    return FxoptPartitioner(config.memory_budget, graph_report)
+    return FxoptPartitioner(config.memory_budget, graph_report, offload=config.offload)

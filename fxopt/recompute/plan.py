@@ -63,11 +63,12 @@ def resolve_budget(budget, base_peak: int) -> int:
     return int(budget)
 
 
-def _moves(joint: Joint, sim: Sim, sizes):
-    """Candidate moves from the state `sim`: (gain bytes, cost s, groups to add)."""
+def _moves(joint: Joint, sim: Sim, sizes, offloadable=frozenset()):
+    """Candidate moves from the state `sim`: (gain bytes, cost s, groups to add), and with `offloadable` (storage
+    ids) (bytes, copy seconds, ("offload", sid)) for each of those still saved on the device."""
     R = sim.recompute
     saved = set(sim.saved)
-    out = []
+    out = [(sizes[sid], sizes[sid] / OFFLOAD_BW, ("offload", sid)) for sid in sim.act_saved if sid in offloadable]
     gains_of = {}
     for sid in sim.act_saved:
         g = joint.storages[sid].group
@@ -104,22 +105,40 @@ def _moves(joint: Joint, sim: Sim, sizes):
             gain1 = own - sum(sizes[s] for s in new_in)
             if gain1 > 0:
                 out.append((gain1, joint.groups[g].time, (g,)))
-    out.sort(key=lambda m: (-m[0] / max(m[1], 1e-12), m[2]))
+    out.sort(key=_order)
     return out
 
+
+def _order(move):
+    """Most bytes per second first; offloads (all at OFFLOAD_BW) largest first, then in storage order."""
+    gain, cost, members = move
+    off = members[0] == "offload"
+    return (-gain / max(cost, 1e-12), off, -gain if off else 0, members[1:] if off else members)
+
+
+# Offloading is priced as its one-way copy time: pinned copies ran at 55 GB/s each way on the H200
+# (benchmarks/results/pcie_h200.json); the copies overlap compute (offload.py), so this is an upper bound.
+OFFLOAD_BW = 55e9
 
 SCAN = 8   # moves simulated past the first one that keeps the peak, looking for one that lowers it
 
 
-def trajectory(joint: Joint, sizes=None, stop=None):
-    """Yield the plans (Sim) of the greedy, from save-everything on, until no move is accepted or stop(sim)."""
+def _apply(joint: Joint, sim: Sim, members, sizes) -> Sim:
+    if members[0] == "offload":
+        return joint.simulate(sim.recompute, sizes, offload=sim.offloaded + (members[1],))
+    return joint.simulate(sim.recompute | set(members), sizes, offload=sim.offloaded)
+
+
+def trajectory(joint: Joint, sizes=None, stop=None, offloadable=frozenset()):
+    """Yield the plans (Sim) of the greedy, from save-everything on, until no move is accepted or stop(sim).
+    `offloadable`: storage ids that may be kept in host memory (fxopt/recompute/offload.py: candidates)."""
     sizes = sizes or joint.sizes
     sim = joint.simulate(frozenset(), sizes)
     yield sim
     rejected = set()
     while not (stop and stop(sim)):
         weak, tried_after_weak = None, 0
-        for gain, cost, members in _moves(joint, sim, sizes):
+        for gain, cost, members in _moves(joint, sim, sizes, offloadable):
             if members in rejected:
                 continue
             if weak is not None:
@@ -127,7 +146,7 @@ def trajectory(joint: Joint, sizes=None, stop=None):
                 if tried_after_weak > SCAN:
                     trial = weak
                     break
-            trial = joint.simulate(sim.recompute | set(members), sizes)
+            trial = _apply(joint, sim, members, sizes)
             if trial.saved_bytes >= sim.saved_bytes or trial.peak > sim.peak:
                 rejected.add(members)
             elif trial.peak < sim.peak:
@@ -188,35 +207,39 @@ def chunked_ops(joint: Joint) -> dict:
     return {n.name: rows for n in joint.workspace if (rows := op_arg(n, "chunk", 0))}
 
 
-def _walk(joint: Joint, sizes, aim):
+def _walk(joint: Joint, sizes, aim, offloadable=frozenset()):
     last, steps = None, 0
-    for steps, sim in enumerate(trajectory(joint, sizes, stop=lambda s: s.peak <= aim)):
+    for steps, sim in enumerate(trajectory(joint, sizes, stop=lambda s: s.peak <= aim, offloadable=offloadable)):
         last = sim
     return last, steps
 
 
-def make_plan(joint: Joint, budget, sizes=None) -> Plan:
+def make_plan(joint: Joint, budget, sizes=None, offload: bool = False) -> Plan:
     """The plan for `budget` (int bytes or float fraction); BudgetError when no plan fits. Aims at MARGIN under the
     budget (unless saving everything fits); where that is out of reach, the smallest plan, if it fits the budget.
     When recomputation alone cannot reach the aim, ops with chunked workspaces get smaller chunks (the op call in
-    the joint graph is changed, so the compiled op runs with them)."""
+    the joint graph is changed, so the compiled op runs with them). offload: saved activations may also be kept
+    in host memory, a move that costs its bytes / OFFLOAD_BW."""
+    from fxopt.recompute.offload import candidates
     base = joint.simulate(frozenset(), sizes or joint.sizes)
     target = resolve_budget(budget, base.peak)
     aim = target if base.peak <= target else int(target * (1 - MARGIN))   # fits saving everything: nothing to do
-    last, steps = _walk(joint, sizes, aim)
+    offloadable = candidates(joint) if offload else frozenset()
+    last, steps = _walk(joint, sizes, aim, offloadable)
     while last.peak > aim and _shrink_chunk(joint):
-        last, steps = _walk(joint, sizes, aim)
+        last, steps = _walk(joint, sizes, aim, offloadable)
     if last.peak > target:
         raise BudgetError(target, last.peak, base.peak)
     return Plan(target, base, last, steps)
 
 
-def smallest_peak(joint: Joint, sizes=None, shrink_chunks: bool = True) -> Sim:
+def smallest_peak(joint: Joint, sizes=None, shrink_chunks: bool = True, offload: bool = False) -> Sim:
     """The lowest predicted peak the planner reaches: every accepted move taken, and (shrink_chunks) chunked
     workspaces at their floor. Changes the chunk arguments of the joint graph's op calls."""
     while shrink_chunks and _shrink_chunk(joint):
         pass
+    from fxopt.recompute.offload import candidates
     last = None
-    for last in trajectory(joint, sizes):
+    for last in trajectory(joint, sizes, offloadable=candidates(joint) if offload else frozenset()):
         pass
     return last

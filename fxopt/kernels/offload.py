@@ -1,0 +1,206 @@
+"""Saved activations kept in host memory: `fxopt::offload` in the forward, `fxopt::reload` in the backward.
+
+The memory planner (fxopt/recompute/offload.py) rewrites the joint graph: a saved tensor x becomes
+    tok_j = offload(x_j, tok_{j-1}, x_{j-1}, key, slot, nslots)        forward, right after x_j is made
+    x_j'  = reload(tok_j, key, slot, nslots, shape, dtype)             backward, where x_j was read
+and the partition saves the 1-byte token instead of x_j.
+- Forward: x_j is copied device->host on a side stream into a pinned buffer of its slot. The copy overlaps the
+  forward's compute until the next offload, which makes the compute stream wait for it; x_{j-1} is an argument of
+  that next call, so the compiled graph keeps it alive (and its memory unreused) until its copy is done. The last
+  offload of a forward waits for its own copy: every side-stream copy is joined before the forward graph ends
+  (needed to record it as a CUDA graph).
+- Backward: slots are numbered in the order the backward first reads them. reload(slot) takes the copy the previous
+  reload started for it (or copies now, on the compute stream) and starts the host->device copy of slot + 1 on the
+  side stream: one tensor is fetched ahead while the backward computes.
+- Host buffers: a *generation* is one forward's set of buffers (all slots of one compiled graph). A forward takes a
+  generation whose copies were all reloaded; if the last forward's backward has not run (two forwards, then
+  backwards), a new one is made, so nothing is overwritten. A generation used while a CUDA graph was being recorded
+  belongs to that graph for good: its replays write the same addresses without running this Python.
+- CPU tensors (tests) copy synchronously into ordinary memory.
+H200 (benchmarks/results/pcie_h200.json): pinned copies 55 GB/s one way; d2h and h2d at once 20 GB/s each.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+import threading
+import weakref
+
+import torch
+
+from fxopt.errors import FxoptError
+
+_LOCK = threading.Lock()
+_UID = itertools.count()
+
+
+class _Gen:
+    def __init__(self, index: int):
+        self.index = index
+        self.bufs: dict = {}         # slot -> flat uint8 host tensor
+        self.meta: dict = {}         # slot -> (shape, dtype) of the copy in it
+        self.pending = 0             # slots written and not yet reloaded
+        self.graph_owned = False     # written while a CUDA graph was recorded: never handed out again
+
+    def buffer(self, slot: int, nbytes: int, device: torch.device) -> torch.Tensor:
+        b = self.bufs.get(slot)
+        if b is None or b.numel() < nbytes:
+            b = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+            self.bufs[slot] = b
+        return b
+
+
+class _Table:
+    """The host state of one compiled graph's offloads (`key`)."""
+
+    def __init__(self):
+        self.gens: list[_Gen] = []
+        self.cur: _Gen | None = None     # being filled by the running forward
+        self.filled = 0
+        self.copies: list = []           # outstanding device->host copies: (event, source tensor)
+        self.prefetch: dict = {}         # (gen index, slot) -> (tensor, event)
+        self.streams: dict = {}
+
+    def side(self, device: torch.device):
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device=device)
+        return self.streams[device]
+
+    def take_gen(self, capturing: bool) -> _Gen:
+        free = [g for g in self.gens if g.pending == 0 and not g.graph_owned]
+        g = free[0] if free else _Gen(len(self.gens))
+        if not free:
+            self.gens.append(g)
+        g.graph_owned = g.graph_owned or capturing
+        return g
+
+
+_TABLES: dict = {}
+_TOKENS: dict = {}    # (key, token data_ptr) -> (uid, gen, slot)
+_STATS = {"offload": 0, "reload": 0, "prefetched": 0, "host_bytes": 0}   # calls (tests check the ops ran)
+
+
+def _table(key: int) -> _Table:
+    with _LOCK:
+        if key not in _TABLES:
+            _TABLES[key] = _Table()
+        return _TABLES[key]
+
+
+def host_bytes() -> int:
+    """Host memory held by all offload buffers (every generation)."""
+    return sum(b.numel() for t in _TABLES.values() for g in t.gens for b in g.bufs.values())
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _view(buf: torch.Tensor, shape, dtype) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return buf.view(dtype)[:n].view(tuple(int(s) for s in shape))
+
+
+def _release(key, ptr, uid):
+    """The token died without its reload (a forward whose backward never ran): its slot stops being pending."""
+    with _LOCK:
+        e = _TOKENS.get((key, ptr))
+        if e is not None and e[0] == uid:
+            del _TOKENS[(key, ptr)]
+            e[1].pending -= 1
+
+
+@torch.library.custom_op("fxopt::offload", mutates_args=())
+def offload(x: torch.Tensor, prev_tok: Optional[torch.Tensor], prev: Optional[torch.Tensor], key: int, slot: int,
+            nslots: int) -> torch.Tensor:
+    """Copy x into host slot `slot` of graph `key`; returns the token the backward's reload takes. prev_tok / prev
+    (the previous offload's token and tensor) only order the calls and keep prev alive until this call."""
+    t = _table(key)
+    cap = _capturing(x.device)
+    if t.cur is None or t.filled >= nslots:
+        t.cur, t.filled = t.take_gen(cap), 0
+    g = t.cur
+    nbytes = x.numel() * x.element_size()
+    host = _view(g.buffer(slot, nbytes, x.device), x.shape, x.dtype)
+    g.meta[slot] = (tuple(x.shape), x.dtype)
+    tok = torch.empty(1, dtype=torch.uint8, device=x.device)
+    if x.device.type == "cuda":
+        main = torch.cuda.current_stream(x.device)
+        side = t.side(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            host.copy_(x, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(side)
+        t.copies.append((ev, x))
+        keep = 0 if t.filled + 1 >= nslots else 1    # the last one of the forward joins its own copy too
+        while len(t.copies) > keep:
+            e, _ = t.copies.pop(0)
+            main.wait_event(e)
+    else:
+        host.copy_(x)
+    t.filled += 1
+    uid = next(_UID)
+    with _LOCK:
+        g.pending += 1
+        _TOKENS[(key, tok.data_ptr())] = (uid, g, slot)
+    weakref.finalize(tok, _release, key, tok.data_ptr(), uid)
+    _STATS["offload"] += 1
+    return tok
+
+
+@offload.register_fake
+def _(x, prev_tok, prev, key, slot, nslots):
+    return x.new_empty((1,), dtype=torch.uint8)
+
+
+def _start_prefetch(t: _Table, g: _Gen, slot: int, device: torch.device):
+    if (g.index, slot) in t.prefetch or slot not in g.meta or device.type != "cuda":
+        return
+    shape, dtype = g.meta[slot]
+    main = torch.cuda.current_stream(device)
+    y = torch.empty(shape, dtype=dtype, device=device)     # allocated in the compute stream's order
+    side = t.side(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        y.copy_(_view(g.bufs[slot], shape, dtype), non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(side)
+    t.prefetch[(g.index, slot)] = (y, ev)
+
+
+@torch.library.custom_op("fxopt::reload", mutates_args=())
+def reload(tok: torch.Tensor, key: int, slot: int, nslots: int, shape: list[int],
+           dtype: torch.dtype) -> torch.Tensor:
+    """The tensor `offload` copied for this token, back on tok's device; starts fetching slot + 1."""
+    t = _table(key)
+    with _LOCK:
+        e = _TOKENS.pop((key, tok.data_ptr()), None)
+    if e is None:
+        raise FxoptError("fxopt offload: no host copy for a saved activation of this backward (its forward's copies "
+                         "were released). Run each backward once, after its forward; or compile without "
+                         "options={'offload': True}")
+    _, g, s = e
+    if s != slot:
+        raise FxoptError(f"fxopt offload: token of slot {s} passed to the reload of slot {slot} (a bug in fxopt)")
+    got = t.prefetch.pop((g.index, slot), None)
+    if got is not None:
+        y, ev = got
+        torch.cuda.current_stream(tok.device).wait_event(ev)
+        _STATS["prefetched"] += 1
+    else:
+        y = torch.empty(tuple(shape), dtype=dtype, device=tok.device)
+        y.copy_(_view(g.bufs[slot], shape, dtype), non_blocking=tok.device.type == "cuda")
+    with _LOCK:
+        g.pending -= 1
+    if slot + 1 < nslots:
+        _start_prefetch(t, g, slot + 1, tok.device)
+    _STATS["reload"] += 1
+    return y
+
+
+@reload.register_fake
+def _(tok, key, slot, nslots, shape, dtype):
+    return torch.empty(tuple(shape), dtype=dtype, device=tok.device)

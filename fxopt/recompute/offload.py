@@ -1,0 +1,124 @@
+"""Offloading saved activations to host memory (options={"offload": True}): which tensors may go, and the joint-graph
+rewrite that sends them (the runtime ops are fxopt/kernels/offload.py; the liveness model is cost.Joint.simulate).
+
+The planner (plan.py) prices offloading a saved activation at its bytes / OFFLOAD_BW and mixes it with the
+recompute moves by bytes per second, so cheap recomputes (norms, pointwise) come first and tensors that would need a
+long recompute segment (the residual stream: a whole layer) are offloaded.
+Rewrite, for the chosen storages x_1..x_n in forward order (slots numbered in backward read order):
+    tok_j = fxopt.offload(x_j, tok_{j-1}, x_{j-1}, key, slot_j, n)       right after x_j; MUST_SAVE (1 byte saved)
+    r_j   = fxopt.reload(tok_j, key, slot_j, n, shape, dtype)            before x_j's first backward reader
+and every backward reader of x_j (or of a view of it, or of a recomputed op that reads it) reads r_j (or a copy of
+that view / recomputed op made on r_j) instead. Those copies and r_j are MUST_RECOMPUTE, so the min-cut keeps them
+in the backward and saves only the tokens.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.fx as fx
+
+from fxopt.recompute.cost import ACT, Joint, Sim
+from fxopt.recompute.ops import _val
+
+MIN_BYTES = 1 << 20     # smaller tensors are not worth a copy (tests lower it)
+_KEYS = itertools.count(1)
+
+
+def candidates(joint: Joint) -> frozenset:
+    """Storage ids that offloading can take: forward activations that are one whole contiguous tensor of static
+    size, on CUDA (the CPU for tests, meta for `fxopt plan`), not a forward output, at least MIN_BYTES."""
+    out = set()
+    for st in joint.storages:
+        if st.kind != ACT or st.sid in joint.out_sids or st.node not in joint.fwd or st.expr.free_symbols:
+            continue
+        v = _val(st.node)
+        if not isinstance(v, torch.Tensor) or v.device.type not in ("cuda", "cpu", "meta") or st.nbytes < MIN_BYTES:
+            continue
+        try:
+            whole = v.is_contiguous() and v.storage_offset() == 0 and \
+                v.numel() * v.element_size() == v.untyped_storage().nbytes()
+        except Exception:  # noqa: BLE001 - a tensor whose storage cannot be inspected stays on the device
+            whole = False
+        if whole:
+            out.add(st.sid)
+    return frozenset(out)
+
+
+def _fake_like(v: torch.Tensor, shape=None, dtype=None):
+    mode = getattr(v, "fake_mode", None)
+    shape = tuple(v.shape) if shape is None else shape
+    if mode is None:
+        return torch.empty(shape, dtype=dtype or v.dtype, device="meta")
+    with mode:
+        return torch.empty(shape, dtype=dtype or v.dtype, device=v.device)
+
+
+def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
+    """Insert the offload / reload ops for `sim.offloaded` into joint.gm (already tagged); returns the report rows."""
+    if not sim.offloaded:
+        return []
+    g = joint.gm.graph
+    key, n = next(_KEYS), len(sim.offloaded)
+    slot = {sid: k for k, sid in enumerate(sim.offloaded)}
+    node_of = {joint.storages[sid].node: sid for sid in sim.offloaded}
+    tok_of, prev_tok, prev_x = {}, None, None
+    for sid in sorted(sim.offloaded, key=joint._made_at.__getitem__):
+        x = joint.storages[sid].node
+        with g.inserting_after(x):
+            tok = g.call_function(torch.ops.fxopt.offload.default, (x, prev_tok, prev_x, key, slot[sid], n))
+        tok.meta["val"] = _fake_like(_val(x), (1,), torch.uint8)
+        tok.meta["recompute"] = policy_save
+        tok_of[sid], prev_tok, prev_x = tok, tok, x
+    fwd = joint.fwd
+
+    def recomputed(a) -> bool:
+        return a in fwd and a.meta.get("recompute") == policy_recompute
+
+    dep: dict = {}
+
+    def depends(a) -> bool:      # a's value is (computed in the backward from) an offloaded storage
+        if a not in dep:
+            dep[a] = (a in node_of) or (joint.sid_of.get(a) in slot and recomputed(a)) or \
+                (recomputed(a) and any(depends(b) for b in a.all_input_nodes))
+        return dep[a]
+
+    mirror: dict = {}
+
+    def mirrored(a, before):
+        if a in mirror:
+            return mirror[a]
+        if a in node_of:
+            sid = node_of[a]
+            v = _val(a)
+            with g.inserting_before(before):
+                m = g.call_function(torch.ops.fxopt.reload.default,
+                                    (tok_of[sid], key, slot[sid], n, list(v.shape), v.dtype))
+            m.meta["val"] = _fake_like(v)
+        else:
+            with g.inserting_before(before):
+                m = g.node_copy(a, lambda b: mirrored(b, before) if depends(b) else b)
+        m.meta["recompute"] = policy_recompute
+        mirror[a] = m
+        return m
+
+    for b in list(joint.bwd):
+        for a in list(b.all_input_nodes):
+            if depends(a):
+                b.replace_input_with(a, mirrored(a, b))
+    # The originals now serve the forward only. The min-cut gives every MUST_RECOMPUTE node an infinite edge to
+    # the sink whether the backward reads it or not, which would save x_j for them: they become MUST_SAVE.
+    # (every such node, read by the backward or not: a multi-output op's getitems follow it)
+    for a in [a for a in joint.fwd_order if recomputed(a) and depends(a)]:
+        a.meta["recompute"] = policy_save
+    joint.gm.recompile()
+    rows = []
+    for sid in sim.offloaded:
+        d = joint.describe(sid)
+        d.update(slot=slot[sid], token=tok_of[sid].name)
+        rows.append(d)
+    return rows
+
+
+def token_names(gm: fx.GraphModule) -> list:
+    return [nd.name for nd in gm.graph.nodes if nd.op == "call_function" and nd.target is torch.ops.fxopt.offload.default]

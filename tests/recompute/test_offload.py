@@ -1,0 +1,199 @@
+"""Offloading saved activations to host memory: the runtime ops, the planner's offload moves, training like eager."""
+import copy
+import gc
+
+import pytest
+import torch
+
+import fxopt
+from fxopt.kernels import offload as rt
+from fxopt.recompute import make_plan, smallest_peak
+from fxopt.recompute import offload as off
+from fxopt.recompute.plan import MARGIN
+from tests.helpers import batch, rel, tiny_config, tiny_model
+
+
+def _xs(n, device="cpu"):
+    return [torch.randn(3, 5 + i, device=device) for i in range(n)]
+
+
+def _forward(xs, key, order=None):
+    """Offload xs (forward order) into slots numbered in reverse (the backward reads the last one first)."""
+    n, toks, prev_tok, prev = len(xs), {}, None, None
+    for j, x in enumerate(xs):
+        slot = n - 1 - j
+        toks[slot] = torch.ops.fxopt.offload(x, prev_tok, prev, key, slot, n)
+        prev_tok, prev = toks[slot], x
+    return toks
+
+
+def _backward(xs, toks, key, order=None):
+    n = len(xs)
+    for slot in (order or range(n)):
+        x = xs[n - 1 - slot]
+        y = torch.ops.fxopt.reload(toks[slot], key, slot, n, list(x.shape), x.dtype)
+        assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("order", [None, [2, 0, 3, 1]])
+def test_round_trip_any_reload_order(order):
+    xs, key = _xs(4), 9001
+    toks = _forward(xs, key)
+    _backward(xs, toks, key, order)
+
+
+def test_two_forwards_before_their_backwards_keep_both_copies():
+    """A second forward while the first one's copies are pending takes a new generation of host buffers."""
+    key = 9002
+    a, b = _xs(3), [x + 1 for x in _xs(3)]
+    ta = _forward(a, key)
+    tb = _forward(b, key)
+    _backward(b, tb, key)
+    _backward(a, ta, key)
+    assert len(rt._TABLES[key].gens) == 2
+    _backward(a, _forward(a, key), key)          # both free again: no third generation
+    assert len(rt._TABLES[key].gens) == 2
+
+
+def test_forward_without_backward_releases_its_generation():
+    key = 9003
+    toks = _forward(_xs(2), key)
+    gen = rt._TABLES[key].gens[0]
+    assert gen.pending == 2
+    del toks
+    gc.collect()
+    assert gen.pending == 0
+    _forward(_xs(2), key)
+    assert len(rt._TABLES[key].gens) == 1
+
+
+def test_reload_without_its_copy_says_what_to_do():
+    key = 9004
+    xs = _xs(2)
+    toks = _forward(xs, key)
+    _backward(xs, toks, key)
+    with pytest.raises(fxopt.FxoptError, match="Run each backward once"):
+        torch.ops.fxopt.reload(toks[0], key, 0, 2, list(xs[1].shape), xs[1].dtype)
+
+
+def test_offload_needs_a_budget():
+    with pytest.raises(ValueError, match="needs a 'memory_budget'"):
+        fxopt.config.parse({"offload": True})
+
+
+# ---- the planner ----
+
+def _trace(cfg):
+    from fxopt.recompute.model_plan import _trace as trace
+    return trace(copy.deepcopy(cfg), 2, S, torch.float32, 4, None)[0]   # LoRA r=4 on all linear layers
+
+
+S, LAYERS = 128, 6
+
+
+@pytest.fixture(scope="module")
+def lora_cfg():
+    return tiny_config("llama", num_hidden_layers=LAYERS)
+
+
+@pytest.fixture
+def small(monkeypatch):
+    monkeypatch.setattr(off, "MIN_BYTES", 0)
+
+
+def test_offload_lowers_the_smallest_peak(lora_cfg, small):
+    """Past what recomputation reaches, offloading the residual stream lowers the peak; the model keeps the
+    offloaded tensors out of the device's saved bytes."""
+    recompute_only = smallest_peak(_trace(lora_cfg))
+    j = _trace(lora_cfg)
+    both = smallest_peak(j, offload=True)
+    assert both.peak < recompute_only.peak and both.offloaded
+    assert both.saved_bytes + both.offload_bytes >= recompute_only.saved_bytes
+    assert not set(both.offloaded) & set(both.act_saved)
+    ops = {j.describe(s)["op"] for s in both.offloaded}
+    assert ops == {"aten.add"}, ops                    # the residual stream: recomputing it means a whole layer
+
+
+def test_offload_not_taken_when_recompute_reaches_the_budget(lora_cfg, small):
+    j = _trace(lora_cfg)
+    p = make_plan(j, 0.6, offload=True)
+    assert not p.sim.offloaded
+
+
+def test_min_bytes_keeps_small_tensors_on_the_device(lora_cfg):
+    j = _trace(lora_cfg)
+    assert not off.candidates(j)                       # every tiny tensor is under 1 MiB
+
+
+@pytest.fixture(scope="module")
+def budget(lora_cfg):
+    """A budget only offloading can meet: its aim is between the smallest peaks with and without offloading."""
+    import unittest.mock
+    with unittest.mock.patch.object(off, "MIN_BYTES", 0):
+        lo = smallest_peak(_trace(lora_cfg), offload=True).peak
+    hi = smallest_peak(_trace(lora_cfg)).peak
+    b = int((lo + hi) / 2 / (1 - MARGIN))
+    assert b * (1 - MARGIN) < hi
+    return b
+
+
+def _lora_model():
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(1)
+    return get_peft_model(tiny_model("llama", num_hidden_layers=LAYERS),
+                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_trains_like_eager_with_offload(budget, small, inductor, fresh_dynamo, no_fallback):
+    """Planned, rewritten, partitioned as predicted (only the tokens saved for the offloaded tensors); the ops ran
+    in each step; loss and LoRA grads as eager."""
+    import fxopt.hf
+    from fxopt.recompute import partition
+    m = _lora_model()
+    ref = copy.deepcopy(m)
+    fxopt.hf.compile_for_trainer(m, inductor=inductor, memory_budget=budget, offload=True)
+    ids, labels = batch(s=S)
+    before = dict(rt._STATS)
+    for _ in range(2):
+        m.zero_grad()
+        loss = m(input_ids=ids, labels=labels).loss
+        loss.backward()
+    mem = fxopt.last_report().memory
+    assert mem["offloaded"] and mem["predicted_peak"] <= budget
+    n = len(mem["offloaded"])
+    assert rt._STATS["offload"] - before["offload"] == 2 * n and rt._STATS["reload"] - before["reload"] == 2 * n
+    assert partition.LAST["predicted"] == partition.LAST["partitioned"]
+    ref.zero_grad()
+    rloss = ref(input_ids=ids, labels=labels).loss
+    rloss.backward()
+    assert rel(loss, rloss) <= 1e-5
+    for p, q in zip(m.parameters(), ref.parameters()):
+        if q.grad is not None:
+            assert rel(p.grad, q.grad) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_gpu_offload_trains_like_eager(cudagraphs, budget, small, fresh_dynamo):
+    """CUDA: pinned buffers, side-stream copies, one-ahead prefetch; with CUDA graphs the copies are recorded."""
+    import fxopt.hf
+    m = _lora_model().cuda()
+    ref = copy.deepcopy(m)
+    fxopt.hf.compile_for_trainer(m, memory_budget=budget, offload=True, cudagraphs=cudagraphs)
+    ids, labels = (t.cuda() for t in batch(s=S))
+    before = dict(rt._STATS)
+    for _ in range(4):
+        m.zero_grad()
+        loss = m(input_ids=ids, labels=labels).loss
+        loss.backward()
+    assert fxopt.last_report().memory["offloaded"] and rt._STATS["offload"] > before["offload"]
+    if not cudagraphs:
+        assert rt._STATS["prefetched"] > before["prefetched"]
+    ref.zero_grad()
+    rloss = ref(input_ids=ids, labels=labels).loss
+    rloss.backward()
+    assert rel(loss, rloss) <= 1e-4
+    for p, q in zip(m.parameters(), ref.parameters()):
+        if q.grad is not None:
+            assert rel(p.grad, q.grad) <= 1e-3
