@@ -218,6 +218,14 @@ s8a)   # eighth session, first call: the 65536-token mask test; rms_norm's compi
         --seq ${PROBE_SEQ:-65536} --seq-cap ${PROBE_SEQ:-65536} --variant "${MAXSEQ_VARIANT:-fxopt:0.2}" --loss-only \
         --fxopt-options '{"cudagraphs": true}' --max-seq-search --time-limit $(( left - 15 ))
     ;;
+s8b)   # eighth session, second call: offload GPU tests, rms_norm without dW (one-row backward), GEMM beside
+    # one-way copies, then the 8B QLoRA step with host offload at two budgets (CUDA graphs)
+    step pytest_offload 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/recompute/test_offload.py -m gpu
+    step kernels_rms_norm 80 python3 benchmarks/kernels.py --ops rms_norm --out "$OUT/kernels_rms_norm.json"
+    step pcie 60 python3 benchmarks/pcie.py --out "$OUT/pcie.json"
+    step offload8b $(( ${S8B_END:-575} - $(elapsed) )) python3 benchmarks/run_suite.py offload8b \
+        --out "$OUT/train_step.jsonl" --time-limit $(( ${S8B_END:-575} - $(elapsed) - 10 ))
+    ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
     step pytest_cg 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_gpu_models.py -k cudagraphs -m gpu
     ;;

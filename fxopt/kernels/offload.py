@@ -15,7 +15,8 @@ and the partition saves the 1-byte token instead of x_j.
 - Host buffers: a *generation* is one forward's set of buffers (all slots of one compiled graph). A forward takes a
   generation whose copies were all reloaded; if the last forward's backward has not run (two forwards, then
   backwards), a new one is made, so nothing is overwritten. A generation used while a CUDA graph was being recorded
-  belongs to that graph for good: its replays write the same addresses without running this Python.
+  belongs to that graph for good: its replays write the same addresses without running this Python, so its
+  tokens' entries (by address) stay for the backward's later warm-ups and recordings.
 - CPU tensors (tests) copy synchronously into ordinary memory.
 H200 (benchmarks/results/pcie_h200.json): pinned copies 55 GB/s one way; d2h and h2d at once 20 GB/s each.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import itertools
 from typing import Optional
 import threading
+import warnings
 import weakref
 
 import torch
@@ -144,9 +146,19 @@ def offload(x: torch.Tensor, prev_tok: Optional[torch.Tensor], prev: Optional[to
     t.filled += 1
     uid = next(_UID)
     with _LOCK:
-        g.pending += 1
+        if g.graph_owned:
+            # a recorded graph's token lives at a fixed address that its replays reuse without running this code:
+            # the entry stays for the backward's later recordings and warm-ups
+            old = _TOKENS.get((key, tok.data_ptr()))
+            if old is not None and old[1] is not g:
+                warnings.warn("fxopt offload: a second CUDA graph was recorded for one forward at the same token "
+                              "address; the backward of the first recording may read the second one's copies. "
+                              "Run each forward's backward before the next forward, or compile without 'offload'")
+        else:
+            g.pending += 1
         _TOKENS[(key, tok.data_ptr())] = (uid, g, slot)
-    weakref.finalize(tok, _release, key, tok.data_ptr(), uid)
+    if not g.graph_owned:
+        weakref.finalize(tok, _release, key, tok.data_ptr(), uid)
     _STATS["offload"] += 1
     return tok
 
@@ -177,7 +189,9 @@ def reload(tok: torch.Tensor, key: int, slot: int, nslots: int, shape: list[int]
     """The tensor `offload` copied for this token, back on tok's device; starts fetching slot + 1."""
     t = _table(key)
     with _LOCK:
-        e = _TOKENS.pop((key, tok.data_ptr()), None)
+        e = _TOKENS.get((key, tok.data_ptr()))
+        if e is not None and not e[1].graph_owned:
+            del _TOKENS[(key, tok.data_ptr())]
     if e is None:
         raise FxoptError("fxopt offload: no host copy for a saved activation of this backward (its forward's copies "
                          "were released). Run each backward once, after its forward; or compile without "
@@ -193,8 +207,9 @@ def reload(tok: torch.Tensor, key: int, slot: int, nslots: int, shape: list[int]
     else:
         y = torch.empty(tuple(shape), dtype=dtype, device=tok.device)
         y.copy_(_view(g.bufs[slot], shape, dtype), non_blocking=tok.device.type == "cuda")
-    with _LOCK:
-        g.pending -= 1
+    if not g.graph_owned:
+        with _LOCK:
+            g.pending -= 1
     if slot + 1 < nslots:
         _start_prefetch(t, g, slot + 1, tok.device)
     _STATS["reload"] += 1
