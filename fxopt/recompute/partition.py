@@ -146,7 +146,9 @@ class FxoptPartitioner(_Base):
         self.offload = offload
 
     def uuid(self):
-        return f"fxopt-recompute-{_source_hash()}-{self.budget!r}-{self.no_dropout}-{self.offload}"
+        from fxopt.recompute.plan import offload_bw
+        bw = offload_bw() if self.offload else None
+        return f"fxopt-recompute-{_source_hash()}-{self.budget!r}-{self.no_dropout}-{self.offload}-{bw}"
 
     def __reduce__(self):   # the config cache key pickles the partitioner: only what decides the result
         return (FxoptPartitioner, (self.budget, None, self.no_dropout, self.offload))
