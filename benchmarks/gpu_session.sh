@@ -229,7 +229,7 @@ s8b)   # eighth session, second call: offload GPU tests, rms_norm without dW (on
 s8c)   # eighth session, third call: offload GPU tests (budget from the CUDA graph), then the 8B / 1B low-memory steps
     # with offloads priced as hidden by compute
     step pytest_offload 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/recompute/test_offload.py -m gpu
-    step offload_hidden $(( ${S8C_END:-575} - $(elapsed) )) python3 benchmarks/run_suite.py offload_hidden \
+    step offload_hidden $(( ${S8C_END:-575} - $(elapsed) )) python3 benchmarks/run_suite.py ${S8C_SUITE:-offload_hidden} \
         --out "$OUT/train_step.jsonl" --time-limit $(( ${S8C_END:-575} - $(elapsed) - 10 ))
     ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)

@@ -43,6 +43,7 @@ class _Gen:
         self.meta: dict = {}         # slot -> (shape, dtype) of the copy in it
         self.pending = 0             # slots written and not yet reloaded
         self.graph_owned = False     # written while a CUDA graph was recorded: never handed out again
+        self.reloaded: set = set()   # slots the running backward has reloaded (not fetched again)
 
     def buffer(self, slot: int, nbytes: int, device: torch.device) -> torch.Tensor:
         b = self.bufs.get(slot)
@@ -169,8 +170,8 @@ def _(x, prev_tok, prev, key, slot, nslots):
 
 
 def _start_prefetch(t: _Table, g: _Gen, slot: int, device: torch.device):
-    if (g.index, slot) in t.prefetch or slot not in g.meta or device.type != "cuda":
-        return
+    if (g.index, slot) in t.prefetch or slot in g.reloaded or slot not in g.meta or device.type != "cuda":
+        return      # (a slot reloaded already: the compiled backward ran the reloads out of slot order)
     shape, dtype = g.meta[slot]
     main = torch.cuda.current_stream(device)
     y = torch.empty(shape, dtype=dtype, device=device)     # allocated in the compute stream's order
@@ -210,7 +211,10 @@ def reload(tok: torch.Tensor, key: int, slot: int, nslots: int, shape: list[int]
     if not g.graph_owned:
         with _LOCK:
             g.pending -= 1
-    if slot + 1 < nslots:
+    g.reloaded.add(slot)
+    if len(g.reloaded) >= nslots:
+        g.reloaded.clear()          # this backward is done
+    elif slot + 1 < nslots:
         _start_prefetch(t, g, slot + 1, tok.device)
     _STATS["reload"] += 1
     return y

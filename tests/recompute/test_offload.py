@@ -42,6 +42,19 @@ def test_round_trip_any_reload_order(order):
     _backward(xs, toks, key, order)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", [None, [2, 0, 3, 1], [3, 2, 1, 0]])
+def test_gpu_round_trip_leaves_nothing_fetched(order):
+    """Side-stream copies, prefetch one ahead; reloads out of slot order (a compiled backward may run them so) fetch
+    no slot twice and leave no fetched tensor behind (under CUDA graphs one would stay in the graph's pool)."""
+    xs, key = _xs(4, "cuda"), 9101
+    toks = _forward(xs, key)
+    assert not rt._TABLES[key].copies                     # every copy joined by the forward's last offload
+    _backward(xs, toks, key, order)
+    assert not rt._TABLES[key].prefetch
+    torch.cuda.synchronize()
+
+
 def test_two_forwards_before_their_backwards_keep_both_copies():
     """A second forward while the first one's copies are pending takes a new generation of host buffers."""
     key = 9002
