@@ -50,8 +50,11 @@ def test_gpu_round_trip_leaves_nothing_fetched(order):
     xs, key = _xs(4, "cuda"), 9101
     toks = _forward(xs, key)
     assert not rt._TABLES[key].copies                     # every copy joined by the forward's last offload
+    before = rt._STATS["prefetched"]
     _backward(xs, toks, key, order)
     assert not rt._TABLES[key].prefetch
+    if order is None:
+        assert rt._STATS["prefetched"] - before == 3      # slots 1..3 were fetched while the previous one was used
     torch.cuda.synchronize()
 
 
@@ -116,25 +119,24 @@ def small(monkeypatch):
 
 def test_offload_lowers_the_smallest_peak(lora_cfg, small, monkeypatch):
     """Past what recomputation reaches, offloading lowers the peak; the model keeps the offloaded tensors out of
-    the device's saved bytes. Priced as exposed copies (55 GB/s), only the residual stream goes (recomputing it
-    means a whole layer); priced as hidden (the default, within the forward's copy capacity), more goes and less is
-    recomputed."""
+    the device's saved bytes. At the copy price (55 GB/s, default) only the residual stream goes (recomputing it
+    means a whole layer); priced cheaper (FXOPT_OFFLOAD_BW, within the forward's copy capacity) more goes and less
+    is recomputed; with no capacity, the copy price applies again."""
     from fxopt.recompute import plan
     recompute_only = smallest_peak(_trace(lora_cfg))
     j = _trace(lora_cfg)
-    hidden = smallest_peak(j, offload=True)
-    assert hidden.peak < recompute_only.peak and hidden.offloaded
-    assert hidden.saved_bytes + hidden.offload_bytes >= recompute_only.saved_bytes
-    assert not set(hidden.offloaded) & set(hidden.act_saved)
-    monkeypatch.setenv("FXOPT_OFFLOAD_BW", str(plan.OFFLOAD_BW))
-    j2 = _trace(lora_cfg)
-    exposed = smallest_peak(j2, offload=True)
-    assert {j2.describe(s)["op"] for s in exposed.offloaded} == {"aten.add"}
-    assert hidden.offload_bytes > exposed.offload_bytes and hidden.time < exposed.time
-    monkeypatch.delenv("FXOPT_OFFLOAD_BW")
-    monkeypatch.setattr(plan, "forward_time", lambda joint: 0.0)       # no capacity: every copy is exposed
-    j3 = _trace(lora_cfg)
-    assert smallest_peak(j3, offload=True).offloaded == exposed.offloaded
+    exposed = smallest_peak(j, offload=True)
+    assert exposed.peak < recompute_only.peak and exposed.offloaded
+    assert exposed.saved_bytes + exposed.offload_bytes >= recompute_only.saved_bytes
+    assert not set(exposed.offloaded) & set(exposed.act_saved)
+    assert {j.describe(s)["op"] for s in exposed.offloaded} == {"aten.add"}
+    monkeypatch.setenv("FXOPT_OFFLOAD_BW", str(plan.OFFLOAD_BW / 0.039))
+    hidden = smallest_peak(_trace(lora_cfg), offload=True)
+    assert hidden.peak <= exposed.peak
+    assert make_plan(_trace(lora_cfg), int(exposed.peak / (1 - MARGIN)) + 1, offload=True).sim.offload_bytes > \
+        exposed.offload_bytes
+    monkeypatch.setattr(plan, "forward_time", lambda joint: 0.0)       # no capacity: every copy at the copy price
+    assert smallest_peak(_trace(lora_cfg), offload=True).offloaded == exposed.offloaded
 
 
 def test_offload_price_env_is_checked(monkeypatch):
@@ -227,7 +229,7 @@ def test_gpu_offload_trains_like_eager(cudagraphs, small, fresh_dynamo, monkeypa
         loss = step(input_ids=ids, labels=labels).loss
         loss.backward()
     assert fxopt.last_report().memory["offloaded"] and rt._STATS["offload"] > before["offload"]
-    if not cudagraphs:
+    if not cudagraphs and len(fxopt.last_report().memory["offloaded"]) > 1:     # (one slot: nothing to fetch ahead)
         assert rt._STATS["prefetched"] > before["prefetched"]
     ref.zero_grad()
     rloss = ref(input_ids=ids, labels=labels).loss
