@@ -125,6 +125,9 @@ def notes(r):
     mem = rep.get("memory") or {}
     if mem.get("predicted_peak"):
         parts.append(f"predicted peak {mem['predicted_peak'] / 2**30:.1f} GiB")
+        if mem.get("offload_bytes"):
+            parts.append(f"offloaded {len(mem.get('offloaded') or [])} tensors, {mem['offload_bytes'] / 2**30:.2f} GiB "
+                         f"per step")
     if r.get("graph_breaks"):
         parts.append(f"{r['graph_breaks']} graph breaks")
     return "; ".join(parts)
