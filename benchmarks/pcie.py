@@ -105,7 +105,8 @@ def main():
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("pcie.py needs a CUDA GPU")
-    res = {"env": environment(" ".join(sys.argv)), "copies": copy_rows([8, 32, 128, 512]), "overlap": [overlap_row(d) for d in (("d2h",), ("h2d",), ("d2h", "h2d"))],
+    res = {"env": environment(" ".join(sys.argv)), "copies": copy_rows([8, 32, 128, 512]),
+           "overlap": [overlap_row(d) for d in (("d2h",), ("h2d",), ("d2h", "h2d"))],
            "command": " ".join(sys.argv)}
     if args.out:
         with open(args.out, "w") as f:

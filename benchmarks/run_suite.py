@@ -86,8 +86,8 @@ OFFLOAD8B = grid("8b", "qlora", ["fxopt:1.15GiB", "fxopt:1.35GiB"], batch=2, ste
 # The same with offloads priced as hidden by compute up to the forward's copy capacity (the 8B plan at 1.15 GiB:
 # recompute 61 -> 34 ms predicted, 0.94 -> 5.8 GiB offloaded per step), and the 1B low-memory point with offload
 # (1B without offload: 50.3k tok/s at 3.68 GiB).
-OFFLOAD_HIDDEN = (grid("8b", "qlora", ["fxopt:1.15GiB", "fxopt:1.35GiB"], batch=2, steps=5, warmup=3, timeout=260, loss_only=True,
-                       fxopt_options={"cudagraphs": True, "offload": True}, tag="cg-offload-hidden")
+OFFLOAD_HIDDEN = (grid("8b", "qlora", ["fxopt:1.15GiB", "fxopt:1.35GiB"], batch=2, steps=5, warmup=3, timeout=260,
+                       loss_only=True, fxopt_options={"cudagraphs": True, "offload": True}, tag="cg-offload-hidden")
                   + grid("1b", "lora", ["fxopt:1.25GiB"], steps=6, warmup=3, timeout=170, loss_only=True,
                          fxopt_options={"cudagraphs": True, "offload": True}, tag="cg-offload-hidden"))
 OFFLOAD8B_HIDDEN = OFFLOAD_HIDDEN[:2]
@@ -127,8 +127,11 @@ STEP1B = (grid("1b", "lora", ["eager"], steps=6, warmup=2, timeout=200)
           + grid("1b", "lora", ["fxopt", "fxopt:4GiB"], steps=6, warmup=2, timeout=240, loss_only=True))
 # CPU smoke test of this machinery (shape "tiny", --device cpu): no GPU needed.
 SMOKE = grid("tiny", "lora", ["eager", "fxopt", "liger"], batch=2, seq=64, steps=3, warmup=1, timeout=300)
-SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b": BUDGETS1B, "nolce1b": NOLCE1B, "cudagraphs": CUDAGRAPHS,
-          "cg8b": CG8B, "cg1b": CG1B, "lowmem": LOWMEM, "amb8b": AMB8B, "lowmem_sdpa": LOWMEM_SDPA, "offload8b": OFFLOAD8B, "offload_hidden": OFFLOAD_HIDDEN, "offload8b_hidden": OFFLOAD8B_HIDDEN, "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B, "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
+SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b": BUDGETS1B, "nolce1b": NOLCE1B,
+          "cudagraphs": CUDAGRAPHS, "cg8b": CG8B, "cg1b": CG1B, "lowmem": LOWMEM, "amb8b": AMB8B,
+          "lowmem_sdpa": LOWMEM_SDPA, "offload8b": OFFLOAD8B, "offload_hidden": OFFLOAD_HIDDEN,
+          "offload8b_hidden": OFFLOAD8B_HIDDEN, "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
+          "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
 
 NEEDS = {"liger": ["liger_kernel"], "unsloth": ["unsloth", "bitsandbytes"], "fxopt": ["fxopt"]}
 

@@ -94,7 +94,7 @@ def plan(args) -> int:
         print(e, file=sys.stderr)
         return 2
     r = plan_for_config(cfg, args.batch, args.seq, budget, dtype=getattr(torch, args.dtype), lora_rank=args.lora_rank,
-                        fit=not args.no_fit, keep_logits=args.keep_logits)
+                        fit=not args.no_fit, keep_logits=args.keep_logits, offload=args.offload)
     r.pop("joint", None)
     print(json.dumps(r, indent=1, default=str) if args.json else format_plan(r))
     return 0 if r["feasible"] else 1
@@ -207,6 +207,8 @@ def main(argv=None) -> None:
     pl.add_argument("--keep-logits", action="store_true",
                     help="plan the forward that also returns the logits (a plain model.compile()); default: the "
                          "loss-only forward of fxopt.hf.compile_for_trainer, where lm_head + loss fuse")
+    pl.add_argument("--offload", action="store_true", help="the planner may keep saved activations in host memory "
+                    "(option 'offload')")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=plan)
     from fxopt import cli_bench, explain

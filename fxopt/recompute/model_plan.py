@@ -83,10 +83,10 @@ def build_meta_model(config, dtype=torch.bfloat16, lora_rank: int = 0, keep_logi
     return model.train()
 
 
-def largest_seq(joint: Joint, recompute, budget: int, seq_sym, hi_limit: int = 1 << 24):
+def largest_seq(joint: Joint, recompute, budget: int, seq_sym, hi_limit: int = 1 << 24, offload=()):
     """The largest integer seq with predicted peak <= budget for the plan `recompute` (0 if none fits)."""
     def fits(s):
-        return joint.simulate(recompute, joint.sizes_at({seq_sym: s})).peak <= budget
+        return joint.simulate(recompute, joint.sizes_at({seq_sym: s}), offload=offload).peak <= budget
 
     # sympy on the peak's live set: the root of p(seq) = budget, refined while the peak's location moves
     guess, s_try = None, 64
@@ -138,7 +138,7 @@ def fit_seq(joint: Joint, others: dict, seq: int, sym: sympy.Symbol) -> None:
 
 
 def plan_for_config(config, batch: int, seq: int, budget, *, dtype=torch.bfloat16, lora_rank: int = 0,
-                    patterns=None, fit=True, keep_logits=False) -> dict:
+                    patterns=None, fit=True, keep_logits=False, offload=False) -> dict:
     """Predicted peak, the plan, and the largest sequence that fits, for `config` (a transformers config).
 
     budget: int bytes, a size string ('12GiB') or a float fraction of the save-everything peak. The graph is traced
@@ -155,10 +155,10 @@ def plan_for_config(config, batch: int, seq: int, budget, *, dtype=torch.bfloat1
                   for k in (2, 3)}
         fit_seq(joint, others, seq, seq_sym)
     base = joint.simulate(frozenset())
-    out = {"batch": batch, "seq": seq, "matched": matched, "save_all_peak": base.peak,
+    out = {"batch": batch, "seq": seq, "matched": matched, "save_all_peak": base.peak, "offload": offload,
            "save_all_bytes": base.saved_bytes}
     try:
-        p = make_plan(joint, budget)
+        p = make_plan(joint, budget, offload=offload)
     except BudgetError as e:
         out.update(budget=e.budget, feasible=False, error=str(e), predicted_peak=None, recomputed={},
                    recompute_time_s=None)
@@ -166,13 +166,15 @@ def plan_for_config(config, batch: int, seq: int, budget, *, dtype=torch.bfloat1
     else:
         out.update(budget=p.budget, feasible=True, predicted_peak=p.sim.peak, saved_bytes=p.sim.saved_bytes,
                    recompute_time_s=p.sim.time, peak_at=p.sim.peak_at,
-                   recomputed=_summary(joint, p.sim.recomputed), chunks=chunked_ops(joint))
-    best = smallest_peak(joint)   # after the plan: it leaves chunked workspaces at their floor
+                   recomputed=_summary(joint, p.sim.recomputed), chunks=chunked_ops(joint),
+                   offloaded=len(p.sim.offloaded), offload_bytes=p.sim.offload_bytes)
+    best = smallest_peak(joint, offload=offload)   # after the plan: it leaves chunked workspaces at their floor
     out["smallest_peak"] = best.peak
     if fit:
         target = int(out["budget"] * (1 - MARGIN))   # the planner's own aim (measured peaks ran <= 0.9% over)
-        out["max_seq"] = largest_seq(joint, best.recompute, target, seq_sym)
-        out["max_seq_with_plan"] = largest_seq(joint, p.sim.recompute, target, seq_sym) if p else None
+        out["max_seq"] = largest_seq(joint, best.recompute, target, seq_sym, offload=best.offloaded)
+        out["max_seq_with_plan"] = largest_seq(joint, p.sim.recompute, target, seq_sym,
+                                               offload=p.sim.offloaded) if p else None
         out["peak_expr"] = str(sympy.expand(joint.peak_expr(best if p is None else p.sim)))
     out["joint"] = joint
     return out
@@ -196,10 +198,14 @@ def format_plan(r: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in r["matched"].items() if v),
              f"save everything: predicted peak {fmt_bytes(r['save_all_peak'])}, "
              f"saved activations {fmt_bytes(r['save_all_bytes'])}",
-             f"smallest predicted peak with recompute: {fmt_bytes(r['smallest_peak'])}",
+             f"smallest predicted peak with recompute{' and offload' if r.get('offload') else ''}: "
+             f"{fmt_bytes(r['smallest_peak'])}",
              f"budget {fmt_bytes(r['budget'])}: " + (
                  f"predicted peak {fmt_bytes(r['predicted_peak'])} (at {r['peak_at']}), recompute "
                  f"{1e3 * r['recompute_time_s']:.3f} ms (roofline)" if r["feasible"] else r["error"])]
+    if r.get("offload_bytes"):
+        lines.append(f"  offload {r['offloaded']} saved tensors to host memory, {fmt_bytes(r['offload_bytes'])} "
+                     f"each way per step")
     for name, rows in (r.get("chunks") or {}).items():
         lines.append(f"  {name}: chunks of {rows} rows (smaller than its default: recomputation alone did not fit)")
     for op, d in sorted(r["recomputed"].items(), key=lambda kv: -kv[1]["bytes"]):

@@ -30,10 +30,11 @@ def candidates(joint: Joint) -> frozenset:
     size, on CUDA (the CPU for tests, meta for `fxopt plan`), not a forward output, at least MIN_BYTES."""
     out = set()
     for st in joint.storages:
-        if st.kind != ACT or st.sid in joint.out_sids or st.node not in joint.fwd or st.expr.free_symbols:
+        if st.kind != ACT or st.sid in joint.out_sids or st.node not in joint.fwd:
             continue
         v = _val(st.node)
-        if not isinstance(v, torch.Tensor) or v.device.type not in ("cuda", "cpu", "meta") or st.nbytes < MIN_BYTES:
+        if not isinstance(v, torch.Tensor) or v.device.type not in ("cuda", "cpu", "meta") or st.nbytes < MIN_BYTES \
+                or not all(isinstance(d, int) for d in v.shape):       # (a dynamic shape: reload's is a constant)
             continue
         try:
             whole = v.is_contiguous() and v.storage_offset() == 0 and \
@@ -119,6 +120,3 @@ def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
         rows.append(d)
     return rows
 
-
-def token_names(gm: fx.GraphModule) -> list:
-    return [nd.name for nd in gm.graph.nodes if nd.op == "call_function" and nd.target is torch.ops.fxopt.offload.default]

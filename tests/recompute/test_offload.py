@@ -139,6 +139,23 @@ def test_offload_lowers_the_smallest_peak(lora_cfg, small, monkeypatch):
     assert smallest_peak(_trace(lora_cfg), offload=True).offloaded == exposed.offloaded
 
 
+def test_cli_plan_with_offload(lora_cfg, small, tmp_path, capsys):
+    """`fxopt plan --offload`: a budget below the recompute-only smallest peak is feasible, and the plan says what
+    goes to host memory (also with the seq fit: the storages' sizes become polynomials in seq there)."""
+    import json
+
+    from fxopt.cli import main
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(lora_cfg.to_dict()))
+    hi = smallest_peak(_trace(lora_cfg)).peak
+    with pytest.raises(SystemExit) as e:
+        main(["plan", str(path), "--batch", "2", "--seq", str(S), "--budget", str(hi - 1), "--dtype", "float32",
+              "--lora-rank", "4", "--offload"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0, out
+    assert "smallest predicted peak with recompute and offload" in out and "saved tensors to host memory" in out
+
+
 def test_offload_price_env_is_checked(monkeypatch):
     from fxopt.recompute import plan
     monkeypatch.setenv("FXOPT_OFFLOAD_BW", "fast")
