@@ -39,6 +39,17 @@ def batch(vocab=128, b=2, s=24, seed=2, ignore_prefix=5):
     return ids, labels
 
 
+def assert_trains_like(model, ref, loss, loss_tol: float, grad_tol: float, **inputs):
+    """`loss` (from `model`, backward done) and every grad of `model` match `ref` run eagerly on `inputs`."""
+    ref.zero_grad()
+    rloss = ref(**inputs).loss
+    rloss.backward()
+    assert rel(loss, rloss) <= loss_tol, (float(loss), float(rloss))
+    for p, q in zip(model.parameters(), ref.parameters()):
+        if q.grad is not None:
+            assert rel(p.grad, q.grad) <= grad_tol
+
+
 def compare_with_eager(model, options=None, steps=1, backend="fxopt", **batch_kw):
     """Train `steps` steps compiled and eager from the same weights; returns (worst rel diff, compiled model)."""
     ref = copy.deepcopy(model)
