@@ -117,7 +117,10 @@ class Report:
         if len(mems) == 1:
             return mems[0]
         return {"budget": mems[0]["budget"], "predicted_peak": max(m["predicted_peak"] for m in mems),
-                "saved": [s for m in mems for s in m["saved"]], "recomputed": [s for m in mems for s in m["recomputed"]]}
+                "saved": [s for m in mems for s in m["saved"]],
+                "recomputed": [s for m in mems for s in m["recomputed"]],
+                "offloaded": [s for m in mems for s in m.get("offloaded", [])],
+                "offload_bytes": sum(m.get("offload_bytes", 0) for m in mems)}
 
     def ops_in_compiled(self) -> dict[str, int]:
         c = collections.Counter()
@@ -146,7 +149,9 @@ class Report:
         if self.memory:
             m = self.memory
             lines.append(f"memory: budget {m['budget']} B, predicted peak {m['predicted_peak']} B, "
-                         f"{len(m['saved'])} saved, {len(m['recomputed'])} recomputed")
+                         f"{len(m['saved'])} saved, {len(m['recomputed'])} recomputed"
+                         + (f", {len(m['offloaded'])} offloaded ({m['offload_bytes']} B)"
+                            if m.get("offloaded") else ""))
         return "\n".join(lines)
 
     def __repr__(self) -> str:

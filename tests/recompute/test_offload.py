@@ -210,6 +210,7 @@ def test_trains_like_eager_with_offload(budget, small, inductor, fresh_dynamo, n
         loss.backward()
     mem = fxopt.last_report().memory
     assert mem["offloaded"] and mem["predicted_peak"] <= budget
+    assert f"{len(mem['offloaded'])} offloaded ({mem['offload_bytes']} B)" in str(fxopt.last_report())
     n = len(mem["offloaded"])
     assert rt._STATS["offload"] - before["offload"] == 2 * n and rt._STATS["reload"] - before["reload"] == 2 * n
     assert partition.LAST["predicted"] == partition.LAST["partitioned"]
