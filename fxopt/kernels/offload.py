@@ -80,7 +80,7 @@ class _Table:
 
 _TABLES: dict = {}
 _TOKENS: dict = {}    # (key, token data_ptr) -> (uid, gen, slot)
-_STATS = {"offload": 0, "reload": 0, "prefetched": 0, "host_bytes": 0}   # calls (tests check the ops ran)
+_STATS = {"offload": 0, "reload": 0, "prefetched": 0}   # calls (tests check the ops ran)
 
 
 def _table(key: int) -> _Table:
