@@ -139,6 +139,17 @@ def test_offload_lowers_the_smallest_peak(lora_cfg, small, monkeypatch):
     assert smallest_peak(_trace(lora_cfg), offload=True).offloaded == exposed.offloaded
 
 
+def test_dynamic_shapes_are_not_offloaded(small, fresh_dynamo):
+    """A storage whose shape is symbolic (dynamic seq) is never a candidate: reload's shape is a constant."""
+    from fxopt.recompute.model_plan import capture_joint
+    ids, labels = batch(s=S)
+    j = capture_joint(_lora_model(), {"input_ids": ids, "labels": labels}, dynamic_dims={"input_ids": [1],
+                                                                                         "labels": [1]})[0]
+    assert j.symbols(), "the trace is not dynamic"
+    dynamic = {st.sid for st in j.storages if st.expr.free_symbols}
+    assert dynamic and not off.candidates(j) & dynamic
+
+
 def test_cli_plan_with_offload(lora_cfg, small, tmp_path, capsys):
     """`fxopt plan --offload`: a budget below the recompute-only smallest peak is feasible, and the plan says what
     goes to host memory (also with the seq fit: the storages' sizes become polynomials in seq there)."""
