@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.fx as fx
 
 from fxopt.recompute.cost import ACT, Joint, Sim
 from fxopt.recompute.ops import _val
@@ -78,30 +77,49 @@ def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
 
     dep: dict = {}
 
-    def depends(a) -> bool:      # a's value is (computed in the backward from) an offloaded storage
-        if a not in dep:
-            dep[a] = (a in node_of) or (joint.sid_of.get(a) in slot and recomputed(a)) or \
-                (recomputed(a) and any(depends(b) for b in a.all_input_nodes))
+    def depends(a) -> bool:
+        """a's value is (computed in the backward from) an offloaded storage. Iterative: a recomputed segment can
+        span layers."""
+        stack = [(a, False)]
+        while stack:
+            u, expanded = stack.pop()
+            if u in dep:
+                continue
+            direct = u in node_of or (joint.sid_of.get(u) in slot and recomputed(u))
+            if direct or not recomputed(u):
+                dep[u] = direct
+            elif not expanded:
+                stack.append((u, True))
+                stack.extend((b, False) for b in u.all_input_nodes if b not in dep)
+            else:
+                dep[u] = any(dep[b] for b in u.all_input_nodes)
         return dep[a]
 
     mirror: dict = {}
 
     def mirrored(a, before):
-        if a in mirror:
-            return mirror[a]
-        if a in node_of:
-            sid = node_of[a]
-            v = _val(a)
+        """The backward's copy of a (reload for an offloaded storage), made with every dependent input first, in
+        graph order, before the backward node `before`."""
+        need, stack = set(), [a]
+        while stack:
+            u = stack.pop()
+            if u in mirror or u in need:
+                continue
+            need.add(u)
+            if u not in node_of:
+                stack.extend(b for b in u.all_input_nodes if depends(b))
+        for u in sorted(need, key=joint.pos.__getitem__):
             with g.inserting_before(before):
-                m = g.call_function(torch.ops.fxopt.reload.default,
-                                    (tok_of[sid], key, slot[sid], n, list(v.shape), v.dtype))
-            m.meta["val"] = _fake_like(v)
-        else:
-            with g.inserting_before(before):
-                m = g.node_copy(a, lambda b: mirrored(b, before) if depends(b) else b)
-        m.meta["recompute"] = policy_recompute
-        mirror[a] = m
-        return m
+                if u in node_of:
+                    sid, v = node_of[u], _val(u)
+                    m = g.call_function(torch.ops.fxopt.reload.default,
+                                        (tok_of[sid], key, slot[sid], n, list(v.shape), v.dtype))
+                    m.meta["val"] = _fake_like(v)
+                else:
+                    m = g.node_copy(u, lambda b: mirror[b] if depends(b) else b)
+            m.meta["recompute"] = policy_recompute
+            mirror[u] = m
+        return mirror[a]
 
     for b in list(joint.bwd):
         for a in list(b.all_input_nodes):
