@@ -232,6 +232,17 @@ s8c)   # eighth session, third call: offload GPU tests (budget from the CUDA gra
     step offload_hidden $(( ${S8C_END:-575} - $(elapsed) )) python3 benchmarks/run_suite.py ${S8C_SUITE:-offload_hidden} \
         --out "$OUT/train_step.jsonl" --time-limit $(( ${S8C_END:-575} - $(elapsed) - 10 ))
     ;;
+s9a)   # next session's first call (.notes/next_gpu.md): the GPU tests changed since their last run, the 8B offload
+    # points at HEAD, and the 8B 65,536-token probe with an absolute budget and offload (fxopt plan predicts
+    # 15.49 GiB of activations at 16GiB, ~21.3 GiB in all)
+    step pytest_s9a 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/recompute/test_offload.py \
+        tests/kernels/test_rms_norm.py -m gpu
+    step offload8b 380 python3 benchmarks/run_suite.py offload8b --out "$OUT/train_step.jsonl" --time-limit 370
+    left=$(( ${S9A_END:-575} - $(elapsed) ))
+    step maxseq_offload "$left" python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 --seq 65536 \
+        --seq-cap 65536 --variant fxopt:16GiB --loss-only --fxopt-options '{"cudagraphs": true, "offload": true}' \
+        --max-seq-search --time-limit $(( left - 15 ))
+    ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
     step pytest_cg 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_gpu_models.py -k cudagraphs -m gpu
     ;;
