@@ -23,14 +23,16 @@ H200 (benchmarks/results/pcie_h200.json): pinned copies 55 GB/s one way; d2h and
 from __future__ import annotations
 
 import itertools
-from typing import Optional
+import math
 import threading
 import warnings
 import weakref
+from typing import Optional
 
 import torch
 
 from fxopt.errors import FxoptError
+from fxopt.kernels.registry import capturing
 
 _LOCK = threading.Lock()
 _UID = itertools.count()
@@ -90,20 +92,9 @@ def _table(key: int) -> _Table:
         return _TABLES[key]
 
 
-def host_bytes() -> int:
-    """Host memory held by all offload buffers (every generation)."""
-    return sum(b.numel() for t in _TABLES.values() for g in t.gens for b in g.bufs.values())
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def _view(buf: torch.Tensor, shape, dtype) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return buf.view(dtype)[:n].view(tuple(int(s) for s in shape))
+    shape = tuple(int(s) for s in shape)
+    return buf.view(dtype)[:math.prod(shape)].view(shape)
 
 
 def _release(key, ptr, uid):
@@ -121,7 +112,7 @@ def offload(x: torch.Tensor, prev_tok: Optional[torch.Tensor], prev: Optional[to
     """Copy x into host slot `slot` of graph `key`; returns the token the backward's reload takes. prev_tok / prev
     (the previous offload's token and tensor) only order the calls and keep prev alive until this call."""
     t = _table(key)
-    cap = _capturing(x.device)
+    cap = x.device.type == "cuda" and capturing()
     if t.cur is None or t.filled >= nslots:
         t.cur, t.filled = t.take_gen(cap), 0
     g = t.cur

@@ -17,6 +17,7 @@ import itertools
 
 import torch
 
+from fxopt.patterns.match import fake_call
 from fxopt.recompute.cost import ACT, Joint, Sim
 from fxopt.recompute.ops import _val
 
@@ -45,15 +46,6 @@ def candidates(joint: Joint) -> frozenset:
     return frozenset(out)
 
 
-def _fake_like(v: torch.Tensor, shape=None, dtype=None):
-    mode = getattr(v, "fake_mode", None)
-    shape = tuple(v.shape) if shape is None else shape
-    if mode is None:
-        return torch.empty(shape, dtype=dtype or v.dtype, device="meta")
-    with mode:
-        return torch.empty(shape, dtype=dtype or v.dtype, device=v.device)
-
-
 def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
     """Insert the offload / reload ops for `sim.offloaded` into joint.gm (already tagged); returns the report rows."""
     if not sim.offloaded:
@@ -67,7 +59,7 @@ def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
         x = joint.storages[sid].node
         with g.inserting_after(x):
             tok = g.call_function(torch.ops.fxopt.offload.default, (x, prev_tok, prev_x, key, slot[sid], n))
-        tok.meta["val"] = _fake_like(_val(x), (1,), torch.uint8)
+        tok.meta["val"] = fake_call(torch.ops.fxopt.offload.default, *tok.args)
         tok.meta["recompute"] = policy_save
         tok_of[sid], prev_tok, prev_x = tok, tok, x
     fwd = joint.fwd
@@ -114,7 +106,7 @@ def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
                     sid, v = node_of[u], _val(u)
                     m = g.call_function(torch.ops.fxopt.reload.default,
                                         (tok_of[sid], key, slot[sid], n, list(v.shape), v.dtype))
-                    m.meta["val"] = _fake_like(v)
+                    m.meta["val"] = fake_call(torch.ops.fxopt.reload.default, *m.args)
                 else:
                     m = g.node_copy(u, lambda b: mirror[b] if depends(b) else b)
             m.meta["recompute"] = policy_recompute

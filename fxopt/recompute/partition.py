@@ -162,7 +162,7 @@ class FxoptPartitioner(_Base):
         tag(joint, p.sim.recompute)
         offloaded = _offload.rewrite(joint, p.sim, CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE)
         memory = report_dict(joint, p)
-        memory.update(offloaded=offloaded, offload_bytes=p.sim.offload_bytes)
+        memory["offloaded"] = offloaded
         if self.graph_report is not None:
             self.graph_report.memory = memory
         log.info("memory plan: budget %s, predicted peak %s (save-everything %s), %d saved, %d recomputed, "
@@ -199,7 +199,7 @@ def report_dict(joint: _cost.Joint, p) -> dict:
     out = {"budget": p.budget, "predicted_peak": sim.peak, "saved": saved, "recomputed": recomputed,
            "saved_bytes": sim.saved_bytes, "recompute_time_s": sim.time, "save_all_peak": p.base.peak,
            "save_all_bytes": p.base.saved_bytes, "peak_at": sim.peak_at,
-           "peak_workspace": sim.peak_workspace, "chunks": chunked_ops(joint)}
+           "peak_workspace": sim.peak_workspace, "chunks": chunked_ops(joint), "offload_bytes": sim.offload_bytes}
     if joint.symbols():   # dynamic shapes: planned at the size hints; the peak as a formula of the symbols
         out["predicted_peak_expr"] = str(joint.peak_expr(sim))
     return out

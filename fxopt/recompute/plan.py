@@ -26,7 +26,7 @@ import operator
 
 from fxopt.errors import FxoptError
 from fxopt.recompute.cost import ACT, Joint, Sim
-from fxopt.recompute.ops import op_arg, op_workspace, registered_call, set_op_arg
+from fxopt.recompute.ops import op_arg, op_time, op_workspace, registered_call, set_op_arg
 
 
 class BudgetError(FxoptError, ValueError):
@@ -62,6 +62,37 @@ def resolve_budget(budget, base_peak: int) -> int:
     if isinstance(budget, float):
         return int(budget * base_peak)
     return int(budget)
+
+
+# Pinned host<->device copies ran at 55 GB/s each way on the H200 (benchmarks/results/pcie_h200.json).
+OFFLOAD_BW = 55e9
+
+
+# Offloading is priced at its copy time, bytes / OFFLOAD_BW. Pricing copies as hidden by compute instead (a GEMM ran
+# 1.3% (d2h) / 3.9% (h2d) slower beside one-way copies, pcie_h200.json; so bytes / (OFFLOAD_BW / 0.039) within the
+# forward's copy capacity) was measured slower: the 8B QLoRA step at memory_budget 1.15 GiB offloaded 6.1 GB per
+# step with 33 ms of recompute and ran 9,924 tok/s, against 1.0 GB, 59 ms and 10,822 tok/s priced at the copy time
+# (both 6.9 GiB in all; train_step_h200.jsonl, tags cg-offload-hidden and cg-offload). FXOPT_OFFLOAD_BW sets the
+# price of copies within the capacity, for such experiments.
+def offload_bw() -> float:
+    """The price in bytes/s of an offload within the forward's copy capacity: OFFLOAD_BW, or FXOPT_OFFLOAD_BW."""
+    import os
+    v = os.environ.get("FXOPT_OFFLOAD_BW", "")
+    try:
+        bw = float(v) if v else OFFLOAD_BW
+    except ValueError:
+        bw = -1.0
+    if not bw > 0:
+        raise ValueError(f"FXOPT_OFFLOAD_BW must be a positive number of bytes per second, got {v!r}")
+    return bw
+
+
+def forward_time(joint: Joint) -> float:
+    """Roofline seconds of the whole forward (every op, recomputable or not); cached on the joint."""
+    if "_fwd_time" not in joint.__dict__:
+        joint._fwd_time = sum(op_time(n) for n in joint.fwd_order
+                              if n.op == "call_function" and n.target is not operator.getitem)
+    return joint._fwd_time
 
 
 def _moves(joint: Joint, sim: Sim, sizes, offloadable=frozenset(), hidden=None):
@@ -120,37 +151,6 @@ def _order(move):
     off = members[0] == "offload"
     return (-gain / max(cost, 1e-12), off, -gain if off else 0, members[1:] if off else members)
 
-
-# Pinned host<->device copies ran at 55 GB/s each way on the H200 (benchmarks/results/pcie_h200.json).
-OFFLOAD_BW = 55e9
-
-
-# Offloading is priced at its copy time, bytes / OFFLOAD_BW. Pricing copies as hidden by compute instead (a GEMM ran
-# 1.3% (d2h) / 3.9% (h2d) slower beside one-way copies, pcie_h200.json; so bytes / (OFFLOAD_BW / 0.039) within the
-# forward's copy capacity) was measured slower: the 8B QLoRA step at memory_budget 1.15 GiB offloaded 6.1 GB per
-# step with 33 ms of recompute and ran 9,924 tok/s, against 1.0 GB, 59 ms and 10,822 tok/s priced at the copy time
-# (both 6.9 GiB in all; train_step_h200.jsonl, tags cg-offload-hidden and cg-offload). FXOPT_OFFLOAD_BW sets the
-# price of copies within the capacity, for such experiments.
-def offload_bw() -> float:
-    """The price in bytes/s of an offload within the forward's copy capacity: OFFLOAD_BW, or FXOPT_OFFLOAD_BW."""
-    import os
-    v = os.environ.get("FXOPT_OFFLOAD_BW", "")
-    try:
-        bw = float(v) if v else OFFLOAD_BW
-    except ValueError:
-        bw = -1.0
-    if not bw > 0:
-        raise ValueError(f"FXOPT_OFFLOAD_BW must be a positive number of bytes per second, got {v!r}")
-    return bw
-
-
-def forward_time(joint: Joint) -> float:
-    """Roofline seconds of the whole forward (every op, recomputable or not); cached on the joint."""
-    if "_fwd_time" not in joint.__dict__:
-        from fxopt.recompute.ops import op_time
-        joint._fwd_time = sum(op_time(n) for n in joint.fwd_order
-                              if n.op == "call_function" and n.target is not operator.getitem)
-    return joint._fwd_time
 
 SCAN = 8   # moves simulated past the first one that keeps the peak, looking for one that lowers it
 
