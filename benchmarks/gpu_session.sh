@@ -243,6 +243,16 @@ s9a)   # next session's first call (.notes/next_gpu.md): the GPU tests changed s
         --seq-cap 65536 --variant fxopt:16GiB --loss-only --fxopt-options '{"cudagraphs": true, "offload": true}' \
         --max-seq-search --time-limit $(( left - 15 ))
     ;;
+s10a)   # rope with one head per program on contiguous [B, H, S, D] (sweep, then the fwd+bwd bench); GPU tests
+    # changed since their last run; the 8B offload point at HEAD, profiled per stream
+    step pytest_s10a 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/recompute/test_offload.py \
+        tests/kernels/test_rms_norm.py tests/kernels/test_rope.py -m gpu
+    step rope_sweep 120 python3 benchmarks/kernels.py --sweep rope --out "$OUT/rope_sweep.json"
+    step kernels_rope 100 python3 benchmarks/kernels.py --ops rope --out "$OUT/kernels_rope.json"
+    left=$(( ${S10A_END:-580} - $(elapsed) ))
+    step offload8b_prof "$left" python3 benchmarks/run_suite.py offload8b_prof --out "$OUT/train_step.jsonl" \
+        --time-limit $(( left - 10 ))
+    ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
     step pytest_cg 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_gpu_models.py -k cudagraphs -m gpu
     ;;

@@ -351,6 +351,7 @@ def measure(a):
 
     med, loss = time_steps(step, a, rec)
     if a.profile and a.device == "cuda":
+        from benchmarks.step_profile import profile_step
         rec["profile"] = profile_step(step)
     tflops = step_flops(cfg, a.batch, a.seq, a.mode == "full") / med / 1e12
     rec.update(step_s=round(med, 4), tok_per_s=round(a.batch * a.seq / med), tflops=round(tflops, 1),
@@ -374,42 +375,6 @@ def measure(a):
     if kind == "unsloth":
         rec["unsloth"] = getattr(sys.modules.get("unsloth"), "__version__", rec.get("unsloth"))
     return rec
-
-
-def profile_step(step, top=30):
-    """One more step under torch.profiler: the GPU kernels that took the most time, how busy the GPU was, and the
-    CPU ops with the most self time (where a step that waits on the CPU spends it; the profiler's own overhead
-    inflates these, so they rank, they do not time)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-    cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    t0 = time.time()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        step()
-        sync()
-    wall_ms = (time.time() - t0) * 1e3
-    # GPU events only (kernels, memcpy/memset): a CPU op's device time repeats its kernels' time
-    from torch.autograd import DeviceType
-    agg = {}
-    for ev in prof.events():
-        if getattr(ev, "device_type", None) != DeviceType.CUDA:
-            continue
-        us = getattr(ev, "device_time_total", None)
-        if us is None:
-            us = getattr(ev, "cuda_time_total", 0)
-        c, t = agg.get(ev.name, (0, 0.0))
-        agg[ev.name] = (c + 1, t + us)
-    rows = [(k, c, us / 1e3) for k, (c, us) in agg.items() if us > 0]
-    rows.sort(key=lambda r: -r[2])
-    busy = sum(r[2] for r in rows)
-    cpu = sorted(((e.key, e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()
-                  if e.self_cpu_time_total > 0), key=lambda r: -r[2])
-    return dict(wall_ms=round(wall_ms, 1), gpu_busy_ms=round(busy, 1),
-                top=[dict(name=k[:120], count=c, ms=round(ms, 2)) for k, c, ms in rows[:top]],
-                cpu_self_ms=round(sum(r[2] for r in cpu), 1),
-                cpu_top=[dict(name=k[:120], count=c, self_ms=round(ms, 2)) for k, c, ms in cpu[:top]])
 
 
 def is_oom(exc):

@@ -142,10 +142,10 @@ def run(ceiling_tbps):
     return rows, correctness
 
 
-def sweep(configs=tuple((t, h, w) for t in (1, 2, 4, 8) for h in (1, 2, 4, 8, 16) for w in (4, 8)
-                         if 64 * t * h <= 4096)):
-    """Forward kernel time per (BLOCK_T, BLOCK_H, num_warps) on both layouts (for choosing fxopt's defaults), and
-    the default's; Inductor's forward on the same inputs."""
+def sweep(configs=((1, 8, 4, False), (1, 4, 4, False), (2, 4, 4, False), (4, 2, 4, False), (8, 4, 4, False))
+          + tuple((t, 1, w, True) for t in (4, 8, 16, 32, 64) for w in (2, 4, 8))):
+    """Forward kernel time per (BLOCK_T, BLOCK_H, num_warps, PER_HEAD) on both layouts, default rounding (fp32 math
+    rounded once), for choosing fxopt's defaults, and the default's; Inductor's forward on the same inputs."""
     import fxopt  # noqa: F401
     from fxopt.kernels import rope as R
     out = []
@@ -155,9 +155,10 @@ def sweep(configs=tuple((t, h, w) for t in (1, 2, 4, 8) for h in (1, 2, 4, 8, 16
         if layout == "hf":
             q, k = q.view(B, S, H, D).transpose(1, 2), k.view(B, S, KV, D).transpose(1, 2)
         yq, yk = torch.empty_like(q), torch.empty_like(k)
-        default = R._blocks(S, H, D // 2, q.device)
+        dims = R.plan_dims(q.shape, k.shape, cos.shape, sin.shape)
+        default = R._blocks(S, H, D // 2, q.device, R.heads_apart(q, dims))
         for cfg in (None,) + tuple(configs):
-            ms = do_bench(lambda: R._launch(q, k, cos, sin, yq, yk, False, q.dtype, False, blocks=cfg))
+            ms = do_bench(lambda: R._launch(q, k, cos, sin, yq, yk, False, torch.float32, False, blocks=cfg))
             out.append(dict(layout=layout, blocks=cfg or default, default=cfg is None, ms=round(ms, 4)))
         fwd = torch.compile(eager)
         out.append(dict(layout=layout, impl="inductor", ms=round(do_bench(lambda: fwd(q, k, cos, sin)), 4)))

@@ -1,0 +1,77 @@
+"""One training step under torch.profiler: where its GPU time goes, per kernel and per CUDA stream."""
+import time
+
+
+def profile_step(step, top=30):
+    """One more step under torch.profiler: the GPU kernels that took the most time, how busy the GPU was, and the
+    CPU ops with the most self time (where a step that waits on the CPU spends it; the profiler's own overhead
+    inflates these, so they rank, they do not time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.time()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        sync()
+    wall_ms = (time.time() - t0) * 1e3
+    # GPU events only (kernels, memcpy/memset): a CPU op's device time repeats its kernels' time
+    from torch.autograd import DeviceType
+    agg = {}
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) != DeviceType.CUDA:
+            continue
+        us = getattr(ev, "device_time_total", None)
+        if us is None:
+            us = getattr(ev, "cuda_time_total", 0)
+        c, t = agg.get(ev.name, (0, 0.0))
+        agg[ev.name] = (c + 1, t + us)
+    rows = [(k, c, us / 1e3) for k, (c, us) in agg.items() if us > 0]
+    rows.sort(key=lambda r: -r[2])
+    busy = sum(r[2] for r in rows)
+    cpu = sorted(((e.key, e.count, e.self_cpu_time_total / 1e3) for e in prof.key_averages()
+                  if e.self_cpu_time_total > 0), key=lambda r: -r[2])
+    return dict(wall_ms=round(wall_ms, 1), gpu_busy_ms=round(busy, 1), streams=stream_summary(prof),
+                top=[dict(name=k[:120], count=c, ms=round(ms, 2)) for k, c, ms in rows[:top]],
+                cpu_self_ms=round(sum(r[2] for r in cpu), 1),
+                cpu_top=[dict(name=k[:120], count=c, self_ms=round(ms, 2)) for k, c, ms in cpu[:top]])
+
+
+def _union_ms(iv):
+    """Total length of the union of (start, end) ns intervals, in ms."""
+    total, end = 0, None
+    for a, b in sorted(iv):
+        if end is None or a > end:
+            total, end = total + (b - a), b
+        elif b > end:
+            total, end = total + (b - end), b
+    return total / 1e6
+
+
+def stream_summary(prof):
+    """Per CUDA stream: busy time (union of its kernels and copies), copies' time by kind; over the step: the
+    span from the first GPU event to the last, and the busiest stream's idle time in it (a compute stream that waits
+    on copies, or on the host, shows it). None when this torch's profiler does not expose kineto events."""
+    try:
+        evs = [e for e in prof.profiler.kineto_results.events() if "cuda" in str(e.device_type()).lower()]
+    except Exception:  # noqa: BLE001  (private API; feature-detected)
+        return None
+    if not evs:
+        return None
+    by = {}
+    for e in evs:
+        s = by.setdefault(int(e.device_resource_id()), dict(iv=[], copies={}, n=0))
+        a, d = int(e.start_ns()), int(e.duration_ns())
+        s["iv"].append((a, a + d))
+        s["n"] += 1
+        name = e.name()
+        if name.lower().startswith("memcpy") or name.lower().startswith("memset"):
+            s["copies"][name[:40]] = s["copies"].get(name[:40], 0.0) + d / 1e6
+    t0 = min(a for s in by.values() for a, _ in s["iv"])
+    t1 = max(b for s in by.values() for _, b in s["iv"])
+    out = {str(k): dict(events=s["n"], busy_ms=round(_union_ms(s["iv"]), 2),
+                        copies_ms={n: round(v, 2) for n, v in s["copies"].items()}) for k, s in by.items()}
+    main = max(out, key=lambda k: out[k]["busy_ms"])
+    return dict(span_ms=round((t1 - t0) / 1e6, 2), main_stream=main,
+                main_idle_ms=round((t1 - t0) / 1e6 - out[main]["busy_ms"], 2), per_stream=out)
