@@ -253,6 +253,15 @@ s10a)   # rope with one head per program on contiguous [B, H, S, D] (sweep, then
     step offload8b_prof "$left" python3 benchmarks/run_suite.py offload8b_prof --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 10 ))
     ;;
+s10b)   # two copies in flight each way (FXOPT_OFFLOAD_DEPTH=2): the GPU offload tests, then the 8B 1.15 GiB points
+    # hidden-priced (the plan that ran slower with one in flight) and copy-priced, profiled per stream
+    step pytest_s10b 120 python3 -m pytest -q -p no:cacheprovider -rfE tests/recompute/test_offload.py -m gpu
+    step offload8b_d2_hidden 240 env FXOPT_OFFLOAD_DEPTH=2 FXOPT_OFFLOAD_BW=1.41e12 python3 benchmarks/run_suite.py \
+        offload8b_d2_hidden --out "$OUT/train_step.jsonl" --time-limit 235
+    left=$(( ${S10B_END:-585} - $(elapsed) ))
+    step offload8b_d2 "$left" env FXOPT_OFFLOAD_DEPTH=2 python3 benchmarks/run_suite.py offload8b_d2 \
+        --out "$OUT/train_step.jsonl" --time-limit $(( left - 8 ))
+    ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
     step pytest_cg 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_gpu_models.py -k cudagraphs -m gpu
     ;;

@@ -51,8 +51,9 @@ def _union_ms(iv):
 
 def stream_summary(prof):
     """Per CUDA stream: busy time (union of its kernels and copies), copies' time by kind; over the step: the
-    span from the first GPU event to the last, and the busiest stream's idle time in it (a compute stream that waits
-    on copies, or on the host, shows it). None when this torch's profiler does not expose kineto events."""
+    span from the first GPU event to the last, the busiest stream's idle time in it, and the time no stream was busy
+    (a GPU that waits on the host, or on copies, shows it). Under CUDA graph replay the streams are the replay's:
+    one graph's branches may appear on another graph's stream. None when this torch's profiler does not expose kineto events."""
     try:
         evs = [e for e in prof.profiler.kineto_results.events() if "cuda" in str(e.device_type()).lower()]
     except Exception:  # noqa: BLE001  (private API; feature-detected)
@@ -73,5 +74,7 @@ def stream_summary(prof):
     out = {str(k): dict(events=s["n"], busy_ms=round(_union_ms(s["iv"]), 2),
                         copies_ms={n: round(v, 2) for n, v in s["copies"].items()}) for k, s in by.items()}
     main = max(out, key=lambda k: out[k]["busy_ms"])
+    union = _union_ms([iv for s in by.values() for iv in s["iv"]])
     return dict(span_ms=round((t1 - t0) / 1e6, 2), main_stream=main,
-                main_idle_ms=round((t1 - t0) / 1e6 - out[main]["busy_ms"], 2), per_stream=out)
+                main_idle_ms=round((t1 - t0) / 1e6 - out[main]["busy_ms"], 2),
+                idle_ms=round((t1 - t0) / 1e6 - union, 2), per_stream=out)

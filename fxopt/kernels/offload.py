@@ -1,17 +1,17 @@
 """Saved activations kept in host memory: `fxopt::offload` in the forward, `fxopt::reload` in the backward.
 
 The memory planner (fxopt/recompute/offload.py) rewrites the joint graph: a saved tensor x becomes
-    tok_j = offload(x_j, tok_{j-1}, x_{j-1}, key, slot, nslots)        forward, right after x_j is made
-    x_j'  = reload(tok_j, key, slot, nslots, shape, dtype)             backward, where x_j was read
-and the partition saves the 1-byte token instead of x_j.
+    tok_j = offload(x_j, tok_{j-1}, x_{j-D}, key, slot, nslots, D)     forward, right after x_j is made
+    x_j'  = reload(tok_j, key, slot, nslots, D, shape, dtype)          backward, where x_j was read
+and the partition saves the 1-byte token instead of x_j. D (`depth`, FXOPT_OFFLOAD_DEPTH, default 1): copies in flight.
 - Forward: x_j is copied device->host on a side stream into a pinned buffer of its slot. The copy overlaps the
-  forward's compute until the next offload, which makes the compute stream wait for it; x_{j-1} is an argument of
-  that next call, so the compiled graph keeps it alive (and its memory unreused) until its copy is done. The last
-  offload of a forward waits for its own copy: every side-stream copy is joined before the forward graph ends
+  forward's compute until the D-th next offload, which makes the compute stream wait for it; x_{j-D} is an argument
+  of that call, so the compiled graph keeps it alive (and its memory unreused) until its copy is done. The last
+  offload of a forward waits for every copy: all side-stream copies are joined before the forward graph ends
   (needed to record it as a CUDA graph).
-- Backward: slots are numbered in the order the backward first reads them. reload(slot) takes the copy the previous
-  reload started for it (or copies now, on the compute stream) and starts the host->device copy of slot + 1 on the
-  side stream: one tensor is fetched ahead while the backward computes.
+- Backward: slots are numbered in the order the backward first reads them. reload(slot) takes the copy an earlier
+  reload started for it (or copies now, on the compute stream) and starts the host->device copies of slots
+  slot + 1 .. slot + D on the side stream: D tensors are fetched ahead while the backward computes.
 - Host buffers: a *generation* is one forward's set of buffers (all slots of one compiled graph). A forward takes a
   generation whose copies were all reloaded; if the last forward's backward has not run (two forwards, then
   backwards), a new one is made, so nothing is overwritten. A generation used while a CUDA graph was being recorded
@@ -35,6 +35,16 @@ from fxopt.errors import FxoptError
 from fxopt.kernels.registry import capturing
 
 _LOCK = threading.Lock()
+
+
+def offload_depth() -> int:
+    """Copies in flight each way (FXOPT_OFFLOAD_DEPTH, default 1): the forward waits for copy j at offload j + D;
+    the backward fetches D slots ahead. The planner's liveness model uses the same D."""
+    import os
+    v = os.environ.get("FXOPT_OFFLOAD_DEPTH", "1")
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"FXOPT_OFFLOAD_DEPTH must be a whole number >= 1, got {v!r}")
+    return int(v)
 _UID = itertools.count()
 
 
@@ -82,7 +92,7 @@ class _Table:
 
 _TABLES: dict = {}
 _TOKENS: dict = {}    # (key, token data_ptr) -> (uid, gen, slot)
-_STATS = {"offload": 0, "reload": 0, "prefetched": 0}   # calls (tests check the ops ran)
+_STATS = {"offload": 0, "reload": 0, "prefetched": 0, "last_depth": 0}   # calls (tests check the ops ran)
 
 
 def _table(key: int) -> _Table:
@@ -108,9 +118,10 @@ def _release(key, ptr, uid):
 
 @torch.library.custom_op("fxopt::offload", mutates_args=())
 def offload(x: torch.Tensor, prev_tok: Optional[torch.Tensor], prev: Optional[torch.Tensor], key: int, slot: int,
-            nslots: int) -> torch.Tensor:
-    """Copy x into host slot `slot` of graph `key`; returns the token the backward's reload takes. prev_tok / prev
-    (the previous offload's token and tensor) only order the calls and keep prev alive until this call."""
+            nslots: int, depth: int) -> torch.Tensor:
+    """Copy x into host slot `slot` of graph `key`; returns the token the backward's reload takes. prev_tok (the
+    previous offload's token) orders the calls; prev (the tensor offloaded `depth` calls before) stays alive until
+    this call, which waits for its copy."""
     t = _table(key)
     cap = x.device.type == "cuda" and capturing()
     if t.cur is None or t.filled >= nslots:
@@ -129,7 +140,7 @@ def offload(x: torch.Tensor, prev_tok: Optional[torch.Tensor], prev: Optional[to
             ev = torch.cuda.Event()
             ev.record(side)
         t.copies.append((ev, x))
-        keep = 0 if t.filled + 1 >= nslots else 1    # the last one of the forward joins its own copy too
+        keep = 0 if t.filled + 1 >= nslots else depth    # the last one of the forward joins every copy
         while len(t.copies) > keep:
             e, _ = t.copies.pop(0)
             main.wait_event(e)
@@ -152,11 +163,12 @@ def offload(x: torch.Tensor, prev_tok: Optional[torch.Tensor], prev: Optional[to
     if not g.graph_owned:
         weakref.finalize(tok, _release, key, tok.data_ptr(), uid)
     _STATS["offload"] += 1
+    _STATS["last_depth"] = depth
     return tok
 
 
 @offload.register_fake
-def _(x, prev_tok, prev, key, slot, nslots):
+def _(x, prev_tok, prev, key, slot, nslots, depth):
     return x.new_empty((1,), dtype=torch.uint8)
 
 
@@ -176,9 +188,9 @@ def _start_prefetch(t: _Table, g: _Gen, slot: int, device: torch.device):
 
 
 @torch.library.custom_op("fxopt::reload", mutates_args=())
-def reload(tok: torch.Tensor, key: int, slot: int, nslots: int, shape: list[int],
+def reload(tok: torch.Tensor, key: int, slot: int, nslots: int, depth: int, shape: list[int],
            dtype: torch.dtype) -> torch.Tensor:
-    """The tensor `offload` copied for this token, back on tok's device; starts fetching slot + 1."""
+    """The tensor `offload` copied for this token, back on tok's device; starts fetching slots up to slot + depth."""
     t = _table(key)
     with _LOCK:
         e = _TOKENS.get((key, tok.data_ptr()))
@@ -205,12 +217,13 @@ def reload(tok: torch.Tensor, key: int, slot: int, nslots: int, shape: list[int]
     g.reloaded.add(slot)
     if len(g.reloaded) >= nslots:
         g.reloaded.clear()          # this backward is done
-    elif slot + 1 < nslots:
-        _start_prefetch(t, g, slot + 1, tok.device)
+    else:
+        for ahead in range(slot + 1, min(slot + depth, nslots - 1) + 1):
+            _start_prefetch(t, g, ahead, tok.device)
     _STATS["reload"] += 1
     return y
 
 
 @reload.register_fake
-def _(tok, key, slot, nslots, shape, dtype):
+def _(tok, key, slot, nslots, depth, shape, dtype):
     return torch.empty(tuple(shape), dtype=dtype, device=tok.device)

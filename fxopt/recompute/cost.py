@@ -238,11 +238,14 @@ class Joint:
             else:
                 saved.add(sid)
 
-    def simulate(self, recompute=frozenset(), sizes=None, offload=()) -> "Sim":
+    def simulate(self, recompute=frozenset(), sizes=None, offload=(), depth=None) -> "Sim":
         """The plan's saved set, peak and time. `offload`: saved activations kept in host memory instead
-        (fxopt/kernels/offload.py): in the forward each lives until the next offload (whose call waits for its
-        copy; the last one until its own call); in the backward from the first read of the storage reloaded
-        before it (fetched one ahead; the first one where it is read) to its last read."""
+        (fxopt/kernels/offload.py), D = `depth` copies in flight: in the forward each lives until the D-th next
+        offload (whose call waits for its copy; the last D until the last offload); in the backward from the first
+        read of the storage reloaded D before it (fetched D ahead; the first D where the first one is read) to its
+        last read."""
+        from fxopt.kernels.offload import offload_depth
+        depth = depth or offload_depth()
         sizes = sizes or self.sizes
         saved, rec_order, schedule = self.saved_for(recompute)
         off = [s for s in dict.fromkeys(offload) if s in saved and self.storages[s].kind == ACT
@@ -256,7 +259,7 @@ class Joint:
         by_made = sorted(off, key=self._made_at.__getitem__)
         late: dict = {}                                  # forward index -> offloaded sids whose copy is joined there
         for j, s in enumerate(by_made):
-            nxt = by_made[j + 1] if j + 1 < len(by_made) else s
+            nxt = by_made[min(j + depth, len(by_made) - 1)]
             last[s] = max(last.get(s, -1), self._made_at[nxt])
             late.setdefault(last[s], []).append(s)
         cur = peak_f = peak_f_ws = 0
@@ -288,7 +291,7 @@ class Joint:
         slots = sorted(off, key=lambda s: first.get(s, len(items)))        # the order the backward reloads them
         fetched: dict = {}                                                   # item index -> offloaded sids made
         for k, s in enumerate(slots):
-            fetched.setdefault(first.get(slots[k - 1] if k else s, 0), []).append(s)
+            fetched.setdefault(first.get(slots[max(0, k - depth)], 0), []).append(s)
         stay = self.out_sids | self.grad_sids
         peak_b, peak_b_live, peak_b_i, peak_b_ws = cur, set(live), None, 0
         for i, (creates, reads) in enumerate(items):
@@ -315,7 +318,7 @@ class Joint:
         fwd_is_peak = peak_f >= peak_b
         return Sim(recompute=frozenset(recompute), saved=sorted(saved), act_saved=act_saved,
                    saved_bytes=sum(sizes[s] for s in act_saved), recomputed=rec_order, offloaded=tuple(slots),
-                   offload_bytes=sum(sizes[s] for s in slots),
+                   offload_bytes=sum(sizes[s] for s in slots), offload_depth=depth,
                    time=sum(self.groups[g].time for g in rec_order), peak=max(peak_f, peak_b),
                    peak_live=peak_f_live if fwd_is_peak else peak_b_live,
                    peak_workspace=peak_f_ws if fwd_is_peak else peak_b_ws,
@@ -351,3 +354,4 @@ class Sim:
     peak_workspace: int = 0  # the op's own transient bytes in the peak (at the size hints)
     offloaded: tuple = ()    # saved activations kept in host memory, in the order the backward reloads them
     offload_bytes: int = 0   # their bytes (each copied to the host and back once per step)
+    offload_depth: int = 1   # copies in flight each way, as simulated

@@ -5,8 +5,8 @@ The planner (plan.py) prices offloading a saved activation at its bytes / OFFLOA
 recompute moves by bytes per second, so cheap recomputes (norms, pointwise) come first and tensors that would need a
 long recompute segment (the residual stream: a whole layer) are offloaded.
 Rewrite, for the chosen storages x_1..x_n in forward order (slots numbered in backward read order):
-    tok_j = fxopt.offload(x_j, tok_{j-1}, x_{j-1}, key, slot_j, n)       right after x_j; MUST_SAVE (1 byte saved)
-    r_j   = fxopt.reload(tok_j, key, slot_j, n, shape, dtype)            before x_j's first backward reader
+    tok_j = fxopt.offload(x_j, tok_{j-1}, x_{j-D}, key, slot_j, n, D)    right after x_j; MUST_SAVE (1 byte saved)
+    r_j   = fxopt.reload(tok_j, key, slot_j, n, D, shape, dtype)         before x_j's first backward reader
 and every backward reader of x_j (or of a view of it, or of a recomputed op that reads it) reads r_j (or a copy of
 that view / recomputed op made on r_j) instead. Those copies and r_j are MUST_RECOMPUTE, so the min-cut keeps them
 in the backward and saves only the tokens.
@@ -54,14 +54,17 @@ def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
     key, n = next(_KEYS), len(sim.offloaded)
     slot = {sid: k for k, sid in enumerate(sim.offloaded)}
     node_of = {joint.storages[sid].node: sid for sid in sim.offloaded}
-    tok_of, prev_tok, prev_x = {}, None, None
-    for sid in sorted(sim.offloaded, key=joint._made_at.__getitem__):
+    depth, made = sim.offload_depth, []
+    tok_of, prev_tok = {}, None
+    for j, sid in enumerate(sorted(sim.offloaded, key=joint._made_at.__getitem__)):
         x = joint.storages[sid].node
+        prev_x = made[j - depth] if j >= depth else None
         with g.inserting_after(x):
-            tok = g.call_function(torch.ops.fxopt.offload.default, (x, prev_tok, prev_x, key, slot[sid], n))
+            tok = g.call_function(torch.ops.fxopt.offload.default, (x, prev_tok, prev_x, key, slot[sid], n, depth))
         tok.meta["val"] = fake_call(torch.ops.fxopt.offload.default, *tok.args)
         tok.meta["recompute"] = policy_save
-        tok_of[sid], prev_tok, prev_x = tok, tok, x
+        tok_of[sid], prev_tok = tok, tok
+        made.append(x)
     fwd = joint.fwd
 
     def recomputed(a) -> bool:
@@ -105,7 +108,7 @@ def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
                 if u in node_of:
                     sid, v = node_of[u], _val(u)
                     m = g.call_function(torch.ops.fxopt.reload.default,
-                                        (tok_of[sid], key, slot[sid], n, list(v.shape), v.dtype))
+                                        (tok_of[sid], key, slot[sid], n, depth, list(v.shape), v.dtype))
                     m.meta["val"] = fake_call(torch.ops.fxopt.reload.default, *m.args)
                 else:
                     m = g.node_copy(u, lambda b: mirror[b] if depends(b) else b)

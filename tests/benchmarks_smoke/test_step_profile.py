@@ -15,9 +15,9 @@ def test_union_merges_overlaps():
 
 
 def test_stream_summary_idle_and_copies():
-    evs = [ev(7, 0, 4), ev(7, 6, 4), ev(9, 1, 3, "Memcpy DtoH (Device -> Pinned)"), ev(1, 0, 100, dev="DeviceType.CPU")]
+    evs = [ev(7, 0, 4), ev(7, 6, 4), ev(9, 3, 2, "Memcpy DtoH (Device -> Pinned)"), ev(1, 0, 100, dev="DeviceType.CPU")]
     prof = NS(profiler=NS(kineto_results=NS(events=lambda: evs)))
     s = stream_summary(prof)
-    assert s["span_ms"] == 10.0 and s["main_stream"] == "7" and s["main_idle_ms"] == 2.0
-    assert s["per_stream"]["9"]["copies_ms"] == {"Memcpy DtoH (Device -> Pinned)": 3.0}
+    assert s["span_ms"] == 10.0 and s["main_stream"] == "7" and s["main_idle_ms"] == 2.0 and s["idle_ms"] == 1.0
+    assert s["per_stream"]["9"]["copies_ms"] == {"Memcpy DtoH (Device -> Pinned)": 2.0}
     assert stream_summary(NS()) is None

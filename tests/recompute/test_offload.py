@@ -17,21 +17,22 @@ def _xs(n, device="cpu"):
     return [torch.randn(3, 5 + i, device=device) for i in range(n)]
 
 
-def _forward(xs, key, order=None):
+def _forward(xs, key, depth=1):
     """Offload xs (forward order) into slots numbered in reverse (the backward reads the last one first)."""
-    n, toks, prev_tok, prev = len(xs), {}, None, None
+    n, toks, prev_tok = len(xs), {}, None
     for j, x in enumerate(xs):
         slot = n - 1 - j
-        toks[slot] = torch.ops.fxopt.offload(x, prev_tok, prev, key, slot, n)
-        prev_tok, prev = toks[slot], x
+        prev = xs[j - depth] if j >= depth else None
+        toks[slot] = torch.ops.fxopt.offload(x, prev_tok, prev, key, slot, n, depth)
+        prev_tok = toks[slot]
     return toks
 
 
-def _backward(xs, toks, key, order=None):
+def _backward(xs, toks, key, order=None, depth=1):
     n = len(xs)
     for slot in (order or range(n)):
         x = xs[n - 1 - slot]
-        y = torch.ops.fxopt.reload(toks[slot], key, slot, n, list(x.shape), x.dtype)
+        y = torch.ops.fxopt.reload(toks[slot], key, slot, n, depth, list(x.shape), x.dtype)
         assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
 
 
@@ -43,15 +44,17 @@ def test_round_trip_any_reload_order(order):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("order", [None, [2, 0, 3, 1], [3, 2, 1, 0]])
-def test_gpu_round_trip_leaves_nothing_fetched(order):
-    """Side-stream copies, prefetch one ahead; reloads out of slot order (a compiled backward may run them so) fetch
-    no slot twice and leave no fetched tensor behind (under CUDA graphs one would stay in the graph's pool)."""
-    xs, key = _xs(4, "cuda"), 9101
-    toks = _forward(xs, key)
+def test_gpu_round_trip_leaves_nothing_fetched(order, depth):
+    """Side-stream copies, `depth` in flight each way; reloads out of slot order (a compiled backward may run them
+    so) fetch no slot twice and leave no fetched tensor behind (under CUDA graphs one would stay in the graph's
+    pool)."""
+    xs, key = _xs(4, "cuda"), 9101 + depth
+    toks = _forward(xs, key, depth)
     assert not rt._TABLES[key].copies                     # every copy joined by the forward's last offload
     before = rt._STATS["prefetched"]
-    _backward(xs, toks, key, order)
+    _backward(xs, toks, key, order, depth)
     assert not rt._TABLES[key].prefetch
     if order is None:
         assert rt._STATS["prefetched"] - before == 3      # slots 1..3 were fetched while the previous one was used
@@ -89,7 +92,7 @@ def test_reload_without_its_copy_says_what_to_do():
     toks = _forward(xs, key)
     _backward(xs, toks, key)
     with pytest.raises(fxopt.FxoptError, match="Run each backward once"):
-        torch.ops.fxopt.reload(toks[0], key, 0, 2, list(xs[1].shape), xs[1].dtype)
+        torch.ops.fxopt.reload(toks[0], key, 0, 2, 1, list(xs[1].shape), xs[1].dtype)
 
 
 def test_offload_needs_a_budget():
@@ -167,6 +170,32 @@ def test_cli_plan_with_offload(lora_cfg, small, tmp_path, capsys):
     assert "smallest predicted peak with recompute and offload" in out and "saved tensors to host memory" in out
 
 
+def test_depth_keeps_copies_in_flight_longer(lora_cfg, small, monkeypatch):
+    """With D copies in flight an offloaded tensor stays on the device until the D-th next offload (forward) and is
+    fetched D slots ahead (backward): for the same plan the predicted peak does not drop, and the rewrite passes
+    x_{j-D} to offload j."""
+    j = _trace(lora_cfg)
+    rec = frozenset()                       # nothing recomputed: every saved candidate offloaded
+    cand = off.candidates(j)
+    offs = tuple(s for s in j.simulate(rec).act_saved if s in cand)
+    assert len(offs) > 3
+    peaks = [j.simulate(rec, offload=offs, depth=d).peak for d in (1, 2, 3)]
+    assert peaks[0] <= peaks[1] <= peaks[2] and peaks[0] < peaks[2]
+    sim = j.simulate(rec, offload=offs, depth=2)
+    assert sim.offload_depth == 2
+    from torch.utils.checkpoint import CheckpointPolicy
+    off.rewrite(j, sim, CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE)
+    calls = [n for n in j.gm.graph.nodes if n.target is torch.ops.fxopt.offload.default]
+    assert [c.args[2] for c in calls[2:]] == [c.args[0] for c in calls[:-2]]
+    assert calls[0].args[2] is None and calls[1].args[2] is None and {c.args[6] for c in calls} == {2}
+
+
+def test_offload_depth_env_is_checked(monkeypatch):
+    monkeypatch.setenv("FXOPT_OFFLOAD_DEPTH", "0")
+    with pytest.raises(ValueError, match="FXOPT_OFFLOAD_DEPTH must be a whole number"):
+        rt.offload_depth()
+
+
 def test_offload_price_env_is_checked(monkeypatch):
     from fxopt.recompute import plan
     monkeypatch.setenv("FXOPT_OFFLOAD_BW", "fast")
@@ -204,12 +233,13 @@ def _lora_model():
                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
 
 
-@pytest.mark.parametrize("inductor", [False, True])
-def test_trains_like_eager_with_offload(budget, small, inductor, fresh_dynamo, no_fallback):
+@pytest.mark.parametrize("inductor,depth", [(False, "1"), (True, "1"), (False, "2")])
+def test_trains_like_eager_with_offload(budget, small, inductor, depth, fresh_dynamo, no_fallback, monkeypatch):
     """Planned, rewritten, partitioned as predicted (only the tokens saved for the offloaded tensors); the ops ran
-    in each step; loss and LoRA grads as eager."""
+    in each step; loss and LoRA grads as eager. FXOPT_OFFLOAD_DEPTH copies in flight: the plan and the ops use it."""
     import fxopt.hf
     from fxopt.recompute import partition
+    monkeypatch.setenv("FXOPT_OFFLOAD_DEPTH", depth)
     m = _lora_model()
     ref = copy.deepcopy(m)
     fxopt.hf.compile_for_trainer(m, inductor=inductor, memory_budget=budget, offload=True)
@@ -225,17 +255,19 @@ def test_trains_like_eager_with_offload(budget, small, inductor, fresh_dynamo, n
     n = len(mem["offloaded"])
     assert rt._STATS["offload"] - before["offload"] == 2 * n and rt._STATS["reload"] - before["reload"] == 2 * n
     assert partition.LAST["predicted"] == partition.LAST["partitioned"]
+    assert rt._STATS["last_depth"] == int(depth)
     assert_trains_like(m, ref, loss, 1e-5, 1e-4, input_ids=ids, labels=labels)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cudagraphs", [False, True])
-def test_gpu_offload_trains_like_eager(cudagraphs, small, fresh_dynamo, monkeypatch):
+@pytest.mark.parametrize("cudagraphs,depth", [(False, "1"), (True, "1"), (True, "2")])
+def test_gpu_offload_trains_like_eager(cudagraphs, depth, small, fresh_dynamo, monkeypatch):
     """CUDA: pinned buffers, side-stream copies, one-ahead prefetch; with CUDA graphs the copies are recorded. The
     budget comes from this CUDA graph's own joint (fxopt's attention forced: the SDPA dispatch is timed, so two
     compiles could differ)."""
     from fxopt.recompute.model_plan import capture_joint
     monkeypatch.setenv("FXOPT_ATTN_SDPA", "never")
+    monkeypatch.setenv("FXOPT_OFFLOAD_DEPTH", depth)
     m = _lora_model().cuda()
     ref = copy.deepcopy(m)
     ids, labels = (t.cuda() for t in batch(s=S))
