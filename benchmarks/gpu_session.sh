@@ -262,6 +262,16 @@ s10b)   # two copies in flight each way (FXOPT_OFFLOAD_DEPTH=2): the GPU offload
     step offload8b_d2 "$left" env FXOPT_OFFLOAD_DEPTH=2 python3 benchmarks/run_suite.py offload8b_d2 \
         --out "$OUT/train_step.jsonl" --time-limit $(( left - 8 ))
     ;;
+s10c)   # rope cache-hint sweep; the 8B 65,536-token probe with an absolute budget and offload (fxopt plan predicts
+    # 15.49 GiB of activations at 16GiB, ~21.3 GiB in all; unsloth measured 22.64 GiB there); the GPU offload
+    # training tests (depth 1 and 2, with CUDA graphs) that s10b's time limit cut
+    step rope_sweep 70 python3 benchmarks/kernels.py --sweep rope --out "$OUT/rope_sweep.json"
+    step maxseq_offload 330 python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 --seq 65536 \
+        --seq-cap 65536 --variant fxopt:16GiB --loss-only --fxopt-options '{"cudagraphs": true, "offload": true}' \
+        --max-seq-search --time-limit 320
+    step pytest_s10c $(( ${S10C_END:-575} - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE \
+        tests/recompute/test_offload.py -m gpu -k trains_like
+    ;;
 cgtest)   # the cudagraphs option on tiny LoRA / QLoRA models (capture, no skip, close to fp32)
     step pytest_cg 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_gpu_models.py -k cudagraphs -m gpu
     ;;

@@ -142,9 +142,10 @@ def run(ceiling_tbps):
     return rows, correctness
 
 
-def sweep(configs=((1, 8, 4, False), (1, 4, 4, False), (2, 4, 4, False), (4, 2, 4, False), (8, 4, 4, False))
-          + tuple((t, 1, w, True) for t in (4, 8, 16, 32, 64) for w in (2, 4, 8))):
-    """Forward kernel time per (BLOCK_T, BLOCK_H, num_warps, PER_HEAD) on both layouts, default rounding (fp32 math
+def sweep(configs=tuple((t, h, w, ph, ev) for (t, h, w, ph) in ((1, 8, 4, False), (1, 4, 4, False), (8, 4, 4, False),
+                                                              (8, 1, 2, True), (16, 1, 4, True), (32, 1, 8, True))
+                         for ev in (False, True))):
+    """Forward kernel time per (BLOCK_T, BLOCK_H, num_warps, PER_HEAD, evict hints) on both layouts, default rounding (fp32 math
     rounded once), for choosing fxopt's defaults, and the default's; Inductor's forward on the same inputs."""
     import fxopt  # noqa: F401
     from fxopt.kernels import rope as R

@@ -43,7 +43,8 @@ if triton_available():
     @triton.jit
     def _rotate_heads(X, Y, a, t, t_ok, h_lo, n_heads, sxa, sxt, sxh, sxd, sya, syt, syh, syd,
                       ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
-                      RND: tl.constexpr, OUT: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_H: tl.constexpr):
+                      RND: tl.constexpr, OUT: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_H: tl.constexpr,
+                      XPOL: tl.constexpr):
         """Heads h_lo..n_heads-1 of one tensor for the program's tokens; ca..sb are [BLOCK_T, BLOCK_R] fp32 tiles."""
         for h0 in range(h_lo, n_heads, BLOCK_H):
             h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
@@ -51,8 +52,8 @@ if triton_available():
             ry = a * sya + h[:, None, None] * syh + t[None, :, None] * syt
             ht = (h < n_heads)[:, None, None] & t_ok[None, :, None]
             m = ht & j_ok[None, None, :]
-            xa = tl.load(X + rx + oa[None, None, :] * sxd, mask=m, other=0.0).to(tl.float32)
-            xb = tl.load(X + rx + ob[None, None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+            xa = tl.load(X + rx + oa[None, None, :] * sxd, mask=m, other=0.0, eviction_policy=XPOL).to(tl.float32)
+            xb = tl.load(X + rx + ob[None, None, :] * sxd, mask=m, other=0.0, eviction_policy=XPOL).to(tl.float32)
             ya = round_to(round_to(xa * ca[None, :, :], RND) - round_to(xb * sa[None, :, :], RND), RND)
             yb = round_to(round_to(xb * cb[None, :, :], RND) + round_to(xa * sb[None, :, :], RND), RND)
             tl.store(Y + ry + oa[None, None, :] * syd, round_to(ya, OUT).to(Y.dtype.element_ty), mask=m)
@@ -69,7 +70,8 @@ if triton_available():
                      sca, sct, scd, ssa, sst, ssd,
                      BWD: tl.constexpr, HAS_K: tl.constexpr, HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr,
                      RND: tl.constexpr, OUT_Q: tl.constexpr, OUT_K: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, PER_HEAD: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, PER_HEAD: tl.constexpr,
+                     XPOL: tl.constexpr, CPOL: tl.constexpr):
         pid = tl.program_id(0)
         n_tb = tl.cdiv(n_t, BLOCK_T)
         if PER_HEAD:   # one head of q or k per program, programs ordered (a, head, token block)
@@ -92,10 +94,10 @@ if triton_available():
         cm = t_ok[:, None] & j_ok[None, :]
         crow = COS + a * sca + t[:, None] * sct
         srow = SIN + a * ssa + t[:, None] * sst
-        ca = tl.load(crow + oa[None, :] * scd, mask=cm, other=0.0).to(tl.float32)
-        cb = tl.load(crow + ob[None, :] * scd, mask=cm, other=0.0).to(tl.float32)
-        sa = tl.load(srow + oa[None, :] * ssd, mask=cm, other=0.0).to(tl.float32)
-        sb = tl.load(srow + ob[None, :] * ssd, mask=cm, other=0.0).to(tl.float32)
+        ca = tl.load(crow + oa[None, :] * scd, mask=cm, other=0.0, eviction_policy=CPOL).to(tl.float32)
+        cb = tl.load(crow + ob[None, :] * scd, mask=cm, other=0.0, eviction_policy=CPOL).to(tl.float32)
+        sa = tl.load(srow + oa[None, :] * ssd, mask=cm, other=0.0, eviction_policy=CPOL).to(tl.float32)
+        sb = tl.load(srow + ob[None, :] * ssd, mask=cm, other=0.0, eviction_policy=CPOL).to(tl.float32)
         if BWD:
             s_tmp = sa
             sa = -sb
@@ -107,19 +109,19 @@ if triton_available():
             if hh < n_hq:
                 _rotate_heads(Q, QO, a, t, t_ok, hh, hh + 1, sqa, sqt, sqh, sqd, soa, sot, soh, sod,
                               ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
-                              RND=RND, OUT=OUT_Q, HAS_PASS=HAS_PASS, BLOCK_H=1)
+                              RND=RND, OUT=OUT_Q, HAS_PASS=HAS_PASS, BLOCK_H=1, XPOL=XPOL)
             else:
                 _rotate_heads(K, KO, a, t, t_ok, hh - n_hq, hh - n_hq + 1, ska, skt, skh, skd, sla, slt, slh, sld,
                               ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
-                              RND=RND, OUT=OUT_K, HAS_PASS=HAS_PASS, BLOCK_H=1)
+                              RND=RND, OUT=OUT_K, HAS_PASS=HAS_PASS, BLOCK_H=1, XPOL=XPOL)
         else:
             _rotate_heads(Q, QO, a, t, t_ok, 0, n_hq, sqa, sqt, sqh, sqd, soa, sot, soh, sod,
                           ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
-                          RND=RND, OUT=OUT_Q, HAS_PASS=HAS_PASS, BLOCK_H=BLOCK_H)
+                          RND=RND, OUT=OUT_Q, HAS_PASS=HAS_PASS, BLOCK_H=BLOCK_H, XPOL=XPOL)
             if HAS_K:
                 _rotate_heads(K, KO, a, t, t_ok, 0, n_hk, ska, skt, skh, skd, sla, slt, slh, sld,
                               ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
-                              RND=RND, OUT=OUT_K, HAS_PASS=HAS_PASS, BLOCK_H=BLOCK_H)
+                              RND=RND, OUT=OUT_K, HAS_PASS=HAS_PASS, BLOCK_H=BLOCK_H, XPOL=XPOL)
 
 
 # ---- layout: every tensor as [A, T, H, D] strides ----
@@ -211,13 +213,15 @@ def _prepare(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd, blocks):
     # (the pass-through part is rounded once, by the same code)
     out_rnd = lambda y: 0 if y.dtype == rnd_dtype else rounding_code(y.dtype)
     block_r, block_p = next_pow2(rot // 2), next_pow2(max(1, d - rot))
-    block_t, block_h, warps, per_head = blocks or _blocks(n_t, max(n_hq, n_hk), block_r, q.device,
-                                                          heads_apart(q, dims))
+    block_t, block_h, warps, per_head, *evict = blocks or _blocks(n_t, max(n_hq, n_hk), block_r, q.device,
+                                                                  heads_apart(q, dims))
+    # evict: q/k streamed once ("evict_first"), cos/sin reused across heads ("evict_last"); an experiment (sweep)
+    xpol, cpol = ("evict_first", "evict_last") if evict and evict[0] else ("", "")
     grid = (n_a * triton.cdiv(n_t, block_t) * ((n_hq + n_hk) if per_head else 1),)
     ints = (n_t, n_hq, n_hk, rot // 2, rot, d - rot, *sq, *so, *sk, *sl, sc[0], sc[1], sc[3], ss[0], ss[1], ss[3])
     kw = dict(BWD=bwd, HAS_K=n_hk > 0, HAS_PASS=d > rot, INTERLEAVED=interleaved, RND=rounding_code(rnd_dtype),
               OUT_Q=out_rnd(yq), OUT_K=out_rnd(yk if k is not None else yq),
-              BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=block_h, PER_HEAD=per_head,
+              BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=block_h, PER_HEAD=per_head, XPOL=xpol, CPOL=cpol,
               num_warps=warps)
     return grid, ints, kw
 

@@ -241,3 +241,16 @@ def test_cuda_default_launch_matches_reference(layout, no_fallback):
         for y, x in ((yq, q), (yk, k)):
             ref = R.rope_reference(x, cos, sin, False, torch.float32, torch.bfloat16, bwd)
             assert not y.isnan().any() and rel(y.float(), ref.float()) <= 1e-2
+
+
+def test_eviction_hints_change_nothing(no_fallback):
+    """The cache-hint variant (a sweep experiment) computes the same values."""
+    torch.manual_seed(10)
+    q, k, cos, sin = make(b=2, h=3, hk=1, s=6, d=32)
+    outs = []
+    for blocks in ((4, 2, 4, False, False), (4, 2, 4, False, True)):
+        yq, yk = torch.empty_like(q), torch.empty_like(k)
+        R._launch(q, k, cos, sin, yq, yk, False, torch.float32, False, blocks=blocks)
+        outs.append((yq, yk))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert rel(outs[1][0], eager(q, cos, sin)) <= 1e-6
