@@ -19,9 +19,7 @@ rounding once (fxopt/kernels/rounding.py).
 Layouts: q/k/cos/sin of any strides (q [B, H, S, D] after a transpose, [B, S, H, D], slices of a fused qkv). Each is
 seen as [A, T, H, D]: H is a leading dim along which cos/sin broadcast (the heads), T the other trailing leading dim
 (tokens), A the remaining one (batch). One program covers BLOCK_T tokens of one A index and loops over all q heads,
-then all k heads, BLOCK_H heads at a time; cos/sin are loaded once per program. Where heads are further apart in
-memory than tokens (contiguous [B, H, S, D]) a program covers BLOCK_T tokens of one head (PER_HEAD), so its rows
-are contiguous; cos/sin are then re-read per head, from L2. Outputs are new tensors (never in
+then all k heads, BLOCK_H heads at a time; cos/sin are loaded once per program. Outputs are new tensors (never in
 place: q/k may be used elsewhere, and a grad buffer may be shared by autograd): q', k' in q's/k's layout (as eager),
 dq, dk in the layout q/k had in the forward. H200, fwd+bwd GPU time 0.194 ms = 3.46 TB/s = 82% of copy (Inductor
 0.174-0.179 ms, one rounding instead of eager's three; Liger 0.40-0.87 ms).
@@ -41,19 +39,18 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _rotate_heads(X, Y, a, t, t_ok, h_lo, n_heads, sxa, sxt, sxh, sxd, sya, syt, syh, syd,
+    def _rotate_heads(X, Y, a, t, t_ok, n_heads, sxa, sxt, sxh, sxd, sya, syt, syh, syd,
                       ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
-                      RND: tl.constexpr, OUT: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_H: tl.constexpr,
-                      XPOL: tl.constexpr):
-        """Heads h_lo..n_heads-1 of one tensor for the program's tokens; ca..sb are [BLOCK_T, BLOCK_R] fp32 tiles."""
-        for h0 in range(h_lo, n_heads, BLOCK_H):
+                      RND: tl.constexpr, OUT: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_H: tl.constexpr):
+        """All heads of one tensor for the program's tokens; ca..sb are [BLOCK_T, BLOCK_R] fp32 tiles."""
+        for h0 in range(0, n_heads, BLOCK_H):
             h = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
             rx = a * sxa + h[:, None, None] * sxh + t[None, :, None] * sxt
             ry = a * sya + h[:, None, None] * syh + t[None, :, None] * syt
             ht = (h < n_heads)[:, None, None] & t_ok[None, :, None]
             m = ht & j_ok[None, None, :]
-            xa = tl.load(X + rx + oa[None, None, :] * sxd, mask=m, other=0.0, eviction_policy=XPOL).to(tl.float32)
-            xb = tl.load(X + rx + ob[None, None, :] * sxd, mask=m, other=0.0, eviction_policy=XPOL).to(tl.float32)
+            xa = tl.load(X + rx + oa[None, None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+            xb = tl.load(X + rx + ob[None, None, :] * sxd, mask=m, other=0.0).to(tl.float32)
             ya = round_to(round_to(xa * ca[None, :, :], RND) - round_to(xb * sa[None, :, :], RND), RND)
             yb = round_to(round_to(xb * cb[None, :, :], RND) + round_to(xa * sb[None, :, :], RND), RND)
             tl.store(Y + ry + oa[None, None, :] * syd, round_to(ya, OUT).to(Y.dtype.element_ty), mask=m)
@@ -70,16 +67,10 @@ if triton_available():
                      sca, sct, scd, ssa, sst, ssd,
                      BWD: tl.constexpr, HAS_K: tl.constexpr, HAS_PASS: tl.constexpr, INTERLEAVED: tl.constexpr,
                      RND: tl.constexpr, OUT_Q: tl.constexpr, OUT_K: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, PER_HEAD: tl.constexpr,
-                     XPOL: tl.constexpr, CPOL: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
         pid = tl.program_id(0)
         n_tb = tl.cdiv(n_t, BLOCK_T)
-        if PER_HEAD:   # one head of q or k per program, programs ordered (a, head, token block)
-            hh = (pid // n_tb) % (n_hq + n_hk)
-            a = (pid // (n_tb * (n_hq + n_hk))).to(tl.int64)
-        else:          # all heads per program
-            hh = 0
-            a = (pid // n_tb).to(tl.int64)
+        a = (pid // n_tb).to(tl.int64)
         t = (pid % n_tb) * BLOCK_T + tl.arange(0, BLOCK_T)
         t_ok = t < n_t
         t = t.to(tl.int64)
@@ -94,10 +85,10 @@ if triton_available():
         cm = t_ok[:, None] & j_ok[None, :]
         crow = COS + a * sca + t[:, None] * sct
         srow = SIN + a * ssa + t[:, None] * sst
-        ca = tl.load(crow + oa[None, :] * scd, mask=cm, other=0.0, eviction_policy=CPOL).to(tl.float32)
-        cb = tl.load(crow + ob[None, :] * scd, mask=cm, other=0.0, eviction_policy=CPOL).to(tl.float32)
-        sa = tl.load(srow + oa[None, :] * ssd, mask=cm, other=0.0, eviction_policy=CPOL).to(tl.float32)
-        sb = tl.load(srow + ob[None, :] * ssd, mask=cm, other=0.0, eviction_policy=CPOL).to(tl.float32)
+        ca = tl.load(crow + oa[None, :] * scd, mask=cm, other=0.0).to(tl.float32)
+        cb = tl.load(crow + ob[None, :] * scd, mask=cm, other=0.0).to(tl.float32)
+        sa = tl.load(srow + oa[None, :] * ssd, mask=cm, other=0.0).to(tl.float32)
+        sb = tl.load(srow + ob[None, :] * ssd, mask=cm, other=0.0).to(tl.float32)
         if BWD:
             s_tmp = sa
             sa = -sb
@@ -105,23 +96,13 @@ if triton_available():
         p = tl.arange(0, BLOCK_P)
         p_ok = p < n_pass
         op = rot + p
-        if PER_HEAD:
-            if hh < n_hq:
-                _rotate_heads(Q, QO, a, t, t_ok, hh, hh + 1, sqa, sqt, sqh, sqd, soa, sot, soh, sod,
-                              ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
-                              RND=RND, OUT=OUT_Q, HAS_PASS=HAS_PASS, BLOCK_H=1, XPOL=XPOL)
-            else:
-                _rotate_heads(K, KO, a, t, t_ok, hh - n_hq, hh - n_hq + 1, ska, skt, skh, skd, sla, slt, slh, sld,
-                              ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
-                              RND=RND, OUT=OUT_K, HAS_PASS=HAS_PASS, BLOCK_H=1, XPOL=XPOL)
-        else:
-            _rotate_heads(Q, QO, a, t, t_ok, 0, n_hq, sqa, sqt, sqh, sqd, soa, sot, soh, sod,
+        _rotate_heads(Q, QO, a, t, t_ok, n_hq, sqa, sqt, sqh, sqd, soa, sot, soh, sod,
+                      ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
+                      RND=RND, OUT=OUT_Q, HAS_PASS=HAS_PASS, BLOCK_H=BLOCK_H)
+        if HAS_K:
+            _rotate_heads(K, KO, a, t, t_ok, n_hk, ska, skt, skh, skd, sla, slt, slh, sld,
                           ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
-                          RND=RND, OUT=OUT_Q, HAS_PASS=HAS_PASS, BLOCK_H=BLOCK_H, XPOL=XPOL)
-            if HAS_K:
-                _rotate_heads(K, KO, a, t, t_ok, 0, n_hk, ska, skt, skh, skd, sla, slt, slh, sld,
-                              ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
-                              RND=RND, OUT=OUT_K, HAS_PASS=HAS_PASS, BLOCK_H=BLOCK_H, XPOL=XPOL)
+                          RND=RND, OUT=OUT_K, HAS_PASS=HAS_PASS, BLOCK_H=BLOCK_H)
 
 
 # ---- layout: every tensor as [A, T, H, D] strides ----
@@ -174,27 +155,15 @@ def _view(x: torch.Tensor, dims):
     return (shape[a], shape[t], shape[h]), (stride[a], stride[t], stride[h], stride[3])
 
 
-def _blocks(n_t, n_heads, block_r, device, per_head=False):
-    """(BLOCK_T, BLOCK_H, num_warps, PER_HEAD)."""
+def _blocks(n_t, n_heads, block_r, device):
     if device.type == "cuda":
-        if per_head:
-            # heads apart in memory (contiguous [B, H, S, D]): one head per program, its tokens contiguous.
-            # H200 numbers: see the rope sweep in benchmarks/results (untuned until measured)
-            return max(1, min(next_pow2(n_t), 1024 // block_r)), 1, 4, True
         # ~512 elements per half-tile. H200, q [8,32,2048,128] + k [8,8,2048,128] bf16, fwd/bwd ms per
         # (BLOCK_T, BLOCK_H, warps): (1,8,4) .089/.090, (4,2,4) .092/.092, (8,4,4) .093/.093, (8,4,8) .093/.093,
         # (4,4,8) .105/.106, (2,4,4) .103/.103 (bf16 rounding mode 2); Inductor's forward .086.
         block_h = min(next_pow2(n_heads), max(1, 512 // block_r))
-        return max(1, min(next_pow2(n_t), 512 // (block_h * block_r))), block_h, 4, False
+        return max(1, min(next_pow2(n_t), 512 // (block_h * block_r))), block_h, 4
     # interpreter: few large programs (it pays per program and per loop iteration, not per element)
-    return min(next_pow2(n_t), 64), min(next_pow2(n_heads), 16), 4, False
-
-
-def heads_apart(x: torch.Tensor, dims) -> bool:
-    """x's heads further apart in memory than its tokens (contiguous [B, H, S, D]): then a program per head reads
-    contiguous rows, where a program over all heads of a token would read one row per head."""
-    (_, n_t, n_h), (_, st, sh, _) = _view(x, dims)
-    return n_h > 1 and n_t > 1 and abs(sh) > abs(st)
+    return min(next_pow2(n_t), 64), min(next_pow2(n_heads), 16), 4
 
 
 def _prepare(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd, blocks):
@@ -213,16 +182,12 @@ def _prepare(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd, blocks):
     # (the pass-through part is rounded once, by the same code)
     out_rnd = lambda y: 0 if y.dtype == rnd_dtype else rounding_code(y.dtype)
     block_r, block_p = next_pow2(rot // 2), next_pow2(max(1, d - rot))
-    block_t, block_h, warps, per_head, *evict = blocks or _blocks(n_t, max(n_hq, n_hk), block_r, q.device,
-                                                                  heads_apart(q, dims))
-    # evict: q/k streamed once ("evict_first"), cos/sin reused across heads ("evict_last"); an experiment (sweep)
-    xpol, cpol = ("evict_first", "evict_last") if evict and evict[0] else ("", "")
-    grid = (n_a * triton.cdiv(n_t, block_t) * ((n_hq + n_hk) if per_head else 1),)
+    block_t, block_h, warps = blocks or _blocks(n_t, max(n_hq, n_hk), block_r, q.device)
+    grid = (n_a * triton.cdiv(n_t, block_t),)
     ints = (n_t, n_hq, n_hk, rot // 2, rot, d - rot, *sq, *so, *sk, *sl, sc[0], sc[1], sc[3], ss[0], ss[1], ss[3])
     kw = dict(BWD=bwd, HAS_K=n_hk > 0, HAS_PASS=d > rot, INTERLEAVED=interleaved, RND=rounding_code(rnd_dtype),
               OUT_Q=out_rnd(yq), OUT_K=out_rnd(yk if k is not None else yq),
-              BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=block_h, PER_HEAD=per_head, XPOL=xpol, CPOL=cpol,
-              num_warps=warps)
+              BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_H=block_h, num_warps=warps)
     return grid, ints, kw
 
 
