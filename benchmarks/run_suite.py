@@ -102,6 +102,10 @@ OFFLOAD8B_D2 = grid("8b", "qlora", ["fxopt:1.15GiB"], batch=2, steps=5, warmup=3
 OFFLOAD8B_D2_HIDDEN = grid("8b", "qlora", ["fxopt:1.15GiB"], batch=2, steps=5, warmup=3, timeout=260,
                            loss_only=True, profile=True, fxopt_options={"cudagraphs": True, "offload": True},
                            tag="cg-offload-hidden-d2")
+# The hidden-priced plan within half / a quarter of the forward's copy capacity (FXOPT_OFFLOAD_CAPACITY set by the
+# caller, recorded in the row), two copies in flight: at full capacity the d2h copies took the whole forward.
+OFFLOAD8B_CAP = grid("8b", "qlora", ["fxopt:1.15GiB"], batch=2, steps=5, warmup=3, timeout=260, loss_only=True,
+                     profile=True, fxopt_options={"cudagraphs": True, "offload": True}, tag="cg-offload-hidden-d2-cap")
 # torch's own activation_memory_budget on the 8B QLoRA step at fxopt's budgets (issue 10 asks for it in the same
 # run): Inductor without a budget measured 10.8k tok/s at 35.9 GiB (anchors), ~190 s of compilation each.
 AMB8B = grid("8b", "qlora", ["inductor:0.6", "inductor:0.2"], batch=2, steps=5, warmup=3, timeout=280)
@@ -142,7 +146,8 @@ SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b":
           "cudagraphs": CUDAGRAPHS, "cg8b": CG8B, "cg1b": CG1B, "lowmem": LOWMEM, "amb8b": AMB8B,
           "lowmem_sdpa": LOWMEM_SDPA, "offload8b": OFFLOAD8B, "offload_hidden": OFFLOAD_HIDDEN,
           "offload8b_hidden": OFFLOAD8B_HIDDEN,
-          "offload8b_prof": OFFLOAD8B_PROF, "offload8b_d2": OFFLOAD8B_D2, "offload8b_d2_hidden": OFFLOAD8B_D2_HIDDEN, "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
+          "offload8b_prof": OFFLOAD8B_PROF, "offload8b_d2": OFFLOAD8B_D2, "offload8b_d2_hidden": OFFLOAD8B_D2_HIDDEN,
+          "offload8b_cap": OFFLOAD8B_CAP, "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
           "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
 
 NEEDS = {"liger": ["liger_kernel"], "unsloth": ["unsloth", "bitsandbytes"], "fxopt": ["fxopt"]}

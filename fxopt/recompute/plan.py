@@ -87,6 +87,21 @@ def offload_bw() -> float:
     return bw
 
 
+def offload_capacity() -> float:
+    """The share of the forward's copy capacity (roofline forward time x OFFLOAD_BW) priced at offload_bw():
+    FXOPT_OFFLOAD_CAPACITY, default 1. The hidden-priced 8B plan at full capacity moved 6.1 GB per step, whose d2h
+    copies took about the whole forward (docs/recompute.md)."""
+    import os
+    v = os.environ.get("FXOPT_OFFLOAD_CAPACITY", "")
+    try:
+        frac = float(v) if v else 1.0
+    except ValueError:
+        frac = -1.0
+    if not 0 <= frac <= 1:
+        raise ValueError(f"FXOPT_OFFLOAD_CAPACITY must be a number from 0 to 1, got {v!r}")
+    return frac
+
+
 def forward_time(joint: Joint) -> float:
     """Roofline seconds of the whole forward (every op, recomputable or not); cached on the joint."""
     if "_fwd_time" not in joint.__dict__:
@@ -102,7 +117,8 @@ def _moves(joint: Joint, sim: Sim, sizes, offloadable=frozenset(), hidden=None):
     saved = set(sim.saved)
     out = []
     if offloadable:
-        hidden, room = hidden or offload_bw(), forward_time(joint) * OFFLOAD_BW - sim.offload_bytes
+        hidden = hidden or offload_bw()
+        room = forward_time(joint) * OFFLOAD_BW * offload_capacity() - sim.offload_bytes
         out = [(sizes[sid], sizes[sid] / (hidden if sizes[sid] <= room else OFFLOAD_BW), ("offload", sid))
                for sid in sim.act_saved if sid in offloadable]
     gains_of = {}

@@ -138,7 +138,10 @@ def test_offload_lowers_the_smallest_peak(lora_cfg, small, monkeypatch):
     assert hidden.peak <= exposed.peak
     assert make_plan(_trace(lora_cfg), int(exposed.peak / (1 - MARGIN)) + 1, offload=True).sim.offload_bytes > \
         exposed.offload_bytes
-    monkeypatch.setattr(plan, "forward_time", lambda joint: 0.0)       # no capacity: every copy at the copy price
+    monkeypatch.setenv("FXOPT_OFFLOAD_CAPACITY", "0")                 # no capacity: every copy at the copy price
+    assert smallest_peak(_trace(lora_cfg), offload=True).offloaded == exposed.offloaded
+    monkeypatch.delenv("FXOPT_OFFLOAD_CAPACITY")
+    monkeypatch.setattr(plan, "forward_time", lambda joint: 0.0)       # the same through the roofline forward time
     assert smallest_peak(_trace(lora_cfg), offload=True).offloaded == exposed.offloaded
 
 
@@ -188,6 +191,13 @@ def test_depth_keeps_copies_in_flight_longer(lora_cfg, small, monkeypatch):
     calls = [n for n in j.gm.graph.nodes if n.target is torch.ops.fxopt.offload.default]
     assert [c.args[2] for c in calls[2:]] == [c.args[0] for c in calls[:-2]]
     assert calls[0].args[2] is None and calls[1].args[2] is None and {c.args[6] for c in calls} == {2}
+
+
+def test_offload_capacity_env_is_checked(monkeypatch):
+    from fxopt.recompute import plan
+    monkeypatch.setenv("FXOPT_OFFLOAD_CAPACITY", "1.5")
+    with pytest.raises(ValueError, match="FXOPT_OFFLOAD_CAPACITY must be a number from 0 to 1"):
+        plan.offload_capacity()
 
 
 def test_offload_depth_env_is_checked(monkeypatch):
