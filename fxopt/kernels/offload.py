@@ -1,14 +1,14 @@
 """Saved activations kept in host memory: `fxopt::offload` in the forward, `fxopt::reload` in the backward.
 
 The memory planner (fxopt/recompute/offload.py) rewrites the joint graph: a saved tensor x becomes
-    tok_j = offload(x_j, tok_{j-1}, x_{j-D}, key, slot, nslots, D)     forward, right after x_j is made
+    tok_j = offload(x_j, tok_{j-1}, [x_{j-D}], key, slot, nslots, D)   forward, right after x_j is made
     x_j'  = reload(tok_j, key, slot, nslots, D, shape, dtype)          backward, where x_j was read
 and the partition saves the 1-byte token instead of x_j. D (`depth`, FXOPT_OFFLOAD_DEPTH, default 1): copies in flight.
 - Forward: x_j is copied device->host on a side stream into a pinned buffer of its slot. The copy overlaps the
   forward's compute until the D-th next offload, which makes the compute stream wait for it; x_{j-D} is an argument
   of that call, so the compiled graph keeps it alive (and its memory unreused) until its copy is done. The last
-  offload of a forward waits for every copy: all side-stream copies are joined before the forward graph ends
-  (needed to record it as a CUDA graph).
+  offload of a forward waits for every copy and takes every tensor still in flight as an argument: all side-stream
+  copies are joined before the forward graph ends (needed to record it as a CUDA graph).
 - Backward: slots are numbered in the order the backward first reads them. reload(slot) takes the copy an earlier
   reload started for it (or copies now, on the compute stream) and starts the host->device copies of slots
   slot + 1 .. slot + D on the side stream: D tensors are fetched ahead while the backward computes.
@@ -35,6 +35,7 @@ from fxopt.errors import FxoptError
 from fxopt.kernels.registry import capturing
 
 _LOCK = threading.Lock()
+_UID = itertools.count()
 
 
 def offload_depth() -> int:
@@ -45,7 +46,6 @@ def offload_depth() -> int:
     if not v.isdigit() or int(v) < 1:
         raise ValueError(f"FXOPT_OFFLOAD_DEPTH must be a whole number >= 1, got {v!r}")
     return int(v)
-_UID = itertools.count()
 
 
 class _Gen:
@@ -117,11 +117,11 @@ def _release(key, ptr, uid):
 
 
 @torch.library.custom_op("fxopt::offload", mutates_args=())
-def offload(x: torch.Tensor, prev_tok: Optional[torch.Tensor], prev: Optional[torch.Tensor], key: int, slot: int,
+def offload(x: torch.Tensor, prev_tok: Optional[torch.Tensor], prev: list[torch.Tensor], key: int, slot: int,
             nslots: int, depth: int) -> torch.Tensor:
     """Copy x into host slot `slot` of graph `key`; returns the token the backward's reload takes. prev_tok (the
-    previous offload's token) orders the calls; prev (the tensor offloaded `depth` calls before) stays alive until
-    this call, which waits for its copy."""
+    previous offload's token) orders the calls; prev (the tensors whose copies this call joins: the one offloaded
+    `depth` calls before; at the forward's last call, every one still in flight) stay alive until this call."""
     t = _table(key)
     cap = x.device.type == "cuda" and capturing()
     if t.cur is None or t.filled >= nslots:

@@ -99,10 +99,18 @@ class Pattern:
 
 
 def fake_call(fn, *args, **kwargs):
-    """Run `fn` on the fake tensors of node args (for the new nodes' metadata)."""
-    fakes = [meta(a) for a in args if isinstance(a, fx.Node)]
+    """Run `fn` on the fake tensors of node args, also inside list/tuple args (for the new nodes' metadata)."""
+    nodes = []
+    fx.node.map_arg((args, kwargs), nodes.append)
+    fakes = [meta(a) for a in nodes]
     mode = next((f.fake_mode for f in fakes if hasattr(f, "fake_mode")), None)
-    conv = lambda a: meta(a) if isinstance(a, fx.Node) else a
+
+    def conv(a):
+        if isinstance(a, fx.Node):
+            return meta(a)
+        if isinstance(a, (list, tuple)):   # FX's immutable_list is not a Tensor[] for the dispatcher
+            return (list if isinstance(a, list) else tuple)(conv(b) for b in a)
+        return a
     cargs = tuple(conv(a) for a in args)
     if mode is None:
         return None

@@ -5,7 +5,7 @@ The planner (plan.py) prices offloading a saved activation at its bytes / OFFLOA
 recompute moves by bytes per second, so cheap recomputes (norms, pointwise) come first and tensors that would need a
 long recompute segment (the residual stream: a whole layer) are offloaded.
 Rewrite, for the chosen storages x_1..x_n in forward order (slots numbered in backward read order):
-    tok_j = fxopt.offload(x_j, tok_{j-1}, x_{j-D}, key, slot_j, n, D)    right after x_j; MUST_SAVE (1 byte saved)
+    tok_j = fxopt.offload(x_j, tok_{j-1}, [x_{j-D}], key, slot_j, n, D)  right after x_j; MUST_SAVE (1 byte saved)
     r_j   = fxopt.reload(tok_j, key, slot_j, n, D, shape, dtype)         before x_j's first backward reader
 and every backward reader of x_j (or of a view of it, or of a recomputed op that reads it) reads r_j (or a copy of
 that view / recomputed op made on r_j) instead. Those copies and r_j are MUST_RECOMPUTE, so the min-cut keeps them
@@ -58,7 +58,8 @@ def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
     tok_of, prev_tok = {}, None
     for j, sid in enumerate(sorted(sim.offloaded, key=joint._made_at.__getitem__)):
         x = joint.storages[sid].node
-        prev_x = made[j - depth] if j >= depth else None
+        # the copies this call joins: x_{j-D}; the last call joins all, so it keeps every one in flight alive
+        prev_x = made[max(0, j - depth):] if j == n - 1 else made[j - depth:j - depth + 1] if j >= depth else []
         with g.inserting_after(x):
             tok = g.call_function(torch.ops.fxopt.offload.default, (x, prev_tok, prev_x, key, slot[sid], n, depth))
         tok.meta["val"] = fake_call(torch.ops.fxopt.offload.default, *tok.args)

@@ -22,7 +22,7 @@ def _forward(xs, key, depth=1):
     n, toks, prev_tok = len(xs), {}, None
     for j, x in enumerate(xs):
         slot = n - 1 - j
-        prev = xs[j - depth] if j >= depth else None
+        prev = xs[max(0, j - depth):] if j == n - 1 else [xs[j - depth]] if j >= depth else []
         toks[slot] = torch.ops.fxopt.offload(x, prev_tok, prev, key, slot, n, depth)
         prev_tok = toks[slot]
     return toks
@@ -176,7 +176,8 @@ def test_cli_plan_with_offload(lora_cfg, small, tmp_path, capsys):
 def test_depth_keeps_copies_in_flight_longer(lora_cfg, small, monkeypatch):
     """With D copies in flight an offloaded tensor stays on the device until the D-th next offload (forward) and is
     fetched D slots ahead (backward): for the same plan the predicted peak does not drop, and the rewrite passes
-    x_{j-D} to offload j."""
+    x_{j-D} to offload j, and every tensor still in flight to the last one (the graph must not free them before
+    their copies are joined)."""
     j = _trace(lora_cfg)
     rec = frozenset()                       # nothing recomputed: every saved candidate offloaded
     cand = off.candidates(j)
@@ -189,8 +190,9 @@ def test_depth_keeps_copies_in_flight_longer(lora_cfg, small, monkeypatch):
     from torch.utils.checkpoint import CheckpointPolicy
     off.rewrite(j, sim, CheckpointPolicy.MUST_SAVE, CheckpointPolicy.MUST_RECOMPUTE)
     calls = [n for n in j.gm.graph.nodes if n.target is torch.ops.fxopt.offload.default]
-    assert [c.args[2] for c in calls[2:]] == [c.args[0] for c in calls[:-2]]
-    assert calls[0].args[2] is None and calls[1].args[2] is None and {c.args[6] for c in calls} == {2}
+    assert [c.args[2] for c in calls[2:-1]] == [[c.args[0]] for c in calls[:-3]]
+    assert calls[0].args[2] == [] and calls[1].args[2] == [] and {c.args[6] for c in calls} == {2}
+    assert calls[-1].args[2] == [calls[-3].args[0], calls[-2].args[0]]   # the last call keeps both in flight alive
 
 
 def test_offload_capacity_env_is_checked(monkeypatch):
