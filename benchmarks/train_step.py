@@ -113,8 +113,8 @@ def versions():
             out[dist.replace("-", "_")] = None
     out.update({k.lower(): os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "FXOPT_PAIRED_WITH") if k in os.environ})  # gpu_pair.sh
     # experiment knobs that change fxopt's plan
-    out.update({k.lower(): os.environ[k] for k in ("FXOPT_OFFLOAD_DEPTH", "FXOPT_OFFLOAD_BW",
-                                                                 "FXOPT_OFFLOAD_CAPACITY") if k in os.environ})
+    knobs = ("FXOPT_OFFLOAD_DEPTH", "FXOPT_OFFLOAD_BW", "FXOPT_OFFLOAD_CAPACITY")
+    out.update({k.lower(): os.environ[k] for k in knobs if k in os.environ})
     return out
 
 

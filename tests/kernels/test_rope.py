@@ -212,4 +212,3 @@ def test_cuda_default_launch_matches_reference(layout, no_fallback):
         for y, x in ((yq, q), (yk, k)):
             ref = R.rope_reference(x, cos, sin, False, torch.float32, torch.bfloat16, bwd)
             assert not y.isnan().any() and rel(y.float(), ref.float()) <= 1e-2
-
