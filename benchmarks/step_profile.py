@@ -53,7 +53,8 @@ def stream_summary(prof):
     """Per CUDA stream: busy time (union of its kernels and copies), copies' time by kind; over the step: the
     span from the first GPU event to the last, the busiest stream's idle time in it, and the time no stream was busy
     (a GPU that waits on the host, or on copies, shows it). Under CUDA graph replay the streams are the replay's:
-    one graph's branches may appear on another graph's stream. None when this torch's profiler does not expose kineto events."""
+    one graph's branches may appear on another graph's stream. None when this torch's profiler does not expose
+    kineto events."""
     try:
         evs = [e for e in prof.profiler.kineto_results.events() if "cuda" in str(e.device_type()).lower()]
     except Exception:  # noqa: BLE001  (private API; feature-detected)
