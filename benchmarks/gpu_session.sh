@@ -272,9 +272,10 @@ s10c)   # rope cache-hint sweep; the 8B 65,536-token probe with an absolute budg
     step pytest_s10c $(( ${S10C_END:-575} - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE \
         tests/recompute/test_offload.py -m gpu -k trains_like
     ;;
-s11a)   # next session: the hidden-priced 8B plan within half and a quarter of the copy capacity, two copies in
-    # flight (at full capacity: 10,613 tok/s, the d2h copies took the whole forward), profiled
-    for cap in ${S11A_CAPS:-0.5 0.25}; do
+s11a)   # next session: the hidden-priced 8B plan within 0.5 and 0.7 of the copy capacity, two copies in flight
+    # (at full capacity: 10,613 tok/s, the d2h copies took the whole forward), profiled. fxopt plan predicts 3.6 GB
+    # offloaded and 48 ms of recompute at 0.5 (full: 6.2 GB, 34 ms; copy-priced: 0.94 GB, 59 ms)
+    for cap in ${S11A_CAPS:-0.5 0.7}; do
         step "offload8b_cap_$cap" 270 env FXOPT_OFFLOAD_DEPTH=2 FXOPT_OFFLOAD_BW=1.41e12 FXOPT_OFFLOAD_CAPACITY=$cap \
             python3 benchmarks/run_suite.py offload8b_cap --out "$OUT/train_step.jsonl" --time-limit 265
     done

@@ -102,7 +102,7 @@ OFFLOAD8B_D2 = grid("8b", "qlora", ["fxopt:1.15GiB"], batch=2, steps=5, warmup=3
 OFFLOAD8B_D2_HIDDEN = grid("8b", "qlora", ["fxopt:1.15GiB"], batch=2, steps=5, warmup=3, timeout=260,
                            loss_only=True, profile=True, fxopt_options={"cudagraphs": True, "offload": True},
                            tag="cg-offload-hidden-d2")
-# The hidden-priced plan within half / a quarter of the forward's copy capacity (FXOPT_OFFLOAD_CAPACITY set by the
+# The hidden-priced plan within part (0.5, 0.7) of the forward's copy capacity (FXOPT_OFFLOAD_CAPACITY set by the
 # caller, recorded in the row), two copies in flight: at full capacity the d2h copies took the whole forward.
 OFFLOAD8B_CAP = grid("8b", "qlora", ["fxopt:1.15GiB"], batch=2, steps=5, warmup=3, timeout=260, loss_only=True,
                      profile=True, fxopt_options={"cudagraphs": True, "offload": True}, tag="cg-offload-hidden-d2-cap")
