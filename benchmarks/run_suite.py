@@ -91,21 +91,19 @@ OFFLOAD_HIDDEN = (grid("8b", "qlora", ["fxopt:1.15GiB", "fxopt:1.35GiB"], batch=
                   + grid("1b", "lora", ["fxopt:1.25GiB"], steps=6, warmup=3, timeout=170, loss_only=True,
                          fxopt_options={"cudagraphs": True, "offload": True}, tag="cg-offload-hidden"))
 OFFLOAD8B_HIDDEN = OFFLOAD_HIDDEN[:2]
-# The 1.15 GiB offload point profiled (per-stream busy time: does the compute stream wait on the copies?); with
-# FXOPT_OFFLOAD_BW set by the caller, the hidden-priced plan.
-OFFLOAD8B_PROF = grid("8b", "qlora", ["fxopt:1.15GiB"], batch=2, steps=5, warmup=3, timeout=260, loss_only=True,
-                      profile=True, fxopt_options={"cudagraphs": True, "offload": True}, tag="cg-offload")
-# Two copies in flight each way (FXOPT_OFFLOAD_DEPTH=2, set by the caller; tagged here): the default-priced and the
-# hidden-priced (FXOPT_OFFLOAD_BW) plans at 1.15 GiB, profiled.
-OFFLOAD8B_D2 = grid("8b", "qlora", ["fxopt:1.15GiB"], batch=2, steps=5, warmup=3, timeout=260, loss_only=True,
-                    profile=True, fxopt_options={"cudagraphs": True, "offload": True}, tag="cg-offload-d2")
-OFFLOAD8B_D2_HIDDEN = grid("8b", "qlora", ["fxopt:1.15GiB"], batch=2, steps=5, warmup=3, timeout=260,
-                           loss_only=True, profile=True, fxopt_options={"cudagraphs": True, "offload": True},
-                           tag="cg-offload-hidden-d2")
-# The hidden-priced plan within part (0.5, 0.7) of the forward's copy capacity (FXOPT_OFFLOAD_CAPACITY set by the
-# caller, recorded in the row), two copies in flight: at full capacity the d2h copies took the whole forward.
-OFFLOAD8B_CAP = grid("8b", "qlora", ["fxopt:1.15GiB"], batch=2, steps=5, warmup=3, timeout=260, loss_only=True,
-                     profile=True, fxopt_options={"cudagraphs": True, "offload": True}, tag="cg-offload-hidden-d2-cap")
+
+
+def offload8b_point(tag):
+    """The 8B 1.15 GiB offload point with CUDA graphs, profiled per stream; the caller's FXOPT_OFFLOAD_* knobs (set
+    in gpu_session.sh, recorded in the row) choose the variant, `tag` names it."""
+    return grid("8b", "qlora", ["fxopt:1.15GiB"], batch=2, steps=5, warmup=3, timeout=260, loss_only=True,
+                profile=True, fxopt_options={"cudagraphs": True, "offload": True}, tag=tag)
+
+
+OFFLOAD8B_PROF = offload8b_point("cg-offload")                      # defaults: does the compute stream wait?
+OFFLOAD8B_D2 = offload8b_point("cg-offload-d2")                     # FXOPT_OFFLOAD_DEPTH=2
+OFFLOAD8B_D2_HIDDEN = offload8b_point("cg-offload-hidden-d2")       # + FXOPT_OFFLOAD_BW (hidden price)
+OFFLOAD8B_CAP = offload8b_point("cg-offload-hidden-d2-cap")         # + FXOPT_OFFLOAD_CAPACITY 0.5, 0.7 (s11a)
 # torch's own activation_memory_budget on the 8B QLoRA step at fxopt's budgets (issue 10 asks for it in the same
 # run): Inductor without a budget measured 10.8k tok/s at 35.9 GiB (anchors), ~190 s of compilation each.
 AMB8B = grid("8b", "qlora", ["inductor:0.6", "inductor:0.2"], batch=2, steps=5, warmup=3, timeout=280)

@@ -77,6 +77,21 @@ def _env_flag(environ, name: str, default: bool = False) -> bool:
     return default if value == "" else value == "1"
 
 
+def env_number(environ, name: str, default, ok, expect: str, kind=float):
+    """A numeric environment variable: unset or "" is `default`; a value `kind` cannot read, or one `ok` rejects,
+    raises ValueError("{name} must be {expect}, got ...")."""
+    value = environ.get(name, "")
+    if value == "":
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    if number is None or not ok(number):
+        raise ValueError(f"{name} must be {expect}, got {value!r}")
+    return number
+
+
 def parse(options: dict | None = None, mode: str | None = None, environ=None) -> Config:
     """Validate the options dict of `torch.compile(..., backend="fxopt", options=...)`."""
     environ = os.environ if environ is None else environ   # read at call time (os.environ may be replaced)

@@ -3,7 +3,7 @@
 The memory planner (fxopt/recompute/offload.py) rewrites the joint graph: a saved tensor x becomes
     tok_j = offload(x_j, tok_{j-1}, [x_{j-D}], key, slot, nslots, D)   forward, right after x_j is made
     x_j'  = reload(tok_j, key, slot, nslots, D, shape, dtype)          backward, where x_j was read
-and the partition saves the 1-byte token instead of x_j. D (`depth`, FXOPT_OFFLOAD_DEPTH, default 1): copies in flight.
+and the partition saves the 1-byte token instead of x_j. D: copies in flight (the planner's offload_depth()).
 - Forward: x_j is copied device->host on a side stream into a pinned buffer of its slot. The copy overlaps the
   forward's compute until the D-th next offload, which makes the compute stream wait for it; x_{j-D} is an argument
   of that call, so the compiled graph keeps it alive (and its memory unreused) until its copy is done. The last
@@ -38,14 +38,10 @@ _LOCK = threading.Lock()
 _UID = itertools.count()
 
 
-def offload_depth() -> int:
-    """Copies in flight each way (FXOPT_OFFLOAD_DEPTH, default 1): the forward waits for copy j at offload j + D;
-    the backward fetches D slots ahead. The planner's liveness model uses the same D."""
-    import os
-    v = os.environ.get("FXOPT_OFFLOAD_DEPTH", "1")
-    if not v.isdigit() or int(v) < 1:
-        raise ValueError(f"FXOPT_OFFLOAD_DEPTH must be a whole number >= 1, got {v!r}")
-    return int(v)
+def join_call(j: int, n: int, depth: int) -> int:
+    """The forward's offload call (0..n-1, in forward order) that waits for the copy of call j's tensor, with
+    `depth` copies in flight: call j + depth, or the last call, which joins every copy still running."""
+    return min(j + depth, n - 1)
 
 
 class _Gen:

@@ -244,7 +244,8 @@ class Joint:
         offload (whose call waits for its copy; the last D until the last offload); in the backward from the first
         read of the storage reloaded D before it (fetched D ahead; the first D where the first one is read) to its
         last read."""
-        from fxopt.kernels.offload import offload_depth
+        from fxopt.kernels.offload import join_call
+        from fxopt.recompute.plan import offload_depth
         depth = depth or offload_depth()
         sizes = sizes or self.sizes
         saved, rec_order, schedule = self.saved_for(recompute)
@@ -259,7 +260,7 @@ class Joint:
         by_made = sorted(off, key=self._made_at.__getitem__)
         late: dict = {}                                  # forward index -> offloaded sids whose copy is joined there
         for j, s in enumerate(by_made):
-            nxt = by_made[min(j + depth, len(by_made) - 1)]
+            nxt = by_made[join_call(j, len(by_made), depth)]
             last[s] = max(last.get(s, -1), self._made_at[nxt])
             late.setdefault(last[s], []).append(s)
         cur = peak_f = peak_f_ws = 0

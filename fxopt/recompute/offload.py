@@ -17,6 +17,7 @@ import itertools
 
 import torch
 
+from fxopt.kernels.offload import join_call
 from fxopt.patterns.match import fake_call
 from fxopt.recompute.cost import ACT, Joint, Sim
 from fxopt.recompute.ops import _val
@@ -58,8 +59,8 @@ def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
     tok_of, prev_tok = {}, None
     for j, sid in enumerate(sorted(sim.offloaded, key=joint._made_at.__getitem__)):
         x = joint.storages[sid].node
-        # the copies this call joins: x_{j-D}; the last call joins all, so it keeps every one in flight alive
-        prev_x = made[max(0, j - depth):] if j == n - 1 else made[j - depth:j - depth + 1] if j >= depth else []
+        # the earlier tensors whose copies this call joins: the graph keeps them alive until here
+        prev_x = [made[i] for i in range(max(0, j - depth), j) if join_call(i, n, depth) == j]
         with g.inserting_after(x):
             tok = g.call_function(torch.ops.fxopt.offload.default, (x, prev_tok, prev_x, key, slot[sid], n, depth))
         tok.meta["val"] = fake_call(torch.ops.fxopt.offload.default, *tok.args)

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 
+from fxopt.config import env_number
 from fxopt.errors import FxoptError
 from fxopt.recompute.cost import ACT, Joint, Sim
 from fxopt.recompute.ops import op_arg, op_time, op_workspace, registered_call, set_op_arg
@@ -76,30 +78,22 @@ OFFLOAD_BW = 55e9
 # price of copies within the capacity, for such experiments.
 def offload_bw() -> float:
     """The price in bytes/s of an offload within the forward's copy capacity: OFFLOAD_BW, or FXOPT_OFFLOAD_BW."""
-    import os
-    v = os.environ.get("FXOPT_OFFLOAD_BW", "")
-    try:
-        bw = float(v) if v else OFFLOAD_BW
-    except ValueError:
-        bw = -1.0
-    if not bw > 0:
-        raise ValueError(f"FXOPT_OFFLOAD_BW must be a positive number of bytes per second, got {v!r}")
-    return bw
+    return env_number(os.environ, "FXOPT_OFFLOAD_BW", OFFLOAD_BW, lambda v: v > 0,
+                      "a positive number of bytes per second")
 
 
 def offload_capacity() -> float:
     """The share of the forward's copy capacity (roofline forward time x OFFLOAD_BW) priced at offload_bw():
     FXOPT_OFFLOAD_CAPACITY, default 1. The hidden-priced 8B plan at full capacity moved 6.1 GB per step, whose d2h
     copies took about the whole forward (docs/recompute.md)."""
-    import os
-    v = os.environ.get("FXOPT_OFFLOAD_CAPACITY", "")
-    try:
-        frac = float(v) if v else 1.0
-    except ValueError:
-        frac = -1.0
-    if not 0 <= frac <= 1:
-        raise ValueError(f"FXOPT_OFFLOAD_CAPACITY must be a number from 0 to 1, got {v!r}")
-    return frac
+    return env_number(os.environ, "FXOPT_OFFLOAD_CAPACITY", 1.0, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+
+
+def offload_depth() -> int:
+    """Copies in flight each way (FXOPT_OFFLOAD_DEPTH, default 1): the forward waits for copy j at offload j + D;
+    the backward fetches D slots ahead. The liveness model (Joint.simulate) and the rewrite use it; the ops get it
+    as an argument."""
+    return env_number(os.environ, "FXOPT_OFFLOAD_DEPTH", 1, lambda v: v >= 1, "a whole number >= 1", kind=int)
 
 
 def forward_time(joint: Joint) -> float:

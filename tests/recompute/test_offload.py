@@ -22,7 +22,7 @@ def _forward(xs, key, depth=1):
     n, toks, prev_tok = len(xs), {}, None
     for j, x in enumerate(xs):
         slot = n - 1 - j
-        prev = xs[max(0, j - depth):] if j == n - 1 else [xs[j - depth]] if j >= depth else []
+        prev = [xs[i] for i in range(max(0, j - depth), j) if rt.join_call(i, n, depth) == j]
         toks[slot] = torch.ops.fxopt.offload(x, prev_tok, prev, key, slot, n, depth)
         prev_tok = toks[slot]
     return toks
@@ -203,9 +203,10 @@ def test_offload_capacity_env_is_checked(monkeypatch):
 
 
 def test_offload_depth_env_is_checked(monkeypatch):
+    from fxopt.recompute import plan
     monkeypatch.setenv("FXOPT_OFFLOAD_DEPTH", "0")
     with pytest.raises(ValueError, match="FXOPT_OFFLOAD_DEPTH must be a whole number"):
-        rt.offload_depth()
+        plan.offload_depth()
 
 
 def test_offload_price_env_is_checked(monkeypatch):
