@@ -243,6 +243,17 @@ s9a)   # next session's first call (.notes/next_gpu.md): the GPU tests changed s
         --seq-cap 65536 --variant fxopt:16GiB --loss-only --fxopt-options '{"cudagraphs": true, "offload": true}' \
         --max-seq-search --time-limit $(( left - 15 ))
     ;;
+s12a)   # NF4 dequantization: the flat kernel's lookup modes vs the tile kernel and bitsandbytes (sweep, bit-exact
+    # checks); the offload GPU tests after the last-offload liveness fix (6d614b1); the 8B step at 65,536 tokens
+    # (16GiB + offload + CUDA graphs) profiled: where its 0.5 s per step behind unsloth goes
+    step dequant_flat 150 python3 benchmarks/kernels.py --sweep nf4_dequant_flat --out "$OUT/nf4_dequant_flat.json"
+    step pytest_s12a 130 python3 -m pytest -q -p no:cacheprovider -rfE tests/recompute/test_offload.py -m gpu
+    step pytest_nf4 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_nf4_chunked.py
+    left=$(( ${S12A_END:-585} - $(elapsed) ))
+    step seq65k_prof "$left" python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 --seq 65536 \
+        --variant fxopt:16GiB --loss-only --fxopt-options '{"cudagraphs": true, "offload": true}' --steps 2 \
+        --warmup 1 --profile
+    ;;
 s10a)   # rope with one head per program on contiguous [B, H, S, D] (sweep, then the fwd+bwd bench); GPU tests
     # changed since their last run; the 8B offload point at HEAD, profiled per stream
     step pytest_s10a 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/recompute/test_offload.py \
