@@ -254,6 +254,25 @@ s12a)   # NF4 dequantization: the flat kernel's lookup modes vs the tile kernel 
         --variant fxopt:16GiB --loss-only --fxopt-options '{"cudagraphs": true, "offload": true}' --steps 2 \
         --warmup 1 --profile
     ;;
+s12b)   # after s12a: the offload GPU tests (verbose; s12a's hit its limit), NF4 tests natively (the nested absmax
+    # product now mul.rn: bit-exact fp32), the flat dequantization configs in interleaved passes, the 8B 0.7 point
+    step pytest_offload 230 python3 -m pytest -v -x -p no:cacheprovider -rfE tests/recompute/test_offload.py -m gpu
+    step pytest_nf4 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_nf4_chunked.py \
+        tests/kernels/test_nf4.py
+    step dequant_flat 90 python3 benchmarks/kernels.py --sweep nf4_dequant_flat --out "$OUT/nf4_dequant_flat.json"
+    left=$(( ${S12B_END:-585} - $(elapsed) ))
+    step dequant8b "$left" python3 benchmarks/run_suite.py dequant8b --out "$OUT/train_step.jsonl" \
+        --time-limit $(( left - 10 ))
+    ;;
+s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUDA graph pool held past the graph),
+    # profiled; then the 8B 7 GiB offload point with the flat dequantization
+    step seq65k_prof 300 python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 --seq 65536 \
+        --variant fxopt:16GiB --loss-only --fxopt-options '{"cudagraphs": true, "offload": true}' --steps 2 \
+        --warmup 1 --profile
+    left=$(( ${S12C_END:-585} - $(elapsed) ))
+    step offload8b_flatdq "$left" python3 benchmarks/run_suite.py offload8b_flatdq --out "$OUT/train_step.jsonl" \
+        --time-limit $(( left - 10 ))
+    ;;
 s10a)   # rope with one head per program on contiguous [B, H, S, D] (sweep, then the fwd+bwd bench); GPU tests
     # changed since their last run; the 8B offload point at HEAD, profiled per stream
     step pytest_s10a 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/recompute/test_offload.py \

@@ -17,12 +17,11 @@ W_c is bit-exact with bitsandbytes' dequantize_4bit (the same tile code as the f
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
-from fxopt.kernels.nf4 import NF4_VALUES, NF4Weight, fused_matmul_reference, kernel_operands, nf4_code
+from fxopt.kernels.nf4 import NF4Weight, fused_matmul_reference, kernel_operands, nf4_code
 from fxopt.kernels.registry import register_cost, triton_available
 from fxopt.kernels.rounding import rounding_code
 
@@ -37,8 +36,12 @@ _ALIGN = 256          # chunk boundaries: a multiple of every tile width and of 
 # (rows, columns, warps) per program of the dequantization kernel on CUDA; benchmarks/kernel_bench/nf4_dequant.py
 # sweeps it. In the 8B QLoRA step profile it took 20.5 of 249 ms GPU time (~1.7 TB/s at (64, 128, 4)).
 DEQUANT_CONFIG = (64, 128, 4)
-# Whole-row chunks with 16-bit outputs take the flat kernel: (lookup mode, bytes per program, warps); None: never.
-FLAT_CONFIG = (0, 2048, 4)
+# Whole-row chunks with 16-bit outputs take the flat kernel: (packed bytes per program, warps); None: never.
+# H200, double-quantized NF4 -> bf16 (benchmarks/results/nf4_dequant_flat_h200.json): 4096 x 14336 in 0.044 ms
+# (3.3 TB/s on minimal bytes, 79% of copy; writing the output alone with fill_ takes 0.038 ms) vs 0.076 ms for the
+# tile kernel above and 0.076 for bitsandbytes' own; 4096 x 4096 0.017 vs 0.027 ms. Looking the code book up once
+# per byte (a 256-entry table of fp32 pairs) or by a select tree instead of two gathers was 1.1-3x slower.
+FLAT_CONFIG = (2048, 8)
 
 if triton_available():
     import triton
@@ -61,22 +64,6 @@ if triton_available():
                  mask=(i < R)[:, None] & (j < C)[None, :])
 
     @triton.jit
-    def _nf4_select(c):
-        """NF4 code-book value of 4-bit codes c by a select tree (no memory lookup)."""
-        b0, b1, b2, b3 = (c & 1) != 0, (c & 2) != 0, (c & 4) != 0, (c & 8) != 0
-        v0 = tl.where(b0, -0.6961928009986877, -1.0)
-        v1 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
-        v2 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
-        v3 = tl.where(b0, 0.0, -0.09105003625154495)
-        v4 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
-        v5 = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
-        v6 = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
-        v7 = tl.where(b0, 1.0, 0.7229568362236023)
-        w0, w1 = tl.where(b1, v1, v0), tl.where(b1, v3, v2)
-        w2, w3 = tl.where(b1, v5, v4), tl.where(b1, v7, v6)
-        return tl.where(b3, tl.where(b2, w3, w2), tl.where(b2, w1, w0)).to(tl.float32)
-
-    @triton.jit
     def _bits16(v, DT: tl.constexpr, RND: tl.constexpr):
         """uint32 holding the 16-bit pattern of fp32 v rounded to fp16 (DT 1) / bf16 (DT 2), nearest even."""
         if DT == 1:
@@ -86,9 +73,9 @@ if triton_available():
         return v.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
 
     @triton.jit
-    def _dequant_flat_kernel(WQ, ABS, ABS2, CODE2, OFF, CODE, LUT, D32, b0, nbytes,
-                             BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, MODE: tl.constexpr,
-                             DT: tl.constexpr, RND: tl.constexpr, BLOCK: tl.constexpr):
+    def _dequant_flat_kernel(WQ, ABS, ABS2, CODE2, OFF, CODE, D32, b0, nbytes,
+                             BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, DT: tl.constexpr,
+                             RND: tl.constexpr, BLOCK: tl.constexpr):
         """Packed bytes b0 + [0, nbytes) of a weight whose flat element count is even, to 16-bit outputs: one
         int32 word per byte, W[2f] in its low half and W[2f + 1] in its high half (little-endian pairs), so loads
         and stores are contiguous and no interleave is needed. b0 and BLOCK are multiples of BS // 2 bytes."""
@@ -98,30 +85,14 @@ if triton_available():
         i = start + tl.arange(0, BLOCK)
         ok = i < nbytes
         b = tl.load(WQ + b0 + i, mask=ok, other=0).to(tl.int32)
-        if MODE == 0:       # two gathers from the 16-entry code book
-            ev = tl.load(CODE + (b >> 4))
-            od = tl.load(CODE + (b & 15))
-        elif MODE == 1:     # one gather from a 256-entry table of (even, odd) fp32 pairs packed in int64
-            p = tl.load(LUT + b)
-            ev = (p & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            od = (p >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        else:               # no memory lookup
-            ev = _nf4_select(b >> 4)
-            od = _nf4_select(b & 15)
+        ev = tl.load(CODE + (b >> 4))
+        od = tl.load(CODE + (b & 15))
         blk = (b0 + start) // HB + tl.arange(0, G)
         scale = _block_scale(ABS, ABS2, CODE2, OFF, blk, blk < (b0 + nbytes + HB - 1) // HB, NESTED, BS2)
         ev = tl.reshape(tl.reshape(ev, (G, HB)) * scale[:, None], (BLOCK,))
         od = tl.reshape(tl.reshape(od, (G, HB)) * scale[:, None], (BLOCK,))
         word = _bits16(ev, DT, RND) | (_bits16(od, DT, RND) << 16)
         tl.store(D32 + i, word.to(tl.int32, bitcast=True), mask=ok)
-
-
-@functools.lru_cache(None)
-def _pair_table(device: str) -> torch.Tensor:
-    """int64 [256]: for a packed byte b, the fp32 bits of NF4[b >> 4] (low word) and NF4[b & 15] (high word)."""
-    bits = torch.tensor(NF4_VALUES, dtype=torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    b = torch.arange(256)
-    return (bits[b >> 4] | (bits[b & 15] << 32)).to(device)
 
 
 def _flat_ok(w: NF4Weight, r0: int, r1: int, c0: int, c1: int, dtype, d: torch.Tensor) -> bool:
@@ -134,12 +105,12 @@ def _flat_ok(w: NF4Weight, r0: int, r1: int, c0: int, c1: int, dtype, d: torch.T
 def _dequantize_flat(w: NF4Weight, r0: int, r1: int, dtype, d: torch.Tensor) -> torch.Tensor:
     wq, absm, abs2, code2, off = kernel_operands(w)
     dev = d.device
-    mode, block, warps = FLAT_CONFIG if dev.type == "cuda" else (FLAT_CONFIG[0], 256, 4)
+    block, warps = FLAT_CONFIG if dev.type == "cuda" else (256, 4)
     block = max(block, w.blocksize // 2)
     nbytes = (r1 - r0) * w.k // 2
     _dequant_flat_kernel[(triton.cdiv(nbytes, block),)](
-        wq, absm, abs2, code2, off, nf4_code(dev), _pair_table(str(dev)), d.view(-1).view(torch.int32),
-        r0 * w.k // 2, nbytes, BS=w.blocksize, BS2=w.blocksize2, NESTED=w.nested, MODE=mode,
+        wq, absm, abs2, code2, off, nf4_code(dev), d.view(-1).view(torch.int32),
+        r0 * w.k // 2, nbytes, BS=w.blocksize, BS2=w.blocksize2, NESTED=w.nested,
         DT=1 if dtype == torch.float16 else 2, RND=rounding_code(dtype) if dev.type != "cuda" else 0,
         BLOCK=block, num_warps=warps)
     return d

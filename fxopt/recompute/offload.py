@@ -135,3 +135,40 @@ def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
         rows.append(d)
     return rows
 
+
+
+
+def _calls(gm, op):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
+
+
+def compact(fw, bw) -> list:
+    """After the min-cut partition: drop the forward's offloads whose reload did not survive in the backward (its
+    readers were dead or got their value another way) and renumber the rest, so the runtime's slot count matches
+    the calls that run. Otherwise the backward would fetch ahead a slot that is never reloaded and keep that tensor
+    (under CUDA graphs: a tensor of the graph's pool that no output tracks), and the forward would copy it for
+    nothing. Returns the dropped slots."""
+    offs = _calls(fw, torch.ops.fxopt.offload.default)
+    rels = _calls(bw, torch.ops.fxopt.reload.default)
+    live = {r.args[2] for r in rels}
+    dead = [o for o in offs if o.args[4] not in live]
+    if not dead:
+        return []
+    for o in dead:                       # the next call orders after this one's predecessor instead
+        o.replace_all_uses_with(o.args[1]) if o.args[1] is not None else None
+        for u in list(o.users):
+            u.update_arg(1, None)
+        fw.graph.erase_node(o)
+    offs = [o for o in offs if o not in dead]
+    n = len(offs)
+    new_slot = {s: k for k, s in enumerate(sorted(o.args[4] for o in offs))}
+    for j, o in enumerate(offs):
+        x, prev_tok, _prev, key, slot, _n, depth = o.args
+        prev = [offs[i].args[0] for i in range(max(0, j - depth), j) if join_call(i, n, depth) == j]
+        o.args = (x, prev_tok, prev, key, new_slot[slot], n, depth)
+    for r in rels:
+        tok, key, slot, _n, depth, shape, dtype = r.args
+        r.args = (tok, key, new_slot[slot], n, depth, shape, dtype)
+    fw.recompile()
+    bw.recompile()
+    return sorted(o.args[4] for o in dead)

@@ -172,10 +172,17 @@ class FxoptPartitioner(_Base):
                                                      num_fwd_outputs=num_fwd_outputs,
                                                      static_lifetime_input_indices=static_lifetime_input_indices,
                                                      **kwargs)
+        if offloaded:
+            dropped = _offload.compact(fw, bw)
+            if dropped:
+                log.warning("fxopt offload: %d of %d offloaded tensors had no reload left after partitioning "
+                            "(slots %s); their offloads were dropped", len(dropped), len(offloaded), dropped)
+                memory["offload_dropped_slots"] = dropped
         LAST.clear()
         on_host = set(p.sim.offloaded)
+        tokens = [r["token"] for r in offloaded if r["slot"] not in memory.get("offload_dropped_slots", ())]
         LAST.update(memory=memory, predicted=sorted([joint.storages[s].node.name for s in p.sim.saved
-                                                     if s not in on_host] + [r["token"] for r in offloaded]),
+                                                     if s not in on_host] + tokens),
                     partitioned=_saved_names(fw, num_fwd_outputs), joint=joint, plan=p)
         return fw, bw
 

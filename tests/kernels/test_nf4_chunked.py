@@ -27,6 +27,31 @@ def test_dequantize_chunk_bit_exact(n, k, blocksize, nested, dtype):
         assert torch.equal(got, full[r0:r1, c0:c1]), (r0, r1, c0, c1)
 
 
+@pytest.mark.parametrize("blocksize,nested", [(64, True), (128, False), (4096, True)])
+def test_flat_kernel_taken_and_exact(blocksize, nested, monkeypatch):
+    """Whole-row 16-bit chunks take the flat kernel (one word per packed byte), bit-exact; partial rows, fp32,
+    an odd element count or a start off a block boundary take the tile kernel."""
+    n, k = 96, 4096 if blocksize == 4096 else 640
+    nw = quantize(torch.randn(n, k, device=DEV), blocksize, nested)[0]
+    calls = []
+    flat = C._dequantize_flat
+    monkeypatch.setattr(C, "_dequantize_flat", lambda *a: calls.append(a[1:3]) or flat(*a))
+    for dtype in (torch.bfloat16, torch.float16):
+        full = K.nf4_dequantize_reference(nw, dtype)
+        for r0, r1 in [(0, n), (32, 95)]:
+            got = C.dequantize_chunk(nw, r0, r1, 0, k, dtype,
+                                     out=torch.full((r1 - r0, k), float("nan"), dtype=dtype, device=DEV))
+            assert torch.equal(got, full[r0:r1])
+    assert len(calls) == 4 and calls[1] == (32, 95)
+    calls.clear()
+    C.dequantize_chunk(nw, 0, n, 0, 256, torch.bfloat16)            # not whole rows
+    C.dequantize_chunk(nw, 0, n, 0, k, torch.float32)               # 32-bit output
+    odd = quantize(torch.randn(3, 65, device=DEV), 64, nested)[0]   # 195 elements
+    assert torch.equal(C.dequantize_chunk(odd, 0, 3, 0, 65, torch.bfloat16),
+                       K.nf4_dequantize_reference(odd, torch.bfloat16))
+    assert calls == []
+
+
 @pytest.mark.parametrize("trans", [True, False])
 @pytest.mark.parametrize("lora,bias", [(True, True), (True, False), (False, True), (False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -95,6 +95,32 @@ def test_reload_without_its_copy_says_what_to_do():
         torch.ops.fxopt.reload(toks[0], key, 0, 2, 1, list(xs[1].shape), xs[1].dtype)
 
 
+def test_compact_drops_offloads_without_a_reload():
+    """A reload the partition left out (its slot 1 here): its offload goes, the other slots are renumbered in
+    backward order with the new count, the join arguments follow the new order, and the graphs still round-trip."""
+    from torch import fx
+    key, off_op, rel_op = 4242, torch.ops.fxopt.offload.default, torch.ops.fxopt.reload.default
+
+    def fw(a, b, c):
+        t0 = off_op(a, None, [], key, 2, 3, 1)
+        t1 = off_op(b, t0, [a], key, 1, 3, 1)
+        t2 = off_op(c, t1, [b], key, 0, 3, 1)
+        return t0, t2
+
+    def bw(t0, t2):
+        return rel_op(t2, key, 0, 3, 1, [3, 7], torch.float32), rel_op(t0, key, 2, 3, 1, [3, 5], torch.float32)
+    f, b = fx.symbolic_trace(fw), fx.symbolic_trace(bw)
+    assert off.compact(f, b) == [1]
+    offs = [n for n in f.graph.nodes if n.target is off_op]
+    assert [(o.args[4], o.args[5]) for o in offs] == [(1, 2), (0, 2)]
+    assert offs[1].args[1] is offs[0] and offs[1].args[2] == [offs[0].args[0]]
+    assert [(r.args[2], r.args[3]) for r in b.graph.nodes if r.target is rel_op] == [(0, 2), (1, 2)]
+    assert off.compact(f, b) == []
+    xs = [torch.randn(3, 5), torch.randn(3, 6), torch.randn(3, 7)]
+    y2, y0 = b(*f(*xs))
+    assert torch.equal(y2, xs[2]) and torch.equal(y0, xs[0])
+
+
 def test_offload_needs_a_budget():
     with pytest.raises(ValueError, match="needs a 'memory_budget'"):
         fxopt.config.parse({"offload": True})
