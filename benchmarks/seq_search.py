@@ -35,7 +35,8 @@ def search(a, record):
             return "time limit"
         status, row, wall = run_child(probe_argv(a, seq), left - 5, cold=False)
         probes.append(dict(seq=seq, status=status, wall_s=wall, tok_per_s=row.get("tok_per_s"),
-                           peak_gib=row.get("peak_gib"), error=str(row.get("error", ""))[:300] or None))
+                           peak_gib=row.get("peak_gib"), warmup=row.get("warmup", 1),
+                           error=str(row.get("error", ""))[:300] or None))
         print(f"[seq_search] seq {seq}: {status} in {wall:.0f} s, peak {row.get('peak_gib')} GiB", file=sys.stderr,
               flush=True)
         return status
@@ -68,7 +69,7 @@ def search(a, record):
             oom = mid
         else:
             stop = status
-    rec = dict(record, steps=1, warmup=1, search="max_seq", granule=GRANULE, max_seq_fit=fit, min_seq_oom=oom,
+    rec = dict(record, steps=1, warmup=max([p["warmup"] for p in probes] or [1]), search="max_seq", granule=GRANULE, max_seq_fit=fit, min_seq_oom=oom,
                seq_cap=a.seq_cap,
                complete=stop is None and fit is not None and (oom is None or oom - fit <= GRANULE),
                stopped_by=stop, search_s=round(time.time() - t_start, 1), probes=probes)

@@ -43,3 +43,16 @@ def test_single_probe_at_the_cap_is_reported_as_a_lower_bound(monkeypatch, capsy
     assert [p["seq"] for p in rec["probes"]] == [65536] and rec["granule"] == seq_search.GRANULE
     row = [line for line in report.search_table([rec]) if line.startswith("| 8b")][0]
     assert ">= 65,536" in row and "to the cap only" in row
+
+
+def test_cuda_graph_probes_time_a_replay(monkeypatch, capsys):
+    """fxopt with CUDA graphs records on its second call: train_step raises the warm-up to 2 (the probe's row says
+    so) and the search's record carries the warm-up its probes ran."""
+    from benchmarks import train_step
+    assert train_step.graphs_replayed({"cudagraphs": True}) and not train_step.graphs_replayed({})
+    monkeypatch.setenv("FXOPT_CUDAGRAPHS", "1")
+    assert train_step.graphs_replayed({})
+    monkeypatch.setattr(seq_search, "run_child", lambda argv, timeout, cold=False: ("ok", {"tok_per_s": 7,
+                        "peak_gib": 1.0, "warmup": 2}, 1.0))
+    assert seq_search.search(_args(seq=65536, seq_cap=65536), {"variant": "fxopt:16GiB"}) == 0
+    assert json.loads(capsys.readouterr().out.strip().split("RESULT ", 1)[1])["warmup"] == 2
