@@ -273,6 +273,14 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
     step offload8b_flatdq "$left" python3 benchmarks/run_suite.py offload8b_flatdq --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 10 ))
     ;;
+s13a)   # next session: the 8B step at 65,536 tokens with SDPA's recompute priced by its FLOPs (00fd72f; the plan that
+    # ran 4,733 tok/s priced it at its bytes, 0.31 vs ~60 ms), warm-up 2; the 8B 0.7 point profiled; NF4 tests natively
+    step seq65k_w2 300 python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 --seq 65536 \
+        --variant fxopt:16GiB --loss-only --fxopt-options '{"cudagraphs": true, "offload": true}' --steps 1 --warmup 2
+    step prof07_8b 220 python3 benchmarks/run_suite.py prof07_8b --out "$OUT/train_step.jsonl" --time-limit 215
+    step pytest_nf4 $(( ${S13A_END:-585} - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE \
+        tests/kernels/test_nf4.py
+    ;;
 s10a)   # rope with one head per program on contiguous [B, H, S, D] (sweep, then the fwd+bwd bench); GPU tests
     # changed since their last run; the 8B offload point at HEAD, profiled per stream
     step pytest_s10a 200 python3 -m pytest -q -p no:cacheprovider -rfE tests/recompute/test_offload.py \
