@@ -154,7 +154,8 @@ SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b":
           "lowmem_sdpa": LOWMEM_SDPA, "offload8b": OFFLOAD8B, "offload_hidden": OFFLOAD_HIDDEN,
           "offload8b_hidden": OFFLOAD8B_HIDDEN,
           "offload8b_prof": OFFLOAD8B_PROF, "offload8b_d2": OFFLOAD8B_D2, "offload8b_d2_hidden": OFFLOAD8B_D2_HIDDEN,
-          "offload8b_cap": OFFLOAD8B_CAP, "dequant8b": DEQUANT8B[:1], "prof07_8b": PROF07_8B, "offload8b_flatdq": DEQUANT8B[1:], "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
+          "offload8b_cap": OFFLOAD8B_CAP, "dequant8b": DEQUANT8B[:1], "offload8b_flatdq": DEQUANT8B[1:],
+          "prof07_8b": PROF07_8B, "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
           "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
 
 NEEDS = {"liger": ["liger_kernel"], "unsloth": ["unsloth", "bitsandbytes"], "fxopt": ["fxopt"]}

@@ -69,8 +69,8 @@ def search(a, record):
             oom = mid
         else:
             stop = status
-    rec = dict(record, steps=1, warmup=max([p["warmup"] for p in probes] or [1]), search="max_seq", granule=GRANULE, max_seq_fit=fit, min_seq_oom=oom,
-               seq_cap=a.seq_cap,
+    rec = dict(record, steps=1, warmup=max([p["warmup"] for p in probes] or [1]), search="max_seq", granule=GRANULE,
+               max_seq_fit=fit, min_seq_oom=oom, seq_cap=a.seq_cap,
                complete=stop is None and fit is not None and (oom is None or oom - fit <= GRANULE),
                stopped_by=stop, search_s=round(time.time() - t_start, 1), probes=probes)
     at_fit = [p for p in probes if p["status"] == "ok" and p["seq"] == fit]
