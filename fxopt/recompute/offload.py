@@ -136,8 +136,6 @@ def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
     return rows
 
 
-
-
 def _calls(gm, op):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is op]
 
@@ -154,10 +152,9 @@ def compact(fw, bw) -> list:
     dead = [o for o in offs if o.args[4] not in live]
     if not dead:
         return []
-    for o in dead:                       # the next call orders after this one's predecessor instead
-        o.replace_all_uses_with(o.args[1]) if o.args[1] is not None else None
+    for o in dead:   # a token's only reader is the next offload (prev_tok): it orders after this one's predecessor
         for u in list(o.users):
-            u.update_arg(1, None)
+            u.update_arg(1, o.args[1])
         fw.graph.erase_node(o)
     offs = [o for o in offs if o not in dead]
     n = len(offs)

@@ -120,6 +120,16 @@ def test_compact_drops_offloads_without_a_reload():
     y2, y0 = b(*f(*xs))
     assert torch.equal(y2, xs[2]) and torch.equal(y0, xs[0])
 
+    def fw_last_only(a, b, c):                  # the first two reloads are gone: the last call starts the chain
+        return fw(a, b, c)[1]
+
+    def bw_last_only(t2):
+        return rel_op(t2, key, 0, 3, 1, [3, 7], torch.float32)
+    f, b = fx.symbolic_trace(fw_last_only), fx.symbolic_trace(bw_last_only)
+    assert off.compact(f, b) == [1, 2]
+    (last,) = [n for n in f.graph.nodes if n.target is off_op]
+    assert last.args[1] is None and last.args[2] == [] and (last.args[4], last.args[5]) == (0, 1)
+
 
 def test_offload_needs_a_budget():
     with pytest.raises(ValueError, match="needs a 'memory_budget'"):
