@@ -342,6 +342,16 @@ def nf4_dequant_cases(dts=DTYPES):
             out.append(case("nf4_chunked._dequant_kernel", f"bs={bs} nested={nested} fast={fast}", dt, ptrs,
                             dict(BS=bs, BS2=256, NESTED=nested, FAST=fast, RND=0, BN=64, BK=128),
                             dict(num_warps=4)))
+    from fxopt.kernels import nf4_chunked as C
+    block, warps = C.FLAT_CONFIG
+    for dt in (d for d in dts if d != "fp32"):      # whole-row 16-bit chunks: the flat kernel (one word per byte)
+        for bs, nested in ((64, True), (64, False), (4096, True)):
+            ptrs = dict(WQ="u8", ABS="u8" if nested else "fp32", ABS2="fp32", CODE2="fp32", OFF="fp32", CODE="fp32",
+                        D32="i32")
+            out.append(case("nf4_chunked._dequant_flat_kernel", f"flat bs={bs} nested={nested}", dt, ptrs,
+                            dict(BS=bs, BS2=256, NESTED=nested, DT=1 if dt == "fp16" else 2, RND=0,
+                                 BLOCK=max(block, bs // 2)), dict(num_warps=warps),
+                            i64=("b0",) * (bs == 4096)))   # (a chunk start past 2^31 bytes: an i64 launch)
     return out
 
 
