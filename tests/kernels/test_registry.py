@@ -71,3 +71,21 @@ def test_measured_choices_are_logged(monkeypatch):
                            measure=True)
     assert out == 2
     assert registry.TUNING_LOG == [("lora", "('log-test',)", "b", {"a": 2.0, "b": 0.5})]
+
+
+# Caches in fxopt/kernels and where each device tensor in them is made before the first run. Made lazily on the
+# first run instead, under CUDA graphs the tensor lands in the graph's pool, a live allocation no graph output owns
+# (H200: the NF4 code book, 13b6842; a dequantization lookup table, f7eef8b: "Detected 1 tensor(s) in the
+# cudagraph pool not tracked as outputs").
+CACHES = {"nf4._nf4_code_cached": "patterns/lora.py makes it at compile time (replace_lora calls nf4_code)",
+          "registry.triton_available": "a bool, no tensor"}
+
+
+def test_every_cache_in_kernels_is_made_before_the_first_run():
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[2] / "fxopt"
+    found = {f"{p.stem}.{name}" for p in (root / "kernels").glob("*.py")
+             for name in re.findall(r"@functools\.(?:lru_cache|cache)\b[^\n]*\n(?:@[^\n]*\n)*def (\w+)", p.read_text())}
+    assert found == set(CACHES), f"caches in fxopt/kernels without a compile-time maker: {sorted(found - set(CACHES))}"
+    assert "nf4_code(device)" in (root / "patterns" / "lora.py").read_text()
