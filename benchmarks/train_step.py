@@ -291,8 +291,9 @@ def time_steps(step, a, rec):
 
 
 def graphs_replayed(fx_opts: dict) -> bool:
-    """fxopt replays CUDA graphs: its option `cudagraphs` (or env FXOPT_CUDAGRAPHS=1)."""
-    return bool(fx_opts.get("cudagraphs")) or os.environ.get("FXOPT_CUDAGRAPHS") == "1"
+    """fxopt replays CUDA graphs: its option `cudagraphs` or env FXOPT_CUDAGRAPHS=1, as fxopt.config resolves them."""
+    from fxopt.config import parse
+    return parse(fx_opts).cudagraphs
 
 
 def measure(a):

@@ -12,14 +12,19 @@ CONFIGS = [(bn, bk, w) for bn, bk, w in itertools.product((16, 32, 64, 128), (64
            if 2048 <= bn * bk <= 32768]
 
 
-def nf4_weight(n, k):
+def bnb_nf4(n, k):
+    """(bitsandbytes Params4bit, fxopt NF4Weight) of one random double-quantized [n, k] weight on CUDA."""
     import bitsandbytes as bnb
     from fxopt.kernels.nf4 import NF4Weight
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
     p = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True).cuda()
     qs = p.quant_state
-    return NF4Weight(p.data, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.blocksize,
-                     qs.state2.blocksize, n, k)
+    return p, NF4Weight(p.data, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.blocksize,
+                        qs.state2.blocksize, n, k)
+
+
+def nf4_weight(n, k):
+    return bnb_nf4(n, k)[1]
 
 
 def sweep():

@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from benchmarks.kernel_bench.nf4_dequant import SHAPES
+from benchmarks.kernel_bench.nf4_dequant import SHAPES, bnb_nf4
 
 CONFIGS = [(512, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 4)]
 ROUNDS = 3
@@ -24,7 +24,6 @@ def sweep():
     import bitsandbytes as bnb
     import fxopt.kernels.nf4_chunked as C
     from benchmarks.kernel_bench.common import copy_ceiling_tbps, do_bench
-    from fxopt.kernels.nf4 import NF4Weight
     ceiling = copy_ceiling_tbps()
     saved, rows = C.FLAT_CONFIG, []
 
@@ -46,11 +45,8 @@ def sweep():
 
     try:
         for n, k in SHAPES:
-            w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
-            p = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True).cuda()
+            p, wt = bnb_nf4(n, k)
             qs = p.quant_state
-            wt = NF4Weight(p.data, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.blocksize,
-                           qs.state2.blocksize, n, k)
             C.FLAT_CONFIG = None
             ref = C.dequantize_chunk(wt, 0, n, 0, k, torch.bfloat16)
             out = torch.empty_like(ref)

@@ -44,6 +44,11 @@ def join_call(j: int, n: int, depth: int) -> int:
     return min(j + depth, n - 1)
 
 
+def joined_by(j: int, n: int, depth: int) -> list:
+    """The earlier calls whose copies call j joins (join_call(i) == j): its `prev` tensors, kept alive until it."""
+    return [i for i in range(max(0, j - depth), j) if join_call(i, n, depth) == j]
+
+
 class _Gen:
     def __init__(self, index: int):
         self.index = index

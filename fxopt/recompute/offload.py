@@ -17,10 +17,10 @@ import itertools
 
 import torch
 
-from fxopt.kernels.offload import join_call
+from fxopt.kernels.offload import joined_by
 from fxopt.patterns.match import fake_call
 from fxopt.recompute.cost import ACT, Joint, Sim
-from fxopt.recompute.ops import _val
+from fxopt.recompute.ops import _val, op_arg, set_op_arg
 
 MIN_BYTES = 1 << 20     # smaller tensors are not worth a copy (tests lower it)
 _KEYS = itertools.count(1)
@@ -60,7 +60,7 @@ def rewrite(joint: Joint, sim: Sim, policy_save, policy_recompute) -> list:
     for j, sid in enumerate(sorted(sim.offloaded, key=joint._made_at.__getitem__)):
         x = joint.storages[sid].node
         # the earlier tensors whose copies this call joins: the graph keeps them alive until here
-        prev_x = [made[i] for i in range(max(0, j - depth), j) if join_call(i, n, depth) == j]
+        prev_x = [made[i] for i in joined_by(j, n, depth)]
         with g.inserting_after(x):
             tok = g.call_function(torch.ops.fxopt.offload.default, (x, prev_tok, prev_x, key, slot[sid], n, depth))
         tok.meta["val"] = fake_call(torch.ops.fxopt.offload.default, *tok.args)
@@ -148,24 +148,22 @@ def compact(fw, bw) -> list:
     nothing. Returns the dropped slots."""
     offs = _calls(fw, torch.ops.fxopt.offload.default)
     rels = _calls(bw, torch.ops.fxopt.reload.default)
-    live = {r.args[2] for r in rels}
-    dead = [o for o in offs if o.args[4] not in live]
+    live = {op_arg(r, "slot") for r in rels}
+    dead = [o for o in offs if op_arg(o, "slot") not in live]
     if not dead:
         return []
     for o in dead:   # a token's only reader is the next offload (prev_tok): it orders after this one's predecessor
         for u in list(o.users):
-            u.update_arg(1, o.args[1])
+            set_op_arg(u, "prev_tok", op_arg(o, "prev_tok"))
         fw.graph.erase_node(o)
     offs = [o for o in offs if o not in dead]
     n = len(offs)
-    new_slot = {s: k for k, s in enumerate(sorted(o.args[4] for o in offs))}
+    new_slot = {s: k for k, s in enumerate(sorted(op_arg(o, "slot") for o in offs))}
     for j, o in enumerate(offs):
-        x, prev_tok, _prev, key, slot, _n, depth = o.args
-        prev = [offs[i].args[0] for i in range(max(0, j - depth), j) if join_call(i, n, depth) == j]
-        o.args = (x, prev_tok, prev, key, new_slot[slot], n, depth)
-    for r in rels:
-        tok, key, slot, _n, depth, shape, dtype = r.args
-        r.args = (tok, key, new_slot[slot], n, depth, shape, dtype)
+        set_op_arg(o, "prev", [op_arg(offs[i], "x") for i in joined_by(j, n, op_arg(o, "depth"))])
+    for c in offs + rels:
+        set_op_arg(c, "slot", new_slot[op_arg(c, "slot")])
+        set_op_arg(c, "nslots", n)
     fw.recompile()
     bw.recompile()
-    return sorted(o.args[4] for o in dead)
+    return sorted(op_arg(o, "slot") for o in dead)

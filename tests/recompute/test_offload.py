@@ -22,7 +22,7 @@ def _forward(xs, key, depth=1):
     n, toks, prev_tok = len(xs), {}, None
     for j, x in enumerate(xs):
         slot = n - 1 - j
-        prev = [xs[i] for i in range(max(0, j - depth), j) if rt.join_call(i, n, depth) == j]
+        prev = [xs[i] for i in rt.joined_by(j, n, depth)]
         toks[slot] = torch.ops.fxopt.offload(x, prev_tok, prev, key, slot, n, depth)
         prev_tok = toks[slot]
     return toks
