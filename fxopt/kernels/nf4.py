@@ -28,8 +28,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from fxopt.kernels.registry import (bench_ms, capturing, interpreting, log_choice, next_pow2, register_cost,
-                                    triton_available, tuning)
+from fxopt.kernels.registry import (bench_ms, capturing, log_choice, next_pow2, register_cost, triton_available,
+                                    tuning)
 
 # NF4 code-book (QLoRA paper; bitsandbytes get_4bit_type("nf4")), fp32, index = 4-bit code.
 NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -109,6 +109,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from fxopt.kernels.rounding import mul_rn
+
     @triton.jit
     def _rne_bf16(v):
         """fp32 -> fp32 value of the nearest-even bf16 (the interpreter's fp32->bf16 cast truncates; GPUs round)."""
@@ -138,23 +140,13 @@ if triton_available():
             return tl.dot(a, b, acc, input_precision="ieee")
         return tl.dot(a, b, acc)
 
-    # PTX mul.rn is never contracted into an fma with the add that follows. bitsandbytes rounds code2[q] * absmax2
-    # and then adds the offset (two roundings); a fused multiply-add rounds once and differs in the last bit (seen on
-    # the H200 in the fp32 outputs of tests/kernels/test_nf4_chunked.py, 2 of 12 nested cases).
-    _PTX_MUL = tl.constexpr(torch.version.hip is None and not interpreting())
-
-    @triton.jit
-    def _mul_rn(a, b):
-        if _PTX_MUL:
-            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
-                                             is_pure=True, pack=1)
-        return a * b
-
     @triton.jit
     def _block_scale(ABS, ABS2, CODE2, OFF, idx, mask, NESTED: tl.constexpr, BS2: tl.constexpr):
+        # bitsandbytes rounds code2[q] * absmax2, then adds the offset (two roundings); a fused multiply-add rounds
+        # once and differs in the last bit (H200: fp32 outputs of test_nf4_chunked.py, 2 of 12 nested cases)
         if NESTED:
             q = tl.load(ABS + idx, mask=mask, other=0).to(tl.int32)
-            a = _mul_rn(tl.load(CODE2 + q, mask=mask, other=0.0).to(tl.float32),
+            a = mul_rn(tl.load(CODE2 + q, mask=mask, other=0.0).to(tl.float32),
                         tl.load(ABS2 + idx // BS2, mask=mask, other=0.0).to(tl.float32))
             a = a + tl.load(OFF).to(tl.float32)
         else:

@@ -42,3 +42,14 @@ if triton_available():
                 "{ .reg .b16 t; .reg .b32 u; cvt.rn.bf16.f32 t, $1; cvt.u32.u16 u, t; shl.b32 $0, u, 16; }",
                 "=r,f", [v], dtype=tl.uint32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
         return v
+
+    # PTX on NVIDIA GPUs; the interpreter computes in numpy, which never fuses
+    _PTX = tl.constexpr(torch.version.hip is None and not interpreting())
+
+    @triton.jit
+    def mul_rn(a, b):
+        """fp32 a * b rounded on its own: PTX mul.rn is never contracted into an fma with an add that follows."""
+        if _PTX:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        return a * b
