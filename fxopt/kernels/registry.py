@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Callable
 
 import torch
@@ -107,6 +108,10 @@ def log_choice(tuner: str, key, choice, times: dict) -> None:
     TUNING_LOG.append((tuner, str(key), str(choice), {str(k): round(float(v), 4) for k, v in times.items()}))
 
 
+HOST_AHEAD_MAX_S = 0.05      # bench_ms: at most this long a GPU spin ahead of the timed runs
+GPU_CYCLES_PER_S = 2e9        # torch.cuda._sleep counts cycles (H200 boost ~1.98 GHz; a slower clock spins longer)
+
+
 def bench_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
     """Median milliseconds of `fn` over `rep` runs (CUDA events) after `warmup` runs, with no L2 flush between runs.
     The first-call tuners time with this, not triton's do_bench: do_bench allocates a 256 MiB buffer to flush L2,
@@ -115,9 +120,17 @@ def bench_ms(fn: Callable[[], object], warmup: int = 5, rep: int = 20) -> float:
     larger than the 50 MiB L2, and every candidate sees the same warm cache."""
     fn()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
+    host_s = (time.perf_counter() - t0) / max(1, warmup)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(rep)]
+    # GPU time, not launch time: the GPU spins while the host queues every timed run, so no run waits on the host
+    # (the 8B step's first-call tuners timed the rank-r products at 74 us each; they ran 21 us in its CUDA graph)
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is not None:
+        torch.cuda.synchronize()
+        sleep(int(min(HOST_AHEAD_MAX_S, 2 * host_s * rep + 1e-4) * GPU_CYCLES_PER_S))
     for start, end in events:
         start.record()
         fn()
