@@ -1,4 +1,7 @@
 """Shared kernel plumbing: while a CUDA graph is being recorded no tuner may time or synchronize."""
+import time
+
+import pytest
 import torch
 
 from fxopt.kernels import attention, lora, nf4, registry
@@ -89,3 +92,28 @@ def test_every_cache_in_kernels_is_made_before_the_first_run():
              for name in re.findall(r"@functools\.(?:lru_cache|cache)\b[^\n]*\n(?:@[^\n]*\n)*def (\w+)", p.read_text())}
     assert found == set(CACHES), f"caches in fxopt/kernels without a compile-time maker: {sorted(found - set(CACHES))}"
     assert "nf4_code(device)" in (root / "patterns" / "lora.py").read_text()
+
+
+@pytest.mark.gpu
+def test_bench_ms_times_the_gpu_not_the_host():
+    """A run with 1 ms of host work and microseconds of GPU work times as the GPU's (the spin ahead of the timed
+    runs lets the host queue them all); without it each timed run waited ~1 ms on the host."""
+    x = torch.zeros(1, device="cuda")
+
+    def host_heavy():
+        time.sleep(1e-3)
+        x.add_(1)
+    assert registry.bench_ms(host_heavy) < 0.3
+
+
+@pytest.mark.gpu
+def test_skinny_tuner_times_every_config_once_then_keeps_its_choice(monkeypatch):
+    timed = []
+    real = registry.bench_ms
+    monkeypatch.setattr(lora, "bench_ms", lambda fn, **k: timed.append(fn) or real(fn, **k))
+    big, small = torch.randn(1000, 512, device="cuda").bfloat16(), torch.randn(512, 16, device="cuda")
+    key = ("skinny-tuner-test",)
+    for _ in range(2):
+        out = lora.skinny_tuned(big, small, key)
+        assert (out - big.float() @ small).abs().max() <= 1e-4 * (big.float() @ small).abs().max()
+    assert len(timed) == len(lora.SKINNY_CONFIGS) and lora._SKINNY_TUNED[key] in lora.SKINNY_CONFIGS
