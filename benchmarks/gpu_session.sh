@@ -273,6 +273,19 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
     step offload8b_flatdq "$left" python3 benchmarks/run_suite.py offload8b_flatdq --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 10 ))
     ;;
+s14a)   # the LoRA term kernel (lora_term.py) and tuned rank-r products (skinny configs, GPU-time bench_ms): tests
+    # natively, the launch-config sweep, the 8B 0.7 point profiled again (cg-prof07: 15,225 tok/s, 269 ms)
+    step pytest_s14a 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_term.py \
+        tests/kernels/test_registry.py tests/kernels/test_nf4_chunked.py tests/kernels/test_lora.py
+    step sweep_lora_term 110 python3 benchmarks/kernels.py --sweep lora_term --out "$OUT/lora_term_sweep.json"
+    left=$(( ${S14A_END:-585} - $(elapsed) ))
+    step loraterm07_8b "$left" python3 benchmarks/run_suite.py loraterm07_8b --out "$OUT/train_step.jsonl" \
+        --time-limit $(( left - 8 ))
+    ;;
+s14b)   # the 8B budget that fills 21 GiB and the 7 GiB offload point, both after s14a's kernels, profiled
+    step loraterm21_8b 570 python3 benchmarks/run_suite.py loraterm21_8b --out "$OUT/train_step.jsonl" \
+        --time-limit 560
+    ;;
 s13a)   # next session: the 8B step at 65,536 tokens with SDPA's recompute priced by its FLOPs (00fd72f; the plan that
     # ran 4,733 tok/s priced it at its bytes, 0.31 vs ~60 ms), warm-up 2; the 8B 0.7 point profiled; NF4 tests natively
     step seq65k_w2 300 python3 benchmarks/train_step.py --shape 8b --mode qlora --batch 1 --seq 65536 \

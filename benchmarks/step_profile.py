@@ -78,4 +78,22 @@ def stream_summary(prof):
     union = _union_ms([iv for s in by.values() for iv in s["iv"]])
     return dict(span_ms=round((t1 - t0) / 1e6, 2), main_stream=main,
                 main_idle_ms=round((t1 - t0) / 1e6 - out[main]["busy_ms"], 2),
-                idle_ms=round((t1 - t0) / 1e6 - union, 2), per_stream=out)
+                idle_ms=round((t1 - t0) / 1e6 - union, 2), per_stream=out, gaps=gap_summary(evs))
+
+
+def gap_summary(evs, small_ns=10_000, largest=8):
+    """Where the GPU idles: gaps between consecutive GPU events (all streams merged) shorter than `small_ns` (the
+    launch-to-launch cost of many small kernels, also inside a CUDA graph) and longer ones, and the `largest`
+    gaps with the events on either side (a wait on the host, on a copy, or a graph boundary)."""
+    iv = sorted((int(e.start_ns()), int(e.start_ns()) + int(e.duration_ns()), e.name()[:60]) for e in evs)
+    gaps, end, before = [], iv[0][1], iv[0][2]
+    for a, b, name in iv[1:]:
+        if a > end:
+            gaps.append((a - end, before, name))
+        if b >= end:
+            end, before = b, name
+    small = [g for g, _, _ in gaps if g < small_ns]
+    big = sorted((g for g in gaps if g[0] >= small_ns), key=lambda g: -g[0])
+    return dict(small_count=len(small), small_ms=round(sum(small) / 1e6, 2), large_count=len(big),
+                large_ms=round(sum(g for g, _, _ in big) / 1e6, 2),
+                largest=[dict(us=round(g / 1e3, 1), after=b, before=n) for g, b, n in big[:largest]])

@@ -21,3 +21,14 @@ def test_stream_summary_idle_and_copies():
     assert s["span_ms"] == 10.0 and s["main_stream"] == "7" and s["main_idle_ms"] == 2.0 and s["idle_ms"] == 1.0
     assert s["per_stream"]["9"]["copies_ms"] == {"Memcpy DtoH (Device -> Pinned)": 2.0}
     assert stream_summary(NS()) is None
+
+
+def test_gap_summary_splits_small_and_large_gaps():
+    """Events 0-1, 1.004-2 (a 4 us gap), 5-6 (3 ms after 'b'), overlapping 5.5-7 on another stream: one small gap,
+    one large one named by its neighbours, no gap inside the overlap."""
+    evs = [ev(7, 0, 1, "a"), ev(7, 1.004, 0.996, "b"), ev(7, 5, 1, "c"), ev(9, 5.5, 1.5, "d")]
+    from benchmarks.step_profile import gap_summary
+    g = gap_summary(evs)
+    assert g["small_count"] == 1 and abs(g["small_ms"] - 0.0) < 0.01
+    assert g["large_count"] == 1 and g["large_ms"] == 3.0
+    assert g["largest"] == [dict(us=3000.0, after="b", before="c")]
