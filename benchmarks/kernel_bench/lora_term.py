@@ -3,8 +3,9 @@ against what ran before:
 
 - lora_term (C := s * L @ R, bf16 C) at several tile configs vs the torch form it replaced in nf4_chunked
   (`torch.mm(L.to(bf16), (R * s).to(bf16), out=C)`: conversion kernels and a cuBLAS K=16 GEMM);
-- skinny_mm (fp32-accurate half @ fp32 rank-r products) at every SKINNY_CONFIGS entry and peft's fp32 form, on
-  the four layouts of the step (x A^T, dy B, dy^T xa, x^T dxa).
+- skinny_mm (fp32-accurate half @ fp32 rank-r products), split over programs (partials summed) or not, and
+  peft's fp32 form, on the layouts of the step (x A^T, dy B, dy^T xa, x^T dxa). The first sweep (9e8f77f) also
+  tried four other launch configs (16-64 rows x 64-256 columns per program); each was slower at every shape.
 
 Each variant: GPU kernel time per call (torch.profiler, `gpu_ms`: what a CUDA-graph replay costs, less the gaps
 between kernels), registry.bench_ms (the tuners' timer) and bandwidth on minimal bytes against the copy ceiling;
@@ -15,7 +16,6 @@ usage (GPU): python benchmarks/kernels.py --sweep lora_term --out OUT.json
 import torch
 
 M, R = 4096, 16
-TERM_CONFIGS = [(64, 256, 8), (128, 128, 8), (64, 128, 4), (128, 256, 8), (32, 256, 4)]
 WIDTHS = (1024, 4096, 14336)
 
 
@@ -39,41 +39,32 @@ def _row(kind, impl, shape, cfg, fn, want, nbytes, ceiling):
 def sweep():
     import fxopt.kernels.lora_term as T
     from benchmarks.kernel_bench.common import copy_ceiling_tbps
-    from fxopt.kernels.lora import SKINNY_CONFIGS, fp32_mm, skinny_mm
+    from fxopt.kernels.lora import fp32_mm, skinny_mm
     ceiling = copy_ceiling_tbps()
     dev, bf = "cuda", torch.bfloat16
-    rows, saved = [], T.CONFIG
-    try:
-        for p in WIDTHS:
-            left = torch.randn(M, R, device=dev)
-            right = torch.randn(p, R, device=dev).t() * 0.1
-            out = torch.empty(M, p, device=dev, dtype=bf)
-            want = 2.0 * left @ right
-            nbytes = M * p * 2
-            rows.append(_row("lora_term", "torch_mm", (M, p), None,
-                             lambda: torch.mm(left.to(bf), (right * 2.0).to(bf), out=out), want, nbytes, ceiling))
-
-            def term(cfg):
-                def f():
-                    T.CONFIG = cfg
-                    return T.lora_term(out, left, right, 2.0)
-                return f
-            for cfg in TERM_CONFIGS:
-                rows.append(_row("lora_term", "lora_term", (M, p), cfg, term(cfg), want, nbytes, ceiling))
-        T.CONFIG = saved
-        for name, big_shape, transposed in (("x A^T", (M, 4096), False), ("x A^T", (M, 14336), False),
-                                            ("dy^T xa", (4096, M), True), ("dy^T xa", (14336, M), True),
-                                            ("dy^T xa", (1024, M), True), ("dy B", (M, 1024), False)):
-            big = (torch.randn(big_shape[::-1], device=dev).to(bf).t() if transposed
-                   else torch.randn(big_shape, device=dev).to(bf))
-            small = torch.randn(big_shape[1], R, device=dev) / big_shape[1] ** 0.5
-            want = big.float() @ small
-            nbytes = big.numel() * 2
-            for cfg in SKINNY_CONFIGS:
-                rows.append(_row(f"skinny {name}", "skinny_mm", big_shape, cfg,
-                                 lambda cfg=cfg: skinny_mm(big, small, cfg), want, nbytes, ceiling))
-            rows.append(_row(f"skinny {name}", "fp32_mm", big_shape, None, lambda: fp32_mm(big, small), want,
-                             nbytes, ceiling))
-    finally:
-        T.CONFIG = saved
+    rows = []
+    for p in WIDTHS:
+        left = torch.randn(M, R, device=dev)
+        right = torch.randn(p, R, device=dev).t() * 0.1
+        out = torch.empty(M, p, device=dev, dtype=bf)
+        want = 2.0 * left @ right
+        nbytes = M * p * 2
+        rows.append(_row("lora_term", "torch_mm", (M, p), None,
+                         lambda: torch.mm(left.to(bf), (right * 2.0).to(bf), out=out), want, nbytes, ceiling))
+        for cfg in T.CONFIGS:
+            rows.append(_row("lora_term", "lora_term", (M, p), cfg,
+                             lambda cfg=cfg: T.lora_term(out, left, right, 2.0, config=cfg), want, nbytes, ceiling))
+    for name, big_shape, transposed in (("x A^T", (M, 4096), False), ("x A^T", (M, 14336), False),
+                                        ("dy^T xa", (4096, M), True), ("dy^T xa", (14336, M), True),
+                                        ("dy^T xa", (1024, M), True), ("dy B", (M, 1024), False)):
+        big = (torch.randn(big_shape[::-1], device=dev).to(bf).t() if transposed
+               else torch.randn(big_shape, device=dev).to(bf))
+        small = torch.randn(big_shape[1], R, device=dev) / big_shape[1] ** 0.5
+        want = big.float() @ small
+        nbytes = big.numel() * 2
+        for split in (0, 1):
+            rows.append(_row(f"skinny {name}", "skinny_mm", big_shape, ("split", split),
+                             lambda split=split: skinny_mm(big, small, split), want, nbytes, ceiling))
+        rows.append(_row(f"skinny {name}", "fp32_mm", big_shape, None, lambda: fp32_mm(big, small), want,
+                         nbytes, ceiling))
     return rows

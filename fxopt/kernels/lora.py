@@ -81,45 +81,26 @@ if triton_available():
         tl.store(OUT + pid_s * s_os + p64[:, None] * s_op + r[None, :] * s_or, acc, mask=p_ok[:, None] & r_ok[None, :])
 
 
-# skinny_mm configs (BP, BQ, warps, stages, split): split 0 spreads the reduction over enough programs for ~2 per SM
-# (fp32 partials [split, P, r], then one sum: a reduce kernel and its memset), 1 writes the output directly. Timed
-# once per shape on CUDA (GPU time). The 8B QLoRA step (H200, cg-prof07) ran 768 calls at the first config: 16.3 ms,
-# plus 2.8 ms of partial sums and 768 memsets.
-SKINNY_CONFIGS = ((64, 64, 4, 3, 0), (32, 256, 4, 3, 1), (16, 256, 4, 4, 1), (64, 128, 8, 3, 1), (32, 128, 4, 3, 0))
-_SKINNY_TUNED: dict = {}   # (tuning key, rank, dtype) -> config
-
-
-def skinny_mm(big: torch.Tensor, small: torch.Tensor, cfg: tuple = SKINNY_CONFIGS[0]) -> torch.Tensor:
+def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0) -> torch.Tensor:
     """fp32 big @ small for a half-precision big [P, Q] (any strides) and an fp32 small [Q, r], r <= 128, without
     materializing big in fp32 (peft's fp32 adapters over a bf16 model: x A^T, dy B, dy^T xa, x^T dxa)."""
     P, Q = big.shape
     rank = small.shape[1]
     interp = big.device.type != "cuda"
-    bp, bq, warps, stages, split = cfg
-    if interp:   # small tiles; split 0 becomes 2 (both paths run on the CPU)
-        bp, bq, warps, stages, split = max(16, min(64, next_pow2(P))), max(16, min(64, next_pow2(Q))), 4, 1, split or 2
+    bp, bq = (64, 64) if not interp else (max(16, min(64, next_pow2(P))), max(16, min(64, next_pow2(Q))))
     n_p = triton.cdiv(P, bp)
+    # split 0: the reduction over enough programs for ~2 per SM (partials summed after; [split, P, r] fp32 is small).
+    # H200, 8B shapes (benchmarks/results/lora_term_sweep_h200.json): 2.4-3.2 TB/s; one program per 16-64 rows
+    # with no split and 128-256 wide q tiles ran 1.2-3x slower at every shape, so there is one config.
     if split == 0:
-        split = max(1, min(triton.cdiv(Q, 4 * bq), triton.cdiv(2 * num_sms(big.device), n_p)))
+        split = 2 if interp else max(1, min(triton.cdiv(Q, 4 * bq), triton.cdiv(2 * num_sms(big.device), n_p)))
     split = max(1, min(split, triton.cdiv(Q, bq)))
     part = torch.empty((split, P, rank), dtype=torch.float32, device=big.device)
     _skinny_kernel[(n_p, split)](big, small, part, P, Q, rank, big.stride(0), big.stride(1), small.stride(0),
                                  small.stride(1), part.stride(0), part.stride(1), part.stride(2),
                                  HALF=int(big.dtype == torch.float16), INTERP=interp, BP=bp, BQ=bq,
-                                 RB=max(16, next_pow2(rank)), num_warps=warps, num_stages=stages)
+                                 RB=max(16, next_pow2(rank)), num_warps=4)
     return part[0] if split == 1 else part.sum(0)
-
-
-def skinny_tuned(big: torch.Tensor, small: torch.Tensor, key: tuple) -> torch.Tensor:
-    """skinny_mm at the config measured fastest for `key` (timed on its first uncaptured CUDA call)."""
-    cfg = _SKINNY_TUNED.get(key)
-    if cfg is None:
-        if big.device.type != "cuda" or capturing() or not tuning():
-            return skinny_mm(big, small)
-        times = {c: bench_ms(lambda c=c: skinny_mm(big, small, c)) for c in SKINNY_CONFIGS}
-        cfg = _SKINNY_TUNED[key] = min(times, key=times.get)
-        log_choice("lora_skinny", key, cfg, times)
-    return skinny_mm(big, small, cfg)
 
 
 _SKINNY_CHOICE: dict = {}  # (shape, strides, dtypes) -> "triton" | "fp32"; env FXOPT_LORA_SKINNY forces one
@@ -148,9 +129,8 @@ def _mm(big, small, triton_gemm, rows):
     fp32 accuracy. Otherwise torch.mm."""
     if triton_gemm and small.dtype == torch.float32 and big.dtype in (torch.float16, torch.bfloat16) \
             and big.shape[1] > 0:
-        key = (tuning_key(big, rows), small.shape[1], big.dtype)
-        return _run_choice("FXOPT_LORA_SKINNY", _SKINNY_CHOICE, key,
-                           {"triton": lambda: skinny_tuned(big, small, key), "fp32": lambda: fp32_mm(big, small)},
+        return _run_choice("FXOPT_LORA_SKINNY", _SKINNY_CHOICE, (tuning_key(big, rows), small.shape[1], big.dtype),
+                           {"triton": lambda: skinny_mm(big, small), "fp32": lambda: fp32_mm(big, small)},
                            default="triton", measure=big.device.type == "cuda")
     return big.to(small.dtype) @ small
 
