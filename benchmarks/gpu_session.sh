@@ -282,9 +282,14 @@ s14a)   # the LoRA term kernel (lora_term.py) and tuned rank-r products (skinny 
     step loraterm07_8b "$left" python3 benchmarks/run_suite.py loraterm07_8b --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 8 ))
     ;;
-s14b)   # the 8B budget that fills 21 GiB and the 7 GiB offload point, both after s14a's kernels, profiled
-    step loraterm21_8b 570 python3 benchmarks/run_suite.py loraterm21_8b --out "$OUT/train_step.jsonl" \
-        --time-limit 560
+s14b)   # lora_term's timed configs (dot / FMA tiles): its tests natively and the sweep; then the 8B budget that fills
+    # 21 GiB and the 7 GiB offload point, profiled
+    step pytest_s14b 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_term.py \
+        tests/kernels/test_registry.py
+    step sweep_lora_term 80 python3 benchmarks/kernels.py --sweep lora_term --out "$OUT/lora_term_sweep.json"
+    left=$(( ${S14B_END:-585} - $(elapsed) ))
+    step loraterm21_8b "$left" python3 benchmarks/run_suite.py loraterm21_8b --out "$OUT/train_step.jsonl" \
+        --time-limit $(( left - 8 ))
     ;;
 s13a)   # next session: the 8B step at 65,536 tokens with SDPA's recompute priced by its FLOPs (00fd72f; the plan that
     # ran 4,733 tok/s priced it at its bytes, 0.31 vs ~60 ms), warm-up 2; the 8B 0.7 point profiled; NF4 tests natively
