@@ -284,9 +284,9 @@ s14a)   # the LoRA term kernel (lora_term.py) and tuned rank-r products (skinny 
     ;;
 s14b)   # lora_term's timed configs (dot / FMA tiles): its tests natively and the sweep; then the 8B budget that fills
     # 21 GiB and the 7 GiB offload point, profiled
-    step pytest_s14b 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_term.py \
+    step pytest_s14b 70 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_term.py \
         tests/kernels/test_registry.py
-    step sweep_lora_term 80 python3 benchmarks/kernels.py --sweep lora_term --out "$OUT/lora_term_sweep.json"
+    step sweep_lora_term 60 python3 benchmarks/kernels.py --sweep lora_term --out "$OUT/lora_term_sweep.json"
     left=$(( ${S14B_END:-585} - $(elapsed) ))
     step loraterm21_8b "$left" python3 benchmarks/run_suite.py loraterm21_8b --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 8 ))
