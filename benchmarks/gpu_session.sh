@@ -273,22 +273,12 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
     step offload8b_flatdq "$left" python3 benchmarks/run_suite.py offload8b_flatdq --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 10 ))
     ;;
-s14a)   # the LoRA term kernel (lora_term.py) and tuned rank-r products (skinny configs, GPU-time bench_ms): tests
-    # natively, the launch-config sweep, the 8B 0.7 point profiled again (cg-prof07: 15,225 tok/s, 269 ms)
-    step pytest_s14a 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_term.py \
-        tests/kernels/test_registry.py tests/kernels/test_nf4_chunked.py tests/kernels/test_lora.py
-    step sweep_lora_term 110 python3 benchmarks/kernels.py --sweep lora_term --out "$OUT/lora_term_sweep.json"
-    left=$(( ${S14A_END:-585} - $(elapsed) ))
-    step loraterm07_8b "$left" python3 benchmarks/run_suite.py loraterm07_8b --out "$OUT/train_step.jsonl" \
-        --time-limit $(( left - 8 ))
-    ;;
-s14b)   # lora_term's timed configs (dot / FMA tiles): its tests natively and the sweep; then the 8B budget that fills
-    # 21 GiB and the 7 GiB offload point, profiled
-    step pytest_s14b 70 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_term.py \
-        tests/kernels/test_registry.py
-    step sweep_lora_term 60 python3 benchmarks/kernels.py --sweep lora_term --out "$OUT/lora_term_sweep.json"
-    left=$(( ${S14B_END:-585} - $(elapsed) ))
-    step loraterm21_8b "$left" python3 benchmarks/run_suite.py loraterm21_8b --out "$OUT/train_step.jsonl" \
+s14c)   # after the lora_term kernel was removed (cuBLAS K=16 GEMMs again, scale in alpha), GPU-time first-call
+    # choices (bench_ms): the bench_ms and skinny tests natively, then the 8B point that fills 21 GiB, profiled
+    step pytest_s14c 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_registry.py \
+        tests/kernels/test_lora.py -k "bench_ms or skinny or fp32_adapter"
+    left=$(( ${S14C_END:-330} - $(elapsed) ))
+    step final21_8b "$left" python3 benchmarks/run_suite.py final21_8b --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 8 ))
     ;;
 s13a)   # next session: the 8B step at 65,536 tokens with SDPA's recompute priced by its FLOPs (00fd72f; the plan that

@@ -21,7 +21,6 @@ from typing import Optional
 
 import torch
 
-from fxopt.kernels.lora_term import lora_term, lora_term_ok
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
 from fxopt.kernels.nf4_chunked import chunked_matmul
 from fxopt.kernels.registry import (bench_ms, capturing, log_choice, next_pow2, num_sms, register_cost,
@@ -90,7 +89,7 @@ def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0) -> torch.T
     bp, bq = (64, 64) if not interp else (max(16, min(64, next_pow2(P))), max(16, min(64, next_pow2(Q))))
     n_p = triton.cdiv(P, bp)
     # split 0: the reduction over enough programs for ~2 per SM (partials summed after; [split, P, r] fp32 is small).
-    # H200, 8B shapes (benchmarks/results/lora_term_sweep_h200.json): 2.4-3.2 TB/s; one program per 16-64 rows
+    # H200, 8B shapes (benchmarks/results/lora_term_sweep_h200_first.json): 2.4-3.2 TB/s; one program per 16-64 rows
     # with no split and 128-256 wide q tiles ran 1.2-3x slower at every shape, so there is one config.
     if split == 0:
         split = 2 if interp else max(1, min(triton.cdiv(Q, 4 * bq), triton.cdiv(2 * num_sms(big.device), n_p)))
@@ -154,14 +153,10 @@ NF4_CHUNKED_ROWS = 2048
 
 
 def _cublas(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype):
-    """Dense weight only: C = bias + scale * L @ R (lora_term.py, one pass), then cuBLAS adds X @ op(W) into C
-    (beta = 1), as nf4_chunked does."""
+    """Dense weight only: cuBLAS GEMM, then the rank-r term as an in-place addmm (one extra pass over C)."""
     w = weight.to(compute_dtype)
     w = w.t() if trans else w
     xc = x2.to(compute_dtype)
-    if left is not None and lora_term_ok(xc, left):
-        c = lora_term(xc.new_empty((xc.shape[0], w.shape[1])), left, right, scale, bias)
-        return c.addmm_(xc, w).to(out_dtype)
     c = torch.addmm(bias.to(compute_dtype), xc, w) if bias is not None else xc @ w
     if left is not None:
         c.addmm_(left.to(compute_dtype), right.to(compute_dtype), alpha=scale)

@@ -11,9 +11,12 @@ backward. Which path runs is measured per shape (fxopt/kernels/lora.py, `_gemm`)
   C = X @ op(W) + scale * L @ R + bias            (op(W) = W^T forward, W for the input gradient; W [N, K])
   forward, chunk = rows n0:n1 of W:  C[:, n0:n1] = scale * L @ R[:, n0:n1] + bias[n0:n1];  C[:, n0:n1] += X @ W_c^T
   input gradient, chunk = columns k0:k1 of W:  C[:, k0:k1] = scale * L @ R[:, k0:k1];  C[:, k0:k1] += dY @ W_c
-The first line of each is one kernel (lora_term.py: fp32 rank-r product, one rounding to the compute dtype); each
-`+=` is cuBLAS with beta = 1 (C read once inside the GEMM). peft rounds the base output instead; both stay within
-bf16 rounding of the fp32 result.
+Each `+=` is cuBLAS with beta = 1 (C read once inside the GEMM). The rank-r term and bias are rounded to the compute
+dtype before that add (peft rounds the base output instead; both stay within bf16 rounding of the fp32 result).
+The rank-r term is a cuBLAS K=r GEMM. A Triton kernel writing it in one pass (fp32 L and R, no conversion kernels)
+was tried on the H200 (2026-12-01, 670c1c0): at its best tile it matched cuBLAS in isolation at 4096 columns and
+lost at 14336 (0.050 vs 0.044 ms), and in the 8B step it took 16.3 ms against ~8 ms for cuBLAS's K=16 GEMMs, so it
+was removed (benchmarks/results/lora_term_sweep_h200*.json, train_step rows cg-loraterm-*).
 W_c is bit-exact with bitsandbytes' dequantize_4bit (the same tile code as the fused kernel, rounded to nearest even).
 """
 from __future__ import annotations
@@ -22,7 +25,6 @@ from typing import Optional
 
 import torch
 
-from fxopt.kernels.lora_term import lora_term
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul_reference, kernel_operands, nf4_code
 from fxopt.kernels.registry import register_cost, triton_available
 from fxopt.kernels.rounding import rounding_code
@@ -163,13 +165,18 @@ def chunked_matmul(x2: torch.Tensor, weight: NF4Weight, trans: bool, lora_left: 
     xc = x2.to(cdt)
     out = torch.empty((M, P), dtype=cdt, device=x2.device)
     has_lora = lora_left is not None and lora_left.shape[1] > 0
+    left = lora_left.to(cdt) if has_lora else None
     step = chunk_size(Q, P, out.element_size(), chunk_bytes)
     scratch = torch.empty((step, Q) if trans else (Q, step), dtype=cdt, device=x2.device)
     for p0 in range(0, P, step):
         p1 = min(P, p0 + step)
         oc = out[:, p0:p1]
-        if has_lora:   # bias + scale * L @ R in one pass over C (lora_term.py)
-            lora_term(oc, lora_left, lora_right[:, p0:p1], scale, bias[p0:p1] if bias is not None else None)
+        if has_lora:
+            # the scale in cuBLAS's epilogue (alpha), not a scaled copy of R; beta = 0: C's old contents are ignored
+            torch.mm(left, lora_right[:, p0:p1].to(cdt), out=oc) if scale == 1.0 else \
+                torch.addmm(oc, left, lora_right[:, p0:p1].to(cdt), beta=0, alpha=scale, out=oc)
+            if bias is not None:
+                oc.add_(bias[p0:p1].to(cdt))
         elif bias is not None:
             oc.copy_(bias[p0:p1].to(cdt).expand_as(oc))
         if trans:

@@ -12,7 +12,6 @@ rms_norm._block_m, rope._blocks, nf4's candidates and num_stages); the CUDA bf16
 rounding._BF16_ROUNDING (rounding_code() gives the interpreter's in this process). Triton caches builds
 (~/.triton/cache): a warm run takes ~20 s, a cold one ~95 s on 2 cores; fp32 attention backward is `slow`.
 """
-import itertools
 import json
 import os
 import pathlib
@@ -289,13 +288,6 @@ def lora_skinny_cases(dts=("bf16", "fp16")):
             out.append(case("lora._skinny_kernel", mode, dt, dict(BIG=dt, SMALL="fp32", OUT="fp32"),
                             dict(HALF=int(dt == "fp16"), INTERP=False, BP=64, BQ=64, RB=rb), dict(num_warps=4),
                             ones=ones))
-        # the rank-r term written as C (lora_term.py): fp32 or half L/R, bias or not, C a column slice
-        from fxopt.kernels.lora_term import CONFIGS
-        for (bm, bn, warps, mode), (lr, bias, rb) in itertools.product(CONFIGS, (("fp32", True, 16), (dt, False, 64))):
-            out.append(case("lora_term._lora_term_kernel", f"{bm}x{bn} w{warps} mode {mode} L/R {lr} bias={bias} r{rb}",
-                            dt, dict(L=lr, R=lr, BIAS=dt, C=dt),
-                            dict(HAS_BIAS=bias, RND=0, IEEE=False, MODE=mode, BM=bm, BN=bn, RB=rb),
-                            dict(num_warps=warps), floats=("scale",), ones=("s_lr", "s_cp")))
     return out
 
 

@@ -1,17 +1,16 @@
-"""The LoRA step's small kernels at Llama-3-8B QLoRA shapes (4096 tokens, rank 16, fp32 adapters), launch configs
-against what ran before:
+"""The LoRA step's rank-r kernels at Llama-3-8B QLoRA shapes (4096 tokens, rank 16, fp32 adapters):
 
-- lora_term (C := s * L @ R, bf16 C) at several tile configs vs the torch form it replaced in nf4_chunked
-  (`torch.mm(L.to(bf16), (R * s).to(bf16), out=C)`: conversion kernels and a cuBLAS K=16 GEMM);
+- the rank-r term C := s * L @ R as nf4_chunked writes it (cuBLAS K=16 GEMM after bf16 conversions of L and R);
 - skinny_mm (fp32-accurate half @ fp32 rank-r products), split over programs (partials summed) or not, and
-  peft's fp32 form, on the layouts of the step (x A^T, dy B, dy^T xa, x^T dxa). The first sweep (9e8f77f) also
-  tried four other launch configs (16-64 rows x 64-256 columns per program); each was slower at every shape.
+  peft's fp32 form, on the layouts of the step (x A^T, dy B, dy^T xa, x^T dxa).
 
 Each variant: GPU kernel time per call (torch.profiler, `gpu_ms`: what a CUDA-graph replay costs, less the gaps
 between kernels), registry.bench_ms (the tuners' timer) and bandwidth on minimal bytes against the copy ceiling;
-every output checked against the fp32 math.
+every output checked against the fp32 math. The two sweeps of 2026-12-01 (lora_term_sweep_h200*.json, 9e8f77f and
+670c1c0) also timed a Triton kernel for the rank-r term (lora_term, since removed: slower than cuBLAS in the step)
+and four other skinny_mm launch configs (16-64 rows x 64-256 columns per program; each slower at every shape).
 
-usage (GPU): python benchmarks/kernels.py --sweep lora_term --out OUT.json
+usage (GPU): python benchmarks/kernels.py --sweep lora_rank --out OUT.json
 """
 import torch
 
@@ -37,7 +36,6 @@ def _row(kind, impl, shape, cfg, fn, want, nbytes, ceiling):
 
 
 def sweep():
-    import fxopt.kernels.lora_term as T
     from benchmarks.kernel_bench.common import copy_ceiling_tbps
     from fxopt.kernels.lora import fp32_mm, skinny_mm
     ceiling = copy_ceiling_tbps()
@@ -49,11 +47,8 @@ def sweep():
         out = torch.empty(M, p, device=dev, dtype=bf)
         want = 2.0 * left @ right
         nbytes = M * p * 2
-        rows.append(_row("lora_term", "torch_mm", (M, p), None,
+        rows.append(_row("lora term", "torch_mm", (M, p), None,
                          lambda: torch.mm(left.to(bf), (right * 2.0).to(bf), out=out), want, nbytes, ceiling))
-        for cfg in T.CONFIGS:
-            rows.append(_row("lora_term", "lora_term", (M, p), cfg,
-                             lambda cfg=cfg: T.lora_term(out, left, right, 2.0, config=cfg), want, nbytes, ceiling))
     for name, big_shape, transposed in (("x A^T", (M, 4096), False), ("x A^T", (M, 14336), False),
                                         ("dy^T xa", (4096, M), True), ("dy^T xa", (14336, M), True),
                                         ("dy^T xa", (1024, M), True), ("dy B", (M, 1024), False)):
