@@ -273,7 +273,7 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
     step offload8b_flatdq "$left" python3 benchmarks/run_suite.py offload8b_flatdq --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 10 ))
     ;;
-s14c)   # after the lora_term kernel was removed (cuBLAS K=16 GEMMs again, scale in alpha), GPU-time first-call
+s14c)   # after the lora_term kernel was removed (cuBLAS K=16 GEMMs again), GPU-time first-call
     # choices (bench_ms): the bench_ms and skinny tests natively, then the 8B point that fills 21 GiB, profiled
     step pytest_s14c 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_registry.py \
         tests/kernels/test_lora.py -k "bench_ms or skinny or fp32_adapter"

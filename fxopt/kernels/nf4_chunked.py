@@ -172,9 +172,8 @@ def chunked_matmul(x2: torch.Tensor, weight: NF4Weight, trans: bool, lora_left: 
         p1 = min(P, p0 + step)
         oc = out[:, p0:p1]
         if has_lora:
-            # the scale in cuBLAS's epilogue (alpha), not a scaled copy of R; beta = 0: C's old contents are ignored
             torch.mm(left, lora_right[:, p0:p1].to(cdt), out=oc) if scale == 1.0 else \
-                torch.addmm(oc, left, lora_right[:, p0:p1].to(cdt), beta=0, alpha=scale, out=oc)
+                torch.mm(left, (lora_right[:, p0:p1] * scale).to(cdt), out=oc)
             if bias is not None:
                 oc.add_(bias[p0:p1].to(cdt))
         elif bias is not None:
