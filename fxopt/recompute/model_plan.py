@@ -207,7 +207,8 @@ def format_plan(r: dict) -> str:
         lines.append(f"  offload {r['offloaded']} saved tensors to host memory, {fmt_bytes(r['offload_bytes'])} "
                      f"each way per step")
     for name, rows in (r.get("chunks") or {}).items():
-        lines.append(f"  {name}: chunks of {rows} rows (smaller than its default: recomputation alone did not fit)")
+        lines.append(f"  {name}: chunks of {rows} rows (smaller than its default: recomputation alone did not fit, "
+                     "or cost more than the smaller chunks)")
     for op, d in sorted(r["recomputed"].items(), key=lambda kv: -kv[1]["bytes"]):
         lines.append(f"  recompute {op:<28} x{d['count']:<4} frees {fmt_bytes(d['bytes']):>12}  "
                      f"{1e3 * d['time_s']:.3f} ms")

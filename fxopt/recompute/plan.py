@@ -210,9 +210,10 @@ MARGIN = 0.015
 
 
 # Ops whose workspace function takes `chunk` (rows per chunk; linear_cross_entropy) can run in smaller chunks. The
-# planner halves the largest such workspace, down to CHUNK_FLOOR rows, only when recomputation alone cannot reach the
-# budget: smaller chunks cost time. H200, 1B shape lm_head + loss GEMMs: 2048 rows 20.2 ms (0.49 GiB of logits),
-# 1024 22.3 ms, 512 26.4 ms, 256 38.9 ms.
+# planner halves the largest such workspace, down to CHUNK_FLOOR rows, when recomputation alone cannot reach the
+# budget, or when the smaller chunks cost less time than the recomputation and offloads they save (plan_seconds,
+# the op priced at its chunk by its registered cost). H200, 1B shape, trainable lm_head + loss GEMMs: 2048 rows
+# 20.2 ms (0.49 GiB of logits), 1024 22.3 ms, 512 26.4 ms, 256 38.9 ms.
 CHUNK_FLOOR = 512
 
 
@@ -245,6 +246,35 @@ def _shrink_chunk(joint: Joint) -> bool:
     return False
 
 
+def plan_seconds(joint: Joint, sim: Sim) -> float:
+    """Predicted seconds a plan adds or moves per step: its recomputation, its offloads at the copy price, and the
+    chunked ops' own time at their chunk (roofline; the default chunk is in it too, so plans compare)."""
+    return sim.time + sim.offload_bytes / OFFLOAD_BW + sum(op_time(n) for n in joint.workspace)
+
+
+def _set_chunks(joint: Joint, chunks: dict) -> None:
+    for n in joint.workspace:
+        if op_arg(n, "chunk", None) is not None:
+            set_op_arg(n, "chunk", chunks.get(n.name, 0))
+            joint.workspace[n] = op_workspace(n)
+
+
+def _cheaper_with_smaller_chunks(joint: Joint, sizes, aim, offloadable, last: Sim, steps: int):
+    """Smaller chunks free workspace at the peak; where the plan then needs less recomputation (or fewer offloads)
+    than the chunks cost, take them. Before this, chunks shrank only when recomputation alone missed the aim: the 8B
+    QLoRA plans on the H200 (1.15 GiB + offload, 0.7, 15.1 GiB) all peaked in the forward's lm_head + loss with its
+    1.05 GB logits buffer (one chunk of 4096 rows), while the 1.15 GiB plan recomputed ~190 NF4 linears (61 ms
+    predicted); with a frozen lm_head smaller chunks cost ~nothing (no dW GEMM over a chunk's rows)."""
+    best = (plan_seconds(joint, last), last, steps, chunked_ops(joint))
+    while (last.time > 0 or last.offload_bytes) and _shrink_chunk(joint):
+        last, steps = _walk_offload(joint, sizes, aim, offloadable)
+        cost = plan_seconds(joint, last)
+        if last.peak <= aim and cost < best[0]:
+            best = (cost, last, steps, chunked_ops(joint))
+    _set_chunks(joint, best[3])
+    return best[1], best[2]
+
+
 def chunked_ops(joint: Joint) -> dict:
     """{op node name: rows} of the op calls given an explicit chunk (by _shrink_chunk)."""
     return {n.name: rows for n in joint.workspace if (rows := op_arg(n, "chunk", 0))}
@@ -272,8 +302,8 @@ def _walk_offload(joint: Joint, sizes, aim, offloadable):
 def make_plan(joint: Joint, budget, sizes=None, offload: bool = False) -> Plan:
     """The plan for `budget` (int bytes or float fraction); BudgetError when no plan fits. Aims at MARGIN under the
     budget (unless saving everything fits); where that is out of reach, the smallest plan, if it fits the budget.
-    When recomputation alone cannot reach the aim, ops with chunked workspaces get smaller chunks (the op call in
-    the joint graph is changed, so the compiled op runs with them). offload: saved activations may also be kept
+    When recomputation alone cannot reach the aim, or costs more than smaller chunks would, ops with chunked
+    workspaces get smaller chunks (the op call in the joint graph is changed, so the compiled op runs with them). offload: saved activations may also be kept
     in host memory, a move that costs its bytes / OFFLOAD_BW."""
     from fxopt.recompute.offload import candidates
     base = joint.simulate(frozenset(), sizes or joint.sizes)
@@ -283,6 +313,8 @@ def make_plan(joint: Joint, budget, sizes=None, offload: bool = False) -> Plan:
     last, steps = _walk_offload(joint, sizes, aim, offloadable)
     while last.peak > aim and _shrink_chunk(joint):
         last, steps = _walk_offload(joint, sizes, aim, offloadable)
+    if last.peak <= aim:
+        last, steps = _cheaper_with_smaller_chunks(joint, sizes, aim, offloadable, last, steps)
     if last.peak > target:
         raise BudgetError(target, last.peak, base.peak)
     return Plan(target, base, last, steps)

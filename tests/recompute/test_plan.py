@@ -197,6 +197,43 @@ def test_smaller_chunks_when_recompute_alone_cannot_fit(monkeypatch, fresh_dynam
     assert_trains_like(m, ref, loss, 1e-5, 1e-4, input_ids=ids, labels=labels)
 
 
+def test_smaller_chunks_when_cheaper_than_the_recompute_they_replace(monkeypatch, fresh_dynamo):
+    """Where recomputation alone reaches the budget, the plan still takes smaller chunks when the recomputation
+    (and offloads) they save cost more than the chunks do (plan_seconds), and keeps the default chunk when the
+    chunked op costs more. The tiny shape's lm_head + loss is memory-bound (each chunk re-reads W: dearer than its
+    sub-microsecond recomputation, so kept whole); priced here as compute-bound, as at 8B with a frozen lm_head
+    (`fxopt plan`, 1.15 GiB + offload: 4096-row chunk -> 512, offloads 1.0 -> 0.57 GB, recompute 61 -> 59 ms)."""
+    import copy
+    from fxopt.recompute import plan as _plan
+    from fxopt.recompute.model_plan import _trace
+    from tests.helpers import tiny_config
+    monkeypatch.setattr(_plan, "CHUNK_FLOOR", 8)
+    cfg = tiny_config("llama", vocab_size=4096)
+    trace = lambda: _trace(copy.deepcopy(cfg), 2, 64, torch.float32, 4, None)[0]
+    save_all = trace().simulate(frozenset()).peak
+    budget = int((smallest_peak(trace(), shrink_chunks=False).peak + save_all) / 2)
+    real_time = _plan.op_time
+    is_lce = lambda n: "linear_cross_entropy" in str(n.target)
+
+    def priced(extra):   # the lm_head + loss op at a fixed price, plus `extra` seconds once chunked smaller
+        monkeypatch.setattr(_plan, "op_time", lambda n: (1e-3 + (extra if _plan.op_arg(n, "chunk", 0) else 0.0))
+                            if is_lce(n) else real_time(n))
+
+    real = _plan._cheaper_with_smaller_chunks
+    monkeypatch.setattr(_plan, "_cheaper_with_smaller_chunks", lambda j, sz, aim, off, last, steps: (last, steps))
+    priced(0.0)
+    old = make_plan(j_old := trace(), budget)
+    monkeypatch.setattr(_plan, "_cheaper_with_smaller_chunks", real)
+    new = make_plan(j_new := trace(), budget)
+    assert not _plan.chunked_ops(j_old) and old.sim.time > 0          # recomputation alone reached the budget
+    assert _plan.chunked_ops(j_new) and new.sim.peak <= budget and new.sim.time < old.sim.time
+    assert _plan.plan_seconds(j_new, new.sim) < _plan.plan_seconds(j_old, old.sim)
+
+    priced(1.0)                                                       # a smaller chunk: +1 s
+    kept = make_plan(j_kept := trace(), budget)
+    assert not _plan.chunked_ops(j_kept) and kept.sim.time == old.sim.time
+
+
 def test_sdpa_kept_is_recomputed_with_dropout_0(monkeypatch, fresh_dynamo):
     """Where the dispatch keeps SDPA (its kernels are seeded ops, for dropout), a call with dropout_p 0 is
     recomputable (FXOPT_RECOMPUTE_NO_DROPOUT=0: its output is always saved): the smallest plan drops to that of
