@@ -303,8 +303,8 @@ def make_plan(joint: Joint, budget, sizes=None, offload: bool = False) -> Plan:
     """The plan for `budget` (int bytes or float fraction); BudgetError when no plan fits. Aims at MARGIN under the
     budget (unless saving everything fits); where that is out of reach, the smallest plan, if it fits the budget.
     When recomputation alone cannot reach the aim, or costs more than smaller chunks would, ops with chunked
-    workspaces get smaller chunks (the op call in the joint graph is changed, so the compiled op runs with them). offload: saved activations may also be kept
-    in host memory, a move that costs its bytes / OFFLOAD_BW."""
+    workspaces get smaller chunks (the op call in the joint graph is changed, so the compiled op runs with them).
+    offload: saved activations may also be kept in host memory, a move that costs its bytes / OFFLOAD_BW."""
     from fxopt.recompute.offload import candidates
     base = joint.simulate(frozenset(), sizes or joint.sizes)
     target = resolve_budget(budget, base.peak)
