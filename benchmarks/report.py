@@ -199,6 +199,16 @@ def environment(rows):
 
 # ---------------------------------------------------------------- chart
 
+def frontier(rows):
+    """The rows no other row beats on both peak memory and tok/s, by increasing peak (the speed-memory frontier)."""
+    front, best = [], -1.0
+    for r in sorted(rows, key=lambda r: (r["peak_gib"], -r["tok_per_s"])):
+        if r["tok_per_s"] > best:
+            front.append(r)
+            best = r["tok_per_s"]
+    return front
+
+
 def chart(groups, anchors, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -220,6 +230,10 @@ def chart(groups, anchors, path):
                        zorder=3)
             ax.annotate(r["variant"] + (" +gc" if gc else ""), (r["peak_gib"], r["tok_per_s"]),
                         textcoords="offset points", xytext=(6, 4), fontsize=8)
+        front = frontier([r for r in rs if r["variant"].split(":")[0] == "fxopt"])
+        if len(front) > 1:   # fxopt's speed-memory frontier (one point per memory_budget), as a step line
+            ax.step([r["peak_gib"] for r in front], [r["tok_per_s"] for r in front], where="post", color="k",
+                    lw=1.0, alpha=0.6, zorder=1, label="fxopt frontier")
         for x in anchors:
             if (x["shape"], x["mode"], x["batch"], x["seq"]) != (shape, mode, batch, seq):
                 continue
@@ -238,6 +252,7 @@ def chart(groups, anchors, path):
         ax.axis("off")
     handles = [plt.Line2D([], [], marker="o", ls="", color="k", label="this run, no grad ckpt"),
                plt.Line2D([], [], marker="^", ls="", color="k", label="this run, grad ckpt")]
+    handles.append(plt.Line2D([], [], color="k", lw=1.0, alpha=0.6, label="fxopt frontier"))
     if anchors:
         handles.append(plt.Line2D([], [], marker="o", ls="", mfc="none", mec="grey", label="anchor (RESULTS.md)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
