@@ -273,11 +273,12 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
     step offload8b_flatdq "$left" python3 benchmarks/run_suite.py offload8b_flatdq --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 10 ))
     ;;
-s14c)   # after the lora_term kernel was removed (cuBLAS K=16 GEMMs again), GPU-time first-call
-    # choices (bench_ms): the bench_ms and skinny tests natively, then the 8B point that fills 21 GiB, profiled
+s14c)   # next session: HEAD's 8B point that fills 21 GiB, profiled (the LoRA-term kernel removed, lm_head + loss chunks
+    # priced against recomputation; 670c1c0 ran 15,344 tok/s at 20.64 GiB). Its first try (82336022) timed out in
+    # the step's warm-up at 230 s (build 65 s vs 47 s before): the step's limit is now 300 s
     step pytest_s14c 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_registry.py \
         tests/kernels/test_lora.py -k "bench_ms or skinny or fp32_adapter"
-    left=$(( ${S14C_END:-330} - $(elapsed) ))
+    left=$(( ${S14C_END:-420} - $(elapsed) ))
     step final21_8b "$left" python3 benchmarks/run_suite.py final21_8b --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 8 ))
     ;;

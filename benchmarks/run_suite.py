@@ -113,17 +113,11 @@ DEQUANT8B = (grid("8b", "qlora", ["fxopt:0.7"], batch=2, steps=5, warmup=3, time
 # recompute in both plans (fxopt plan: gated_mlp, rms_norm, a few attentions); where do the 15 ms go?
 PROF07_8B = grid("8b", "qlora", ["fxopt:0.7"], batch=2, steps=5, warmup=3, timeout=220, loss_only=True, profile=True,
                  fxopt_options={"cudagraphs": True}, tag="cg-prof07")
-# A Triton kernel for the LoRA term (lora_term.py, 9e8f77f-670c1c0, since removed) with GPU-time first-call choices:
-# the 0.7 point (tag cg-loraterm-07, a bad first tile config), the budget that fills 21 GiB (0.7 = 13.6 GB of
-# activations -> 18.30 GiB in all; 15.1 GiB of activations -> 20.64 GiB measured) and the 7 GiB offload point.
-LORATERM07_8B = grid("8b", "qlora", ["fxopt:0.7"], batch=2, steps=5, warmup=3, timeout=220, loss_only=True,
-                     profile=True, fxopt_options={"cudagraphs": True}, tag="cg-loraterm-07")
-LORATERM21_8B = (grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=220, loss_only=True,
-                      profile=True, fxopt_options={"cudagraphs": True}, tag="cg-loraterm-21g")
-                 + offload8b_point("cg-offload-loraterm"))
-# The 21 GiB point after it was removed (cuBLAS K=16 GEMMs for the LoRA term again; the kernel took 16.3 ms of the
-# step against ~8 ms for them).
-FINAL21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=230, loss_only=True,
+# The 8B point that fills 21 GiB (0.7 = 13.6 GB of activations -> 18.30 GiB in all; 15.1 GiB of activations ->
+# 20.64 GiB measured at 670c1c0, tag cg-loraterm-21g, with a Triton LoRA-term kernel since removed: it took 16.3 ms
+# of the step against ~8 ms for cuBLAS's K=16 GEMMs; its suites ran the 0.7 point, cg-loraterm-07, and the 7 GiB
+# offload point, cg-offload-loraterm). The same point after the removal:
+FINAL21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                   profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g")
 # torch's own activation_memory_budget on the 8B QLoRA step at fxopt's budgets (issue 10 asks for it in the same
 # run): Inductor without a budget measured 10.8k tok/s at 35.9 GiB (anchors), ~190 s of compilation each.
@@ -167,8 +161,7 @@ SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b":
           "offload8b_hidden": OFFLOAD8B_HIDDEN,
           "offload8b_prof": OFFLOAD8B_PROF, "offload8b_d2": OFFLOAD8B_D2, "offload8b_d2_hidden": OFFLOAD8B_D2_HIDDEN,
           "offload8b_cap": OFFLOAD8B_CAP, "dequant8b": DEQUANT8B[:1], "offload8b_flatdq": DEQUANT8B[1:],
-          "prof07_8b": PROF07_8B, "loraterm07_8b": LORATERM07_8B, "loraterm21_8b": LORATERM21_8B,
-          "final21_8b": FINAL21_8B,
+          "prof07_8b": PROF07_8B, "final21_8b": FINAL21_8B,
           "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
           "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
 
