@@ -3,7 +3,10 @@
 Anchored at the rotation, which has two spellings in transformers:
   rotate-half   cat((-x[..., d/2:], x[..., :d/2]), -1)              (llama, mistral, qwen2, gemma, phi3, neox, ...)
   interleaved   stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) (cohere, glm, gptj's rotate_every_two, ...)
-then `add(mul(x, cos), mul(rot, sin))` (operands in either order). Absorbed around it (see fxopt/kernels/rope.py):
+then `add(mul(x, cos), mul(rot, sin))` (operands in either order); or at the output of the half-width spelling
+  cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)   x1, x2 = chunk(x, 2, -1) or the two slices, c/s d/2 wide (gpt_oss)
+which is rotate-half with cos = cat((c, c), -1), sin = cat((s, s), -1) (the op gets those; same roundings: x1*c,
+x2*s and their difference are each rounded, as x*cos, rot*sin and their sum are). Absorbed around it (see fxopt/kernels/rope.py):
   an fp32 upcast of x (`q.float()`, cohere), used only by the rope;
   partial rotary: x = y[..., :r], output cat([out, y[..., r:]], -1) -> the op takes y and passes the rest through;
   a downcast of an fp32 result to fp16/bf16 (`q_embed.to(dtype)`).
@@ -43,6 +46,7 @@ class _Unit:
     grad_dtype: torch.dtype   # dtype of the tensor multiplied by cos (its gradients are rounded to it)
     out: fx.Node          # the node whose value the op produces
     nodes: list           # matched nodes, erased once `out` is replaced
+    half: bool = False    # cos/sin are d/2 wide (the half-width spelling): the op gets cat((c, c), -1)
 
 
 def _is_neg_first(n) -> bool:
@@ -50,8 +54,14 @@ def _is_neg_first(n) -> bool:
     return isinstance(seq, (list, tuple)) and len(seq) > 0 and call(seq[0], torch.neg)
 
 
+def _is_half_form(n) -> bool:
+    seq = n.args[0] if n.args else n.kwargs.get("tensors")
+    return call(n, torch.cat) and isinstance(seq, (list, tuple)) and len(seq) == 2 and call(seq[0], torch.sub) \
+        and call(seq[1], torch.add)
+
+
 def _rotations(graph):
-    return [n for n in graph.nodes if call(n, torch.cat, torch.stack) and _is_neg_first(n)]
+    return [n for n in graph.nodes if call(n, torch.cat, torch.stack) and (_is_neg_first(n) or _is_half_form(n))]
 
 
 def _candidates(graph):
@@ -146,7 +156,84 @@ def _partial(x, x_users, out):
     return y, seq[1], cat
 
 
+def _halves(a, b):
+    """(x, nodes) when a, b are the first and second half of x's last dim: chunk(x, 2, -1)[0], [1] or
+    x[..., :d/2], x[..., d/2:]; else None."""
+    if call(a, operator.getitem) and call(b, operator.getitem) and a.args[0] is b.args[0] \
+            and call(a.args[0], torch.chunk) and (a.args[1], b.args[1]) == (0, 1):
+        ch = a.args[0]
+        x = ch.args[0]
+        if isinstance(meta(x), torch.Tensor) and arg(ch, 1, "chunks") == 2 \
+                and arg(ch, 2, "dim", 0) in (-1, meta(x).dim() - 1) and int(meta(x).shape[-1]) % 2 == 0 \
+                and len(ch.users) == 2:
+            return x, [ch, a, b]
+        return None
+    s1, s2 = _last_dim_slice(a), _last_dim_slice(b)
+    if s1 is None or s2 is None or s1[0] is not s2[0]:
+        return None
+    d = int(meta(s1[0]).shape[-1])
+    return (s1[0], [a, b]) if d % 2 == 0 and s1[1:] == (0, d // 2, 1) and s2[1:] == (d // 2, d, 1) else None
+
+
+def _mul_of(n, a, b) -> bool:
+    return call(n, torch.mul) and len(n.args) == 2 and not n.kwargs and \
+        ((n.args[0] is a and n.args[1] is b) or (n.args[0] is b and n.args[1] is a))
+
+
+def _half_unit(anchor) -> _Unit:
+    """cat((x1 c - x2 s, x2 c + x1 s), -1) of the halves x1, x2 of x, with d/2-wide c, s."""
+    first, second = anchor.args[0] if anchor.args else anchor.kwargs.get("tensors")
+    dim = arg(anchor, 1, "dim", 0)
+    require(isinstance(meta(anchor), torch.Tensor) and dim in (-1, meta(anchor).dim() - 1),
+            "cat of the two halves is not over the last dim")
+    require(len(first.args) == 2 and len(second.args) == 2 and not first.kwargs and not second.kwargs,
+            "not cat(a - b, c + d)")
+    m1, m2 = first.args
+    require(call(m1, torch.mul) and call(m2, torch.mul) and len(m1.args) == 2 and len(m2.args) == 2,
+            "cat(a - b, ...): a, b are not products")
+    found = None
+    for x1, c in (m1.args, m1.args[::-1]):
+        for x2, s_ in (m2.args, m2.args[::-1]):
+            h = _halves(x1, x2) if isinstance(x1, fx.Node) and isinstance(x2, fx.Node) else None
+            if h is not None and found is None:
+                found = (x1, x2, c, s_, h)
+    require(found is not None, "x1 * c - x2 * s: x1, x2 are not the two halves of one tensor")
+    x1, x2, cos, sin, (x, half_nodes) = found
+    p, q = second.args
+    mc, ms = (p, q) if _mul_of(p, x2, cos) else (q, p)
+    require(_mul_of(mc, x2, cos) and _mul_of(ms, x1, sin), "second half is not x2 * c + x1 * s")
+    require(isinstance(cos, fx.Node) and isinstance(sin, fx.Node) and cos is not sin, "cos/sin are not tensors")
+    mcos, msin, mx = meta(cos), meta(sin), meta(x)
+    require(isinstance(mcos, torch.Tensor) and isinstance(msin, torch.Tensor), "cos/sin are not tensors")
+    require(not mcos.requires_grad and not msin.requires_grad,
+            "cos/sin require grad (fxopt::rope computes no cos/sin gradients)")
+    d = int(mx.shape[-1])
+    require(mcos.shape[-1] == d // 2 and msin.shape[-1] == d // 2, "cos/sin are not d/2 wide")
+    mid = meta(m1).dtype
+    require(all(meta(n).dtype == mid for n in (m2, first, mc, ms, second, anchor)) and mid in _FLOATS,
+            "the products, difference and sum are not in one fp16/bf16/fp32 dtype")
+    require(mx.dtype in _FLOATS and mcos.dtype in _FLOATS and msin.dtype in _FLOATS,
+            f"x/cos/sin dtypes {mx.dtype}/{mcos.dtype}/{msin.dtype} not supported")
+    require(meta(anchor).shape == mx.shape, f"cos/sin broadcast x {tuple(mx.shape)} to {tuple(meta(anchor).shape)}")
+    nodes = half_nodes + [m1, m2, first, mc, ms, second, anchor]
+    out = anchor
+    c = only_user(out)
+    if c is not None and mid == torch.float32 and cast_dtype(c) in _LOW:
+        nodes.append(c)
+        out = c
+    reason = single_use([n for n in nodes if n is not out], set(nodes))
+    require(reason is None, reason or "")
+    full = lambda t: t.shape[:-1] + (d,)
+    try:
+        _ops.plan_dims(mx.shape, None, full(mcos), full(msin))
+    except ValueError as e:
+        raise NoMatch(str(e)) from None
+    return _Unit(anchor, x, cos, sin, False, mid, mx.dtype, out, nodes, half=True)
+
+
 def _unit(anchor) -> _Unit:
+    if _is_half_form(anchor):
+        return _half_unit(anchor)
     rot, r, interleaved, nodes = _rotation(anchor)
     mul_s = only_user(rot)
     require(mul_s is not None and call(mul_s, torch.mul), "rotated tensor is not only multiplied by sin")
@@ -199,13 +286,18 @@ def _unit(anchor) -> _Unit:
 
 
 def _key(u: _Unit):
-    return (u.sin, u.interleaved, u.mid, u.grad_dtype, meta(u.out).dtype, meta(u.x).dtype)
+    return (u.sin, u.interleaved, u.half, u.mid, u.grad_dtype, meta(u.out).dtype, meta(u.x).dtype)
 
 
 def _partner_anchors(u: _Unit):
     """Rotation anchors of other `x * cos` products with u's cos."""
     for m in list(u.cos.users):
         if m in u.nodes or not call(m, torch.mul):
+            continue
+        sub = only_user(m)            # the half-width spelling: x1 * c - x2 * s, then the cat
+        cat = only_user(sub) if sub is not None and call(sub, torch.sub) else None
+        if cat is not None and _is_half_form(cat):
+            yield cat
             continue
         add = only_user(m)
         mul_s = other_operand(add, m) if add is not None and call(add, torch.add) else None
@@ -249,7 +341,10 @@ def match_rope(anchor):
 def replace_rope(graph, m):
     units, before = m.params["units"], m.params["before"]
     u, v = units[0], (units[1] if len(units) > 1 else None)
-    args = (u.x, v.x if v else None, u.cos, u.sin, u.interleaved, u.mid, u.grad_dtype, meta(u.out).dtype)
+    cos, sin = u.cos, u.sin
+    if u.half:   # the op's cos/sin are d wide: (c, c) and (s, s)
+        cos, sin = (insert_op(graph, before, torch.cat, ([t, t], -1)) for t in (u.cos, u.sin))
+    args = (u.x, v.x if v else None, cos, sin, u.interleaved, u.mid, u.grad_dtype, meta(u.out).dtype)
     yq, yk = insert_op(graph, before, torch.ops.fxopt.rope.default, args, n_outputs=2)
     replace_output(graph, Match(u.anchor, u.out, u.nodes, {}), yq)
     if v is not None:

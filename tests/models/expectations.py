@@ -162,9 +162,7 @@ ARCHS: dict[str, Arch] = {
                                   "fxopt attention op has no sinks)",
                      "layer_norm": LN,
                      "swiglu": "clamped GLU (gate * sigmoid(1.702 gate) * (up + 1)), not silu(gate) * up",
-                     "geglu": "not gelu"}, 4 * L, attn=("eager",), core=False,
-                    xfail={"rope": "chunk spelling cat(x1 cos - x2 sin, x2 cos + x1 sin): no rotate-half cat / "
-                                   "stack anchor for fxopt/patterns/rope.py"}),
+                     "geglu": "not gelu"}, 4 * L, attn=("eager",), core=False),   # rope: the half-width spelling
     "llama4_text": Arch({"attention": L, "rms_norm": 4 * L + 1, "rope": L, "swiglu": 2 * L},  # + qk norm (L2, no
                         {"layer_norm": LN, "geglu": SILU}, 0, core=False, adapters=("plain",),  # weight)
                         xfail={"rope": "complex-multiply RoPE (view_as_complex): fxopt/patterns/rope.py anchors "

@@ -132,6 +132,44 @@ def test_dtypes_like_eager(variant, fresh_dynamo, monkeypatch):
     assert not [n for n in g.nodes if n.op == "call_method" and n.target == "to"]
 
 
+def half_width(x, c, s, split):
+    """gpt_oss's spelling: cat((x1 c - x2 s, x2 c + x1 s), -1) with d/2-wide c, s (halves by chunk or slices)."""
+    d = x.shape[-1]
+    x1, x2 = torch.chunk(x, 2, dim=-1) if split == "chunk" else (x[..., : d // 2], x[..., d // 2:])
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+@pytest.mark.parametrize("split", ["chunk", "slices"])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_half_width_spelling_pair_is_one_op(split, dt, fresh_dynamo, monkeypatch):
+    """One op per q/k pair, cos/sin widened to cat((c, c)); bit-exact with eager under FXOPT_ROPE_EXACT=1 (the
+    same three roundings per element), no chunk/cat left of the rotation."""
+    monkeypatch.setenv("FXOPT_ROPE_EXACT", "1")
+    torch.manual_seed(5)
+    q, k, cos, sin = qkcs(dt=dt)
+    c, s = cos[..., :8], sin[..., :8]          # d/2 wide (qkcs' emb is cat([f, f]))
+
+    def f(q, k, c, s):
+        c, s = c.unsqueeze(1), s.unsqueeze(1)
+        return half_width(q, c, s, split), half_width(k, c, s, split)
+    g = check_same(f, q, k, c, s, exact=True)
+    assert len(ops(g)) == 1 and fxopt.last_report().matched["rope"] == 1
+    assert not [n for n in g.nodes if n.op == "call_function" and n.target in (torch.chunk, torch.sub)]
+
+
+def test_near_miss_half_width_swapped_signs(fresh_dynamo):
+    """cat((x1 c + x2 s, x2 c - x1 s)) is a rotation the other way: not this op's math, not matched."""
+    torch.manual_seed(6)
+    q, k, cos, sin = qkcs()
+    c, s = cos[..., :8].unsqueeze(1), sin[..., :8].unsqueeze(1)
+
+    def f(q):
+        x1, x2 = torch.chunk(q, 2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c - x1 * s), dim=-1)
+    _, g = rewritten(f, q)
+    assert not ops(g)
+
+
 def test_separate_cos_nodes_are_two_ops(fresh_dynamo):
     """cos/sin recomputed per tensor (gptj): q and k are matched alone."""
     def f(q, k, cos, sin):
