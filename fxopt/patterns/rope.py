@@ -6,7 +6,10 @@ Anchored at the rotation, which has two spellings in transformers:
 then `add(mul(x, cos), mul(rot, sin))` (operands in either order); or at the output of the half-width spelling
   cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)   x1, x2 = chunk(x, 2, -1) or the two slices, c/s d/2 wide (gpt_oss)
 which is rotate-half with cos = cat((c, c), -1), sin = cat((s, s), -1) (the op gets those; same roundings: x1*c,
-x2*s and their difference are each rounded, as x*cos, rot*sin and their sum are). Absorbed around it (see fxopt/kernels/rope.py):
+x2*s and their difference are each rounded, as x*cos, rot*sin and their sum are); or at the complex multiply
+  view_as_real(view_as_complex(x.reshape(..., d/2, 2)) * f).flatten(-2)     f complex, d/2 wide (llama4)
+which is the interleaved rotation with cos/sin = f's real/imaginary parts, each repeated twice along the last dim
+((a + ib)(c + is) = (ac - bs) + i(as + bc)); in fp32, as the complex product is. Absorbed around it (see fxopt/kernels/rope.py):
   an fp32 upcast of x (`q.float()`, cohere), used only by the rope;
   partial rotary: x = y[..., :r], output cat([out, y[..., r:]], -1) -> the op takes y and passes the rest through;
   a downcast of an fp32 result to fp16/bf16 (`q_embed.to(dtype)`).
@@ -15,8 +18,8 @@ Two units (q and k) that use the same cos and sin nodes with the same dtypes/lay
 partner (only q or only k roped, or cos/sin recomputed per tensor as in gptj) becomes one op of its own.
 Not matched (reason in the report): cos/sin that require grad (no cos/sin gradients are computed), cos/sin that
 vary along every leading dim of a 4-D q, other slicings, intermediates used outside the rope.
-`view_as_complex`/`polar` forms (llama4, deepseek_v2) are not matched: their rotation is a complex multiply, with no
-cat/stack anchor; they stay as they are.
+Complex forms whose pairs are not adjacent elements of x's last dim are not matched (no complex multiply of another
+layout is known in transformers; deepseek_v2 spells llama4's).
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ class _Unit:
     out: fx.Node          # the node whose value the op produces
     nodes: list           # matched nodes, erased once `out` is replaced
     half: bool = False    # cos/sin are d/2 wide (the half-width spelling): the op gets cat((c, c), -1)
+    cplx: bool = False    # cos is sin is a complex f (the complex multiply): the op gets f's parts, each repeated
+    src: tuple | None = None   # (base, index) when cos is base[index]: units with the same one share cos/sin
 
 
 def _is_neg_first(n) -> bool:
@@ -60,8 +65,14 @@ def _is_half_form(n) -> bool:
         and call(seq[1], torch.add)
 
 
+def _is_complex_form(n) -> bool:
+    return call(n, torch.view_as_real) and call(n.args[0], torch.mul) and \
+        any(call(a, torch.view_as_complex) for a in n.args[0].args)
+
+
 def _rotations(graph):
-    return [n for n in graph.nodes if call(n, torch.cat, torch.stack) and (_is_neg_first(n) or _is_half_form(n))]
+    return [n for n in graph.nodes if (call(n, torch.cat, torch.stack) and (_is_neg_first(n) or _is_half_form(n)))
+            or _is_complex_form(n)]
 
 
 def _candidates(graph):
@@ -231,9 +242,54 @@ def _half_unit(anchor) -> _Unit:
     return _Unit(anchor, x, cos, sin, False, mid, mx.dtype, out, nodes, half=True)
 
 
+def _complex_unit(anchor) -> _Unit:
+    """view_as_real(view_as_complex(x.reshape(..., d/2, 2)) * f).flatten(-2), f complex (not requiring grad)."""
+    mul = anchor.args[0]
+    require(len(mul.args) == 2 and not mul.kwargs, "complex product is not of two tensors")
+    vc, f = mul.args if call(mul.args[0], torch.view_as_complex) else mul.args[::-1]
+    mf, rs = meta(f), vc.args[0]
+    require(isinstance(f, fx.Node) and isinstance(mf, torch.Tensor) and mf.dtype == torch.complex64,
+            "the multiplier is not a complex64 tensor")
+    require(not mf.requires_grad, "the complex multiplier requires grad (fxopt::rope computes no cos/sin gradients)")
+    require(isinstance(rs, fx.Node) and rs.op == "call_method" and rs.target in ("reshape", "view"),
+            "view_as_complex of something other than a reshape of x")
+    x = rs.args[0]
+    mx, mrs = meta(x), meta(rs)
+    require(isinstance(mx, torch.Tensor) and mx.dtype == torch.float32, "x of the complex product is not fp32")
+    d = int(mx.shape[-1])
+    require(d % 2 == 0 and tuple(mrs.shape) == tuple(mx.shape[:-1]) + (d // 2, 2),
+            "x is not reshaped to (..., d/2, 2) pairs")
+    flat = only_user(anchor)
+    nd = meta(anchor).dim()
+    require(flat is not None and ((flat.op == "call_method" and flat.target == "flatten") or call(flat, torch.flatten))
+            and arg(flat, 1, "start_dim", 0) in (nd - 2, -2) and arg(flat, 2, "end_dim", -1) in (-1, nd - 1),
+            "view_as_real(...) is not flattened over its last two dims")
+    require(meta(flat).shape == mx.shape, f"the multiplier broadcasts x {tuple(mx.shape)} to {tuple(meta(flat).shape)}")
+    nodes, out = [rs, vc, mul, anchor, flat], flat
+    src = _upcast_source(x, [rs])
+    if src is not None:           # xq.float(): the kernel upcasts itself
+        nodes.append(x)
+        x = src
+    c = only_user(out)
+    if c is not None and cast_dtype(c) in _LOW:
+        nodes.append(c)           # .type_as(xq): one rounding, by the kernel's store
+        out = c
+    reason = single_use([n for n in nodes if n is not out], set(nodes))
+    require(reason is None, reason or "")
+    full = tuple(mf.shape[:-1]) + (d,)
+    try:
+        _ops.plan_dims(meta(x).shape, None, full, full)
+    except ValueError as e:
+        raise NoMatch(str(e)) from None
+    key = (f.args[0], repr(f.args[1])) if call(f, operator.getitem) and isinstance(f.args[0], fx.Node) else None
+    return _Unit(anchor, x, f, f, True, torch.float32, torch.float32, out, nodes, cplx=True, src=key)
+
+
 def _unit(anchor) -> _Unit:
     if _is_half_form(anchor):
         return _half_unit(anchor)
+    if _is_complex_form(anchor):
+        return _complex_unit(anchor)
     rot, r, interleaved, nodes = _rotation(anchor)
     mul_s = only_user(rot)
     require(mul_s is not None and call(mul_s, torch.mul), "rotated tensor is not only multiplied by sin")
@@ -286,11 +342,27 @@ def _unit(anchor) -> _Unit:
 
 
 def _key(u: _Unit):
-    return (u.sin, u.interleaved, u.half, u.mid, u.grad_dtype, meta(u.out).dtype, meta(u.x).dtype)
+    return (u.src or u.sin, u.interleaved, u.half, u.cplx, u.mid, u.grad_dtype, meta(u.out).dtype, meta(u.x).dtype)
+
+
+def _complex_partners(u: _Unit):
+    """Complex-multiply anchors whose multiplier is the same view of u's (base[index]) or u's itself."""
+    base = u.src[0] if u.src else None
+    views = [g for g in base.users if call(g, operator.getitem) and repr(g.args[1]) == u.src[1]] if base else [u.cos]
+    for g in views:
+        for m in list(g.users):
+            if m in u.nodes or not call(m, torch.mul):
+                continue
+            for r in m.users:
+                if _is_complex_form(r):
+                    yield r
 
 
 def _partner_anchors(u: _Unit):
     """Rotation anchors of other `x * cos` products with u's cos."""
+    if u.cplx:
+        yield from _complex_partners(u)
+        return
     for m in list(u.cos.users):
         if m in u.nodes or not call(m, torch.mul):
             continue
@@ -318,7 +390,7 @@ def _pair(u: _Unit, positions):
             v = _unit(anchor)
         except NoMatch:
             continue
-        if v.cos is not u.cos or _key(v) != _key(u):
+        if (v.cos is not u.cos and (u.src is None or v.src != u.src)) or _key(v) != _key(u):
             continue
         try:
             _ops.plan_dims(meta(u.x).shape, meta(v.x).shape, meta(u.cos).shape, meta(u.sin).shape)
@@ -344,6 +416,11 @@ def replace_rope(graph, m):
     cos, sin = u.cos, u.sin
     if u.half:   # the op's cos/sin are d wide: (c, c) and (s, s)
         cos, sin = (insert_op(graph, before, torch.cat, ([t, t], -1)) for t in (u.cos, u.sin))
+    elif u.cplx:   # f = c + i s: the interleaved op's cos/sin are c and s, each repeated twice
+        parts = insert_op(graph, before, torch.view_as_real, (u.cos,))
+        cos, sin = (insert_op(graph, before, torch.repeat_interleave,
+                              (insert_op(graph, before, operator.getitem, (parts, (Ellipsis, i))), 2, -1))
+                    for i in (0, 1))
     args = (u.x, v.x if v else None, cos, sin, u.interleaved, u.mid, u.grad_dtype, meta(u.out).dtype)
     yq, yk = insert_op(graph, before, torch.ops.fxopt.rope.default, args, n_outputs=2)
     replace_output(graph, Match(u.anchor, u.out, u.nodes, {}), yq)

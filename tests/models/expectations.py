@@ -164,9 +164,7 @@ ARCHS: dict[str, Arch] = {
                      "swiglu": "clamped GLU (gate * sigmoid(1.702 gate) * (up + 1)), not silu(gate) * up",
                      "geglu": "not gelu"}, 4 * L, attn=("eager",), core=False),   # rope: the half-width spelling
     "llama4_text": Arch({"attention": L, "rms_norm": 4 * L + 1, "rope": L, "swiglu": 2 * L},  # + qk norm (L2, no
-                        {"layer_norm": LN, "geglu": SILU}, 0, core=False, adapters=("plain",),  # weight)
-                        xfail={"rope": "complex-multiply RoPE (view_as_complex): fxopt/patterns/rope.py anchors "
-                                       "on the rotate-half cat / interleaved stack"}),
+                        {"layer_norm": LN, "geglu": SILU}, 0, core=False, adapters=("plain",)),  # weight)
 }
 # Not in the matrix: phimoe (sparsemixer samples experts in training: eager vs eager already differ), jamba and
 # falcon_h1 (mamba layers: 20-25 s per cell here), qwen3_next / doge (the tiny config fails eagerly), deepseek_v3,

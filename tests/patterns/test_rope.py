@@ -170,6 +170,38 @@ def test_near_miss_half_width_swapped_signs(fresh_dynamo):
     assert not ops(g)
 
 
+def complex_rope(x, f):
+    """llama4 / deepseek_v2: view_as_real(view_as_complex(x.float() pairs) * f).flatten(3).type_as(x)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * f).flatten(3).type_as(x)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_complex_multiply_pair_is_one_op(dt, fresh_dynamo):
+    """The complex product on [B, S, H, D] q and k with f = polar(1, theta)[:, :, None, :] taken once per tensor (as
+    llama4 indexes it twice): one interleaved op with cos/sin = f's parts repeated; fp32 math, as eager's."""
+    torch.manual_seed(7)
+    q, k = (torch.randn(2, 5, h, 16, dtype=dt, requires_grad=True) for h in (4, 2))
+    theta = (torch.arange(5)[None, :, None] + torch.arange(2)[:, None, None] * 3) \
+        * (1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16))
+    freqs = torch.polar(torch.ones_like(theta), theta)
+
+    def f(q, k, freqs):
+        return complex_rope(q, freqs[:, :, None, :]), complex_rope(k, freqs[:, :, None, :])
+    g = check_same(f, q, k, freqs, tol=1e-6 if dt == torch.float32 else 8e-3)
+    assert len(ops(g)) == 1 and fxopt.last_report().matched["rope"] == 1 and ops(g)[0].args[4] is True
+    assert not [n for n in g.nodes if n.op == "call_function" and n.target is torch.view_as_complex]
+
+
+def test_near_miss_complex_multiplier_requires_grad(fresh_dynamo):
+    torch.manual_seed(8)
+    q = torch.randn(2, 5, 4, 16, requires_grad=True)
+    freqs = torch.polar(torch.ones(2, 5, 8), torch.rand(2, 5, 8)).requires_grad_()
+    _, g = rewritten(lambda q, fr: complex_rope(q, fr[:, :, None, :]), q, freqs)
+    assert not ops(g)
+    assert any("requires grad" in r.reason for r in fxopt.last_report().rejected if r.pattern == "rope")
+
+
 def test_separate_cos_nodes_are_two_ops(fresh_dynamo):
     """cos/sin recomputed per tensor (gptj): q and k are matched alone."""
     def f(q, k, cos, sin):
