@@ -9,7 +9,8 @@ which is rotate-half with cos = cat((c, c), -1), sin = cat((s, s), -1) (the op g
 x2*s and their difference are each rounded, as x*cos, rot*sin and their sum are); or at the complex multiply
   view_as_real(view_as_complex(x.reshape(..., d/2, 2)) * f).flatten(-2)     f complex, d/2 wide (llama4)
 which is the interleaved rotation with cos/sin = f's real/imaginary parts, each repeated twice along the last dim
-((a + ib)(c + is) = (ac - bs) + i(as + bc)); in fp32, as the complex product is. Absorbed around it (see fxopt/kernels/rope.py):
+((a + ib)(c + is) = (ac - bs) + i(as + bc)); in fp32, as the complex product is.
+Absorbed around it (see fxopt/kernels/rope.py):
   an fp32 upcast of x (`q.float()`, cohere), used only by the rope;
   partial rotary: x = y[..., :r], output cat([out, y[..., r:]], -1) -> the op takes y and passes the rest through;
   a downcast of an fp32 result to fp16/bf16 (`q_embed.to(dtype)`).
