@@ -46,10 +46,10 @@ if triton_available():
         return r
 
     @triton.jit
-    def _skinny_kernel(BIG, SMALL, OUT, P, Q, RANK, s_bp, s_bq, s_sq, s_sr, s_os, s_op, s_or,
+    def _skinny_kernel(BIG, SMALL, OUT, P, Q, RANK, scale, s_bp, s_bq, s_sq, s_sr, s_os, s_op, s_or,
                        HALF: tl.constexpr, INTERP: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
                        RB: tl.constexpr):
-        """OUT[split, p, :r] = sum over this program's share of q of BIG[p, q] * SMALL[q, :r]; BIG half precision,
+        """OUT[split, p, :r] = scale * sum over this program's share of q of BIG[p, q] * SMALL[q, :r]; BIG half,
         SMALL fp32 split as hi + lo half values (hi = half(s), lo = half(s - hi)): two tensor-core dots with fp32
         accumulation give ~2^-17 relative accuracy without an fp32 copy of BIG."""
         pid_p = tl.program_id(0)
@@ -77,12 +77,15 @@ if triton_available():
             else:
                 acc = tl.dot(b, hi, acc)
                 acc = tl.dot(b, lo, acc)
-        tl.store(OUT + pid_s * s_os + p64[:, None] * s_op + r[None, :] * s_or, acc, mask=p_ok[:, None] & r_ok[None, :])
+        tl.store(OUT + pid_s * s_os + p64[:, None] * s_op + r[None, :] * s_or, acc * scale,
+                 mask=p_ok[:, None] & r_ok[None, :])
 
 
-def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0) -> torch.Tensor:
-    """fp32 big @ small for a half-precision big [P, Q] (any strides) and an fp32 small [Q, r], r <= 128, without
-    materializing big in fp32 (peft's fp32 adapters over a bf16 model: x A^T, dy B, dy^T xa, x^T dxa)."""
+def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0, scale: float = 1.0,
+              transpose: bool = False) -> torch.Tensor:
+    """fp32 scale * big @ small for a half-precision big [P, Q] (any strides) and an fp32 small [Q, r], r <= 128,
+    without materializing big in fp32 (peft's fp32 adapters over a bf16 model: x A^T, dy B, dy^T xa, x^T dxa);
+    transpose: the result as a contiguous [r, P] (the kernel stores it so; no copy)."""
     P, Q = big.shape
     rank = small.shape[1]
     interp = big.device.type != "cuda"
@@ -94,9 +97,10 @@ def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0) -> torch.T
     if split == 0:
         split = 2 if interp else max(1, min(triton.cdiv(Q, 4 * bq), triton.cdiv(2 * num_sms(big.device), n_p)))
     split = max(1, min(split, triton.cdiv(Q, bq)))
-    part = torch.empty((split, P, rank), dtype=torch.float32, device=big.device)
-    _skinny_kernel[(n_p, split)](big, small, part, P, Q, rank, big.stride(0), big.stride(1), small.stride(0),
-                                 small.stride(1), part.stride(0), part.stride(1), part.stride(2),
+    part = torch.empty((split, rank, P) if transpose else (split, P, rank), dtype=torch.float32, device=big.device)
+    s_op, s_or = (part.stride(2), part.stride(1)) if transpose else (part.stride(1), part.stride(2))
+    _skinny_kernel[(n_p, split)](big, small, part, P, Q, rank, float(scale), big.stride(0), big.stride(1),
+                                 small.stride(0), small.stride(1), part.stride(0), s_op, s_or,
                                  HALF=int(big.dtype == torch.float16), INTERP=interp, BP=bp, BQ=bq,
                                  RB=max(16, next_pow2(rank)), num_warps=4)
     return part[0] if split == 1 else part.sum(0)
@@ -122,16 +126,21 @@ def fp32_mm(big: torch.Tensor, small: torch.Tensor, copy_bytes: int = FP32_COPY_
     return out
 
 
-def _mm(big, small, triton_gemm, rows):
-    """big @ small for the rank-r products. A half big with an fp32 small (peft's fp32 adapters): the split fp32
-    kernel, or (on CUDA, when measured faster) peft's own form, an fp32 copy of big and an fp32 GEMM; both carry
-    fp32 accuracy. Otherwise torch.mm."""
+def _mm(big, small, triton_gemm, rows, scale=1.0, transpose=False):
+    """scale * big @ small for the rank-r products (transpose: as a contiguous [r, P]). A half big with an fp32
+    small (peft's fp32 adapters): the split fp32 kernel, with the scale and the layout in its store (the 8B step
+    ran 449 separate multiplies and 224 transposing copies, ~5% of its ~5,000 kernels), or (on CUDA, when measured
+    faster) peft's own form, an fp32 copy of big and an fp32 GEMM; both carry fp32 accuracy. Otherwise torch.mm."""
+    def post(out):
+        out = out * scale if scale != 1.0 else out
+        return out.t().contiguous() if transpose else out
     if triton_gemm and small.dtype == torch.float32 and big.dtype in (torch.float16, torch.bfloat16) \
             and big.shape[1] > 0:
         return _run_choice("FXOPT_LORA_SKINNY", _SKINNY_CHOICE, (tuning_key(big, rows), small.shape[1], big.dtype),
-                           {"triton": lambda: skinny_mm(big, small), "fp32": lambda: fp32_mm(big, small)},
+                           {"triton": lambda: skinny_mm(big, small, scale=scale, transpose=transpose),
+                            "fp32": lambda: post(fp32_mm(big, small))},
                            default="triton", measure=big.device.type == "cuda")
-    return big.to(small.dtype) @ small
+    return post(big.to(small.dtype) @ small)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -223,11 +232,11 @@ def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, 
     dx, da, db, dbias, dw = (_empty(x) for _ in range(5))   # distinct: outputs may not alias each other
     dxa = None
     if has_lora and (need_dx or need_da):
-        dxa = _mm(dy2, lora_b, triton_gemm, m) * scale
+        dxa = _mm(dy2, lora_b, triton_gemm, m, scale)
     if has_lora and need_db:
-        db = (_mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm, m) * scale).to(lora_b.dtype)
+        db = _mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm, m, scale).to(lora_b.dtype)
     if has_lora and need_da:
-        da = _mm(x2.t(), dxa, triton_gemm, m).t().to(lora_a.dtype).contiguous()
+        da = _mm(x2.t(), dxa, triton_gemm, m, transpose=True).to(lora_a.dtype)
     if need_dx:
         dx = _gemm(dy2, weight, False, dxa, lora_a if has_lora else None, 1.0, None, x.dtype, compute_dtype,
                    triton_gemm).view(x.shape)

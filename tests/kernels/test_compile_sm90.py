@@ -287,7 +287,7 @@ def lora_skinny_cases(dts=("bf16", "fp16")):
                                ("x^T dxa r64", ("s_bp", "s_sr", "s_or"), 64)):
             out.append(case("lora._skinny_kernel", mode, dt, dict(BIG=dt, SMALL="fp32", OUT="fp32"),
                             dict(HALF=int(dt == "fp16"), INTERP=False, BP=64, BQ=64, RB=rb), dict(num_warps=4),
-                            ones=ones))
+                            floats=("scale",), ones=ones))
     return out
 
 

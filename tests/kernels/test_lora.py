@@ -170,6 +170,24 @@ def test_skinny_mm_fp32_accuracy_from_half(half, split):
 
 
 @pytest.mark.parametrize("choice", ["fp32", "triton"])
+@pytest.mark.parametrize("split", [0, 1])
+def test_rank_products_scale_and_transpose_in_the_store(choice, split, monkeypatch):
+    """_mm's scale and [r, P] layout (the backward's dxa/dB scale and dA's transpose, done by the kernel's store on
+    the Triton path; after the product on peft's fp32 path): values of scale * big @ small, the result contiguous."""
+    from fxopt.kernels import lora
+    monkeypatch.setenv("FXOPT_LORA_SKINNY", choice)
+    real = lora.skinny_mm
+    monkeypatch.setattr(lora, "skinny_mm", lambda big, small, **k: real(big, small, split, **k))
+    big = torch.randn(150, 70, device=DEV).bfloat16().t()            # [70, 150], a transposed view
+    small = torch.randn(150, 5, device=DEV)
+    want = 1.7 * (big.float() @ small)
+    for transpose in (False, True):
+        got = lora._mm(big, small, True, 70, 1.7, transpose)
+        assert got.is_contiguous() and got.dtype == torch.float32
+        assert rel(got, want.t() if transpose else want) <= 1e-5
+
+
+@pytest.mark.parametrize("choice", ["fp32", "triton"])
 def test_fp32_adapter_products_either_path(choice, monkeypatch, no_fallback):
     """Both forms of the rank-r products (forced; on CUDA the faster is measured) give peft's result."""
     monkeypatch.setenv("FXOPT_LORA_SKINNY", choice)
@@ -190,7 +208,8 @@ def test_choice_keys_round_the_row_count(monkeypatch):
     from fxopt.kernels.registry import tuning_key
     small = torch.randn(8, 2, device=DEV)
     monkeypatch.setattr(lora, "_SKINNY_CHOICE", {(tuning_key(torch.empty(64, 8), 64), 2, torch.float16): "fp32"})
-    monkeypatch.setattr(lora, "skinny_mm", lambda *a: (_ for _ in ()).throw(AssertionError("not the stored choice")))
+    monkeypatch.setattr(lora, "skinny_mm",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("not the stored choice")))
     for rows in (33, 50, 64):
         big = torch.randn(rows, 8, device=DEV).half()
         assert rel(lora._mm(big, small, True, rows), big.float() @ small) <= 1e-6
