@@ -112,6 +112,35 @@ def _last_dim_slice(n):
     return (base, start, stop, step)
 
 
+def _first_second_half(s1, s2, d) -> bool:
+    """s1, s2 (from _last_dim_slice) are x[..., :d/2] and x[..., d/2:] of a d-wide x."""
+    return d % 2 == 0 and s1[1:] == (0, d // 2, 1) and s2[1:] == (d // 2, d, 1)
+
+
+def _flattens_last_two(flat, src) -> bool:
+    """flat is src.flatten(-2): a flatten of src over its last two dims."""
+    nd = meta(src).dim()
+    return flat is not None and ((flat.op == "call_method" and flat.target == "flatten") or call(flat, torch.flatten)) \
+        and flat.args[0] is src and arg(flat, 1, "start_dim", 0) in (-2, nd - 2) \
+        and arg(flat, 2, "end_dim", -1) in (-1, nd - 1)
+
+
+def _finish(nodes, out, x, cos_shape, sin_shape):
+    """The end of every spelling's unit: a downcast of an fp32 result is absorbed (one more rounding, done by the
+    kernel's store), the matched nodes must be used only inside, and the kernel must plan the shapes. Returns out."""
+    c = only_user(out)
+    if c is not None and meta(out).dtype == torch.float32 and cast_dtype(c) in _LOW:
+        nodes.append(c)            # q_embed.to(bf16), .type_as(xq)
+        out = c
+    reason = single_use([n for n in nodes if n is not out], set(nodes))
+    require(reason is None, reason or "")
+    try:
+        _ops.plan_dims(meta(x).shape, None, cos_shape, sin_shape)
+    except ValueError as e:
+        raise NoMatch(str(e)) from None
+    return out
+
+
 def _rotation(anchor):
     """(rotated node, r, interleaved, nodes) for cat((-x2, x1), -1) or stack((-x2, x1), -1).flatten(-2) of r."""
     seq = anchor.args[0] if anchor.args else anchor.kwargs.get("tensors")
@@ -128,16 +157,11 @@ def _rotation(anchor):
     r = s1[0]
     d = int(meta(r).shape[-1])
     if call(anchor, torch.cat):
-        require(d % 2 == 0 and s1[1:] == (0, d // 2, 1) and s2[1:] == (d // 2, d, 1),
+        require(_first_second_half(s1, s2, d),
                 f"cat((-x[{s2[1]}:{s2[2]}], x[{s1[1]}:{s1[2]}])) is not rotate-half of a {d}-wide tensor")
         return anchor, r, False, [x1, x2, neg, anchor]
     flat = only_user(anchor)
-    is_flat = flat is not None and (
-        (flat.op == "call_method" and flat.target == "flatten") or call(flat, torch.flatten)) \
-        and flat.args[0] is anchor
-    start, end = (arg(flat, 1, "start_dim", 0), arg(flat, 2, "end_dim", -1)) if is_flat else (None, None)
-    require(is_flat and start in (-2, nd - 2) and end in (-1, nd - 1),
-            "stack((-x2, x1), -1) is not flattened over its last two dims")
+    require(_flattens_last_two(flat, anchor), "stack((-x2, x1), -1) is not flattened over its last two dims")
     require(d % 2 == 0 and s1[1:] == (0, d, 2) and s2[1:] == (1, d, 2),
             f"stack((-x[{s2[1]}::{s2[3]}], x[{s1[1]}::{s1[3]}])) is not the interleaved rotation")
     return flat, r, True, [x1, x2, neg, anchor, flat]
@@ -183,8 +207,7 @@ def _halves(a, b):
     s1, s2 = _last_dim_slice(a), _last_dim_slice(b)
     if s1 is None or s2 is None or s1[0] is not s2[0]:
         return None
-    d = int(meta(s1[0]).shape[-1])
-    return (s1[0], [a, b]) if d % 2 == 0 and s1[1:] == (0, d // 2, 1) and s2[1:] == (d // 2, d, 1) else None
+    return (s1[0], [a, b]) if _first_second_half(s1, s2, int(meta(s1[0]).shape[-1])) else None
 
 
 def _mul_of(n, a, b) -> bool:
@@ -228,18 +251,8 @@ def _half_unit(anchor) -> _Unit:
             f"x/cos/sin dtypes {mx.dtype}/{mcos.dtype}/{msin.dtype} not supported")
     require(meta(anchor).shape == mx.shape, f"cos/sin broadcast x {tuple(mx.shape)} to {tuple(meta(anchor).shape)}")
     nodes = half_nodes + [m1, m2, first, mc, ms, second, anchor]
-    out = anchor
-    c = only_user(out)
-    if c is not None and mid == torch.float32 and cast_dtype(c) in _LOW:
-        nodes.append(c)
-        out = c
-    reason = single_use([n for n in nodes if n is not out], set(nodes))
-    require(reason is None, reason or "")
     full = lambda t: t.shape[:-1] + (d,)
-    try:
-        _ops.plan_dims(mx.shape, None, full(mcos), full(msin))
-    except ValueError as e:
-        raise NoMatch(str(e)) from None
+    out = _finish(nodes, anchor, x, full(mcos), full(msin))
     return _Unit(anchor, x, cos, sin, False, mid, mx.dtype, out, nodes, half=True)
 
 
@@ -261,27 +274,15 @@ def _complex_unit(anchor) -> _Unit:
     require(d % 2 == 0 and tuple(mrs.shape) == tuple(mx.shape[:-1]) + (d // 2, 2),
             "x is not reshaped to (..., d/2, 2) pairs")
     flat = only_user(anchor)
-    nd = meta(anchor).dim()
-    require(flat is not None and ((flat.op == "call_method" and flat.target == "flatten") or call(flat, torch.flatten))
-            and arg(flat, 1, "start_dim", 0) in (nd - 2, -2) and arg(flat, 2, "end_dim", -1) in (-1, nd - 1),
-            "view_as_real(...) is not flattened over its last two dims")
+    require(_flattens_last_two(flat, anchor), "view_as_real(...) is not flattened over its last two dims")
     require(meta(flat).shape == mx.shape, f"the multiplier broadcasts x {tuple(mx.shape)} to {tuple(meta(flat).shape)}")
-    nodes, out = [rs, vc, mul, anchor, flat], flat
+    nodes = [rs, vc, mul, anchor, flat]
     src = _upcast_source(x, [rs])
     if src is not None:           # xq.float(): the kernel upcasts itself
         nodes.append(x)
         x = src
-    c = only_user(out)
-    if c is not None and cast_dtype(c) in _LOW:
-        nodes.append(c)           # .type_as(xq): one rounding, by the kernel's store
-        out = c
-    reason = single_use([n for n in nodes if n is not out], set(nodes))
-    require(reason is None, reason or "")
     full = tuple(mf.shape[:-1]) + (d,)
-    try:
-        _ops.plan_dims(meta(x).shape, None, full, full)
-    except ValueError as e:
-        raise NoMatch(str(e)) from None
+    out = _finish(nodes, flat, x, full, full)
     key = (f.args[0], repr(f.args[1])) if call(f, operator.getitem) and isinstance(f.args[0], fx.Node) else None
     return _Unit(anchor, x, f, f, True, torch.float32, torch.float32, out, nodes, cplx=True, src=key)
 
@@ -329,16 +330,7 @@ def _unit(anchor) -> _Unit:
         if src is not None:
             nodes.append(x)
             x = src
-    c = only_user(out)
-    if c is not None and meta(out).dtype == torch.float32 and cast_dtype(c) in _LOW:
-        nodes.append(c)            # q_embed.to(bf16): one more rounding, done by the kernel's store
-        out = c
-    reason = single_use([n for n in nodes if n is not out], set(nodes))
-    require(reason is None, reason or "")
-    try:
-        _ops.plan_dims(meta(x).shape, None, mc.shape, ms.shape)
-    except ValueError as e:
-        raise NoMatch(str(e)) from None
+    out = _finish(nodes, out, x, mc.shape, ms.shape)
     return _Unit(anchor, x, cos, sin, interleaved, mid, mr.dtype, out, nodes)
 
 

@@ -240,8 +240,7 @@ def _shrink_chunk(joint: Joint) -> bool:
     for ws, node in sorted(((ws, n) for n, ws in joint.workspace.items()), key=lambda t: -t[0]):
         rows = _smaller_chunk(node, ws)
         if rows is not None:
-            set_op_arg(node, "chunk", rows)
-            joint.workspace[node] = op_workspace(node)
+            _set_chunk(joint, node, rows)
             return True
     return False
 
@@ -252,11 +251,10 @@ def plan_seconds(joint: Joint, sim: Sim) -> float:
     return sim.time + sim.offload_bytes / OFFLOAD_BW + sum(op_time(n) for n in joint.workspace)
 
 
-def _set_chunks(joint: Joint, chunks: dict) -> None:
-    for n in joint.workspace:
-        if op_arg(n, "chunk", None) is not None:
-            set_op_arg(n, "chunk", chunks.get(n.name, 0))
-            joint.workspace[n] = op_workspace(n)
+def _set_chunk(joint: Joint, node, rows: int) -> None:
+    """The op call runs with `rows` per chunk (0: its default); its workspace follows."""
+    set_op_arg(node, "chunk", rows)
+    joint.workspace[node] = op_workspace(node)
 
 
 def _cheaper_with_smaller_chunks(joint: Joint, sizes, aim, offloadable, last: Sim, steps: int):
@@ -271,7 +269,9 @@ def _cheaper_with_smaller_chunks(joint: Joint, sizes, aim, offloadable, last: Si
         cost = plan_seconds(joint, last)
         if last.peak <= aim and cost < best[0]:
             best = (cost, last, steps, chunked_ops(joint))
-    _set_chunks(joint, best[3])
+    for n in joint.workspace:     # back to the cheapest plan's chunks
+        if op_arg(n, "chunk", None) is not None:
+            _set_chunk(joint, n, best[3].get(n.name, 0))
     return best[1], best[2]
 
 
