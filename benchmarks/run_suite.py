@@ -118,7 +118,7 @@ PROF07_8B = grid("8b", "qlora", ["fxopt:0.7"], batch=2, steps=5, warmup=3, timeo
 # of the step against ~8 ms for cuBLAS's K=16 GEMMs; its suites ran the 0.7 point, cg-loraterm-07, and the 7 GiB
 # offload point, cg-offload-loraterm). The same point after the removal:
 FINAL21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
-                  profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g")
+                  profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-s12")
 # torch's own activation_memory_budget on the 8B QLoRA step at fxopt's budgets (issue 10 asks for it in the same
 # run): Inductor without a budget measured 10.8k tok/s at 35.9 GiB (anchors), ~190 s of compilation each.
 AMB8B = grid("8b", "qlora", ["inductor:0.6", "inductor:0.2"], batch=2, steps=5, warmup=3, timeout=280)
