@@ -273,6 +273,24 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
     step offload8b_flatdq "$left" python3 benchmarks/run_suite.py offload8b_flatdq --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 10 ))
     ;;
+s15a)   # the skinny kernel's split reduction in-kernel (tile counters; 896 separate reductions, 3.2 ms, in the 8B
+    # step); attention at head dim 256 with its own candidate configs (Gemma2-like case: fwd+bwd 1.0x Inductor);
+    # the 8B point that fills 21 GiB again (15,460 tok/s at 20.67 GiB before, b03dd37, cg-21g-s12)
+    step pytest_s15a 70 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_registry.py \
+        tests/kernels/test_lora.py -k "bench_ms or skinny or fp32_adapter or rank_products or head_dim_256"
+    FXOPT_BENCH_CASES=gemma2_softcap_s2048 step attn_d256 150 python3 benchmarks/kernels.py --ops attention \
+        --out "$OUT/attention_d256.json"
+    left=$(( ${S15A_END:-570} - $(elapsed) ))
+    step split21_8b "$left" python3 benchmarks/run_suite.py split21_8b --out "$OUT/train_step.jsonl" \
+        --time-limit $(( left - 8 ))
+    ;;
+s15b)   # the Gemma2-like step (head dim 256 attention, soft-cap) profiled with the d256 configs; the 7 GiB 8B point
+    # at HEAD (planner's lm_head + loss chunks, in-kernel split sums)
+    step gemma2_d256 290 python3 benchmarks/run_suite.py gemma2_d256 --out "$OUT/train_step.jsonl" --time-limit 285
+    left=$(( ${S15B_END:-570} - $(elapsed) ))
+    step offload8b_s15 "$left" python3 benchmarks/run_suite.py offload8b_s15 --out "$OUT/train_step.jsonl" \
+        --time-limit $(( left - 8 ))
+    ;;
 s14c)   # next session: HEAD's 8B point that fills 21 GiB, profiled (the LoRA-term kernel removed, lm_head + loss chunks
     # priced against recomputation; 670c1c0 ran 15,344 tok/s at 20.64 GiB). Its first try (82336022) timed out in
     # the step's warm-up at 230 s (build 65 s vs 47 s before): the step's limit is now 300 s

@@ -119,6 +119,11 @@ PROF07_8B = grid("8b", "qlora", ["fxopt:0.7"], batch=2, steps=5, warmup=3, timeo
 # offload point, cg-offload-loraterm). The same point after the removal:
 FINAL21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                   profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-s12")
+# The same point with the skinny kernel's split sums in-kernel (b03dd37 ran 15,460 tok/s at 20.67 GiB, 896 separate
+# reductions 3.2 ms), and the 7 GiB offload point after the planner's chunk change and that kernel change.
+SPLIT21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
+                  profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-splitsum")
+OFFLOAD8B_S15 = offload8b_point("cg-offload-splitsum")
 # torch's own activation_memory_budget on the 8B QLoRA step at fxopt's budgets (issue 10 asks for it in the same
 # run): Inductor without a budget measured 10.8k tok/s at 35.9 GiB (anchors), ~190 s of compilation each.
 AMB8B = grid("8b", "qlora", ["inductor:0.6", "inductor:0.2"], batch=2, steps=5, warmup=3, timeout=280)
@@ -130,6 +135,9 @@ ARCHS = (grid("gemma2-2b", "lora", ["fxopt"], steps=6, warmup=3, timeout=290, lo
          + grid("qwen2-7b", "lora", ["fxopt"], batch=2, steps=5, warmup=3, timeout=290, loss_only=True,
                 fxopt_options={"cudagraphs": True}, tag="cg")
          + grid("qwen2-7b", "lora", ["eager"], gcs=(True,), batch=2, steps=5, warmup=2, timeout=200))
+# The Gemma2-like row profiled with head dim 256's own attention configs (34.3k tok/s at 25.17 GiB before).
+GEMMA2_D256 = grid("gemma2-2b", "lora", ["fxopt"], steps=6, warmup=3, timeout=280, loss_only=True, profile=True,
+                   fxopt_options={"cudagraphs": True}, tag="cg-d256")
 # The Qwen2 rows alone (the Gemma2-like row was measured in the fifth session: 34.3k tok/s at 25.17 GiB).
 QWEN2 = ARCHS[1:]
 # The 1B smallest plan with the allocator's history over the warm-up (what is live at the peak): with the SDPA calls
@@ -161,7 +169,8 @@ SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b":
           "offload8b_hidden": OFFLOAD8B_HIDDEN,
           "offload8b_prof": OFFLOAD8B_PROF, "offload8b_d2": OFFLOAD8B_D2, "offload8b_d2_hidden": OFFLOAD8B_D2_HIDDEN,
           "offload8b_cap": OFFLOAD8B_CAP, "dequant8b": DEQUANT8B[:1], "offload8b_flatdq": DEQUANT8B[1:],
-          "prof07_8b": PROF07_8B, "final21_8b": FINAL21_8B,
+          "prof07_8b": PROF07_8B, "final21_8b": FINAL21_8B, "split21_8b": SPLIT21_8B, "offload8b_s15": OFFLOAD8B_S15,
+          "gemma2_d256": GEMMA2_D256,
           "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
           "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
 

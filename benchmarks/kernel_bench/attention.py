@@ -122,5 +122,7 @@ def run(ceiling_tbps):
                         r[f"speedup_vs_{other}"] = round(base[(other, r["mode"])] / r["ms"], 3)
         torch.cuda.empty_cache()
     check["tuned_configs"] = {f"{k[0]}:{list(k[1][:3])}": list(v) for k, v in K.TUNED.items()}
+    from fxopt.kernels.registry import TUNING_LOG   # every candidate's time per tuned key (bench_ms, ms)
+    check["tuning_log"] = [e for e in TUNING_LOG if e[0].startswith("attention")]
     check["kernel_runs"] = dict(K.RUNS)
     return rows, check

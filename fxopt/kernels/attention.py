@@ -53,6 +53,14 @@ CONFIGS = {
     "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
 }
+# Head dim 256 (padded): of the lists above only 1-2 per kernel fit (`fits`), e.g. dk/dv ran its one fitting config
+# (64, 64, 8, 2) at fwd+bwd 114 TFLOP/s (Gemma2-like case above). These all fit; the H200 sweep orders them.
+CONFIGS_D256 = {
+    "fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2),
+            (64, 32, 4, 3)],
+    "dkdv": [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 64, 8, 2), (64, 32, 8, 2)],
+    "dq": [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+}
 SMEM_LIMIT = 220 * 1024
 ACC_REGS_LIMIT = 128            # fp32 accumulator registers per thread (more spills)
 INTERPRET_CONFIG = (32, 32, 4, 1)   # tests set 16 to cover multi-block phases
@@ -262,6 +270,11 @@ def smem_bytes(kind, cfg, d_pad, elem=2):
     return (resident + max(1, stages) * streamed) * d_pad * elem
 
 
+def candidates(kind, d_pad):
+    """The configs launch_tuned times for this kernel and padded head dim (before the `fits` filter)."""
+    return (CONFIGS_D256 if d_pad >= 256 else CONFIGS)[kind]
+
+
 def fits(kind, cfg, d_pad):
     bm, bn, warps, _s = cfg
     acc = {"fwd": bm, "dkdv": 2 * bn, "dq": bm}[kind] * d_pad // (32 * warps)
@@ -270,7 +283,7 @@ def fits(kind, cfg, d_pad):
 
 def launch_tuned(kind: str, key: tuple, launch, d_pad: int, tune: bool = True) -> None:
     """Run `launch(cfg)` with the config chosen for (kind, key): timed once per key on the GPU over the fitting
-    CONFIGS[kind] (configs that fail to compile are skipped); the interpreter uses one config. tune=False (fp32's
+    candidates(kind, d_pad) (configs that fail to compile are skipped); the interpreter uses one config. tune=False (fp32's
     IEEE dots): the smallest fitting config, untimed; in an fp32 fine-tune test on the H200 (head dim 64) the
     candidates' builds ran past 100 s, and so did the first config's (128x64) alone."""
     if interpreting():
@@ -279,7 +292,8 @@ def launch_tuned(kind: str, key: tuple, launch, d_pad: int, tune: bool = True) -
     if cfg is not None:
         return launch(cfg)
     smallest = lambda cs: min(cs, key=lambda c: smem_bytes(kind, c, d_pad))
-    cands = [c for c in CONFIGS[kind] if fits(kind, c, d_pad)] or [smallest(CONFIGS[kind])]
+    listed = candidates(kind, d_pad)
+    cands = [c for c in listed if fits(kind, c, d_pad)] or [smallest(listed)]
     if capturing():   # recording a CUDA graph: no timing now (the choice is made on a later, uncaptured call)
         return launch(cands[0])
     if not tune:   # the smallest tiles: the least for the compiler (fp32 builds are the slow ones)

@@ -65,6 +65,24 @@ def test_fxopt_tune_0_takes_defaults_without_timing(monkeypatch):
     assert len(timed) == 2 and seen == [min(fitting, key=lambda c: attention.smem_bytes("fwd", c, 64))]
 
 
+def test_attention_head_dim_256_times_its_own_configs(monkeypatch):
+    """Head dim 256 has its own candidates, all within the shared memory and register estimates, so the tuner
+    times each (the d<=128 lists left dk/dv one fitting config there); the fastest is kept for the key."""
+    monkeypatch.setattr(attention, "interpreting", lambda: False)
+    monkeypatch.delenv("FXOPT_TUNE", raising=False)
+    monkeypatch.delenv("FXOPT_ATTN_AUTOTUNE", raising=False)
+    for kind in ("fwd", "dkdv", "dq"):
+        monkeypatch.delenv(f"FXOPT_ATTN_{kind.upper()}_CONFIG", raising=False)
+        listed = attention.CONFIGS_D256[kind]
+        assert attention.candidates(kind, 256) == listed and attention.candidates(kind, 128) == attention.CONFIGS[kind]
+        assert all(attention.fits(kind, c, 256) for c in listed)
+        fast = listed[-1]
+        monkeypatch.setattr(attention, "bench_ms", lambda fn: fn())
+        ran = []
+        attention.launch_tuned(kind, ("d256-test",), lambda c: ran.append(c) or (0.5 if c == fast else 1.0), 256)
+        assert ran == listed + [fast] and attention.TUNED.pop((kind, ("d256-test",))) == fast
+
+
 def test_measured_choices_are_logged(monkeypatch):
     """Each measured first-call choice is logged with every candidate's time (benchmarks record the log)."""
     monkeypatch.setattr(lora, "bench_ms", lambda fn: {1: 2.0, 2: 0.5}[fn()])
@@ -91,7 +109,8 @@ def test_every_cache_in_kernels_is_made_before_the_first_run():
     found = {f"{p.stem}.{name}" for p in (root / "kernels").glob("*.py")
              for name in re.findall(r"@functools\.(?:lru_cache|cache)\b[^\n]*\n(?:@[^\n]*\n)*def (\w+)", p.read_text())}
     assert found == set(CACHES), f"caches in fxopt/kernels without a compile-time maker: {sorted(found - set(CACHES))}"
-    assert "nf4_code(device)" in (root / "patterns" / "lora.py").read_text()
+    made = (root / "patterns" / "lora.py").read_text()
+    assert "nf4_code(device)" in made and "skinny_counters(device)" in made   # and lora._COUNTERS, a dict
 
 
 @pytest.mark.gpu
