@@ -285,7 +285,7 @@ s15a)   # the skinny kernel's split reduction in-kernel (tile counters; 896 sepa
         --time-limit $(( left - 8 ))
     ;;
 s15b)   # the Gemma2-like step (head dim 256 attention, soft-cap) profiled with the d256 configs; the 7 GiB 8B point
-    # at HEAD (planner's lm_head + loss chunks, in-kernel split sums)
+    # at HEAD (planner's lm_head + loss chunks)
     step gemma2_d256 290 python3 benchmarks/run_suite.py gemma2_d256 --out "$OUT/train_step.jsonl" --time-limit 285
     left=$(( ${S15B_END:-570} - $(elapsed) ))
     step offload8b_s15 "$left" python3 benchmarks/run_suite.py offload8b_s15 --out "$OUT/train_step.jsonl" \

@@ -120,10 +120,13 @@ PROF07_8B = grid("8b", "qlora", ["fxopt:0.7"], batch=2, steps=5, warmup=3, timeo
 FINAL21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                   profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-s12")
 # The same point with the skinny kernel's split sums in-kernel (b03dd37 ran 15,460 tok/s at 20.67 GiB, 896 separate
-# reductions 3.2 ms), and the 7 GiB offload point after the planner's chunk change and that kernel change.
+# reductions 3.2 ms). Measured (672d3aa): 15,285 tok/s at 20.67 GiB; the reductions went, the skinny kernels took
+# 19.7 ms instead of 17.0 (the last program of each tile sums after the others), so the change was removed.
 SPLIT21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                   profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-splitsum")
-OFFLOAD8B_S15 = offload8b_point("cg-offload-splitsum")
+# The 7 GiB offload point after the planner's lm_head + loss chunk change (fxopt plan: 4096 -> 512 rows, offloads
+# 1.0 -> 0.57 GB); 11,699 tok/s at 6.92 GiB before (670c1c0, cg-offload-loraterm).
+OFFLOAD8B_S15 = offload8b_point("cg-offload-s12")
 # torch's own activation_memory_budget on the 8B QLoRA step at fxopt's budgets (issue 10 asks for it in the same
 # run): Inductor without a budget measured 10.8k tok/s at 35.9 GiB (anchors), ~190 s of compilation each.
 AMB8B = grid("8b", "qlora", ["inductor:0.6", "inductor:0.2"], batch=2, steps=5, warmup=3, timeout=280)

@@ -22,7 +22,8 @@ transpose(1, 2).reshape(B, S, Hq * D) is then free, and so is the transpose of t
 Measured (H200, torch 2.11, triton 3.6, bf16, benchmarks/kernel_bench/attention.py, dq 'separate'):
   causal GQA 32/8 d128 s2048 b8: fwd 368 TFLOP/s (SDPA 492), fwd+bwd 285 (SDPA 386, Inductor-eager 109): 0.74x SDPA
   causal GQA 32/8 d128 s8192 b2: fwd 435 (SDPA 547), fwd+bwd 342 (SDPA 494): 0.69x SDPA
-  Gemma2-like d256 8/4 cap 50 s2048 b4: fwd 197 (2.9x Inductor-eager), fwd+bwd 114 (1.0x Inductor-eager)
+  Gemma2-like d256 8/4 cap 50 s2048 b4: fwd 197 (2.9x Inductor-eager), fwd+bwd 114 (1.0x Inductor-eager); with
+  CONFIGS_D256 (672d3aa): fwd 217 (0.317 ms, 2.3x Inductor-eager's 0.726), fwd+bwd 137 (1.75 ms, 0.98x its 1.71)
   rel error vs SDPA: out 1.0e-3, dq/dk/dv 2.7-3.7e-3; vs fp32 math 2.0-2.5e-3.
 The backward is the gap: the separate dq kernel makes it 7 GEMMs instead of FA2's 5 (dq mode 'atomic' in
 attention_bwd.py is the 5-GEMM variant, not yet timed on the GPU).
@@ -53,13 +54,17 @@ CONFIGS = {
     "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
 }
-# Head dim 256 (padded): of the lists above only 1-2 per kernel fit (`fits`), e.g. dk/dv ran its one fitting config
-# (64, 64, 8, 2) at fwd+bwd 114 TFLOP/s (Gemma2-like case above). These all fit; the H200 sweep orders them.
+# Head dim 256 (padded): of the lists above only 1-3 per kernel fit (`fits`); dk/dv had one, (64, 64, 8, 2). H200,
+# Gemma2-like case (b4 s2048 8/4 heads, soft-cap, causal), 672d3aa, bench_ms per kernel (attention_d256_h200.json):
+#   fwd  (128, 64, 8, 2) 0.319 ms; (128, 32, 8, 3) 0.347; (64, 32, 4, 2) 0.348; (64, 64, 4, 2) 0.447; 3 more slower
+#   dkdv (64, 32, 4, 2) 0.923; (32, 32, 4, 2) 0.962; (64, 32, 8, 2) 0.967; (64, 64, 8, 2) 1.230; 2 more slower
+#   dq   (128, 32, 8, 2) 0.443; (32, 64, 4, 2) 0.521; (64, 32, 4, 2) 0.576; (64, 64, 8, 2) 0.657; 2 more slower
+# (dq 'atomic': its dk/dv kernel's best, (32, 32, 4, 2), took 1.572 ms, more than dk/dv + dq separate). The three
+# fastest of each are timed per shape, the first is the untimed default.
 CONFIGS_D256 = {
-    "fwd": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2),
-            (64, 32, 4, 3)],
-    "dkdv": [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 64, 8, 2), (64, 32, 8, 2)],
-    "dq": [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+    "fwd": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2)],
+    "dkdv": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)],
+    "dq": [(128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
 }
 SMEM_LIMIT = 220 * 1024
 ACC_REGS_LIMIT = 128            # fp32 accumulator registers per thread (more spills)
@@ -283,8 +288,8 @@ def fits(kind, cfg, d_pad):
 
 def launch_tuned(kind: str, key: tuple, launch, d_pad: int, tune: bool = True) -> None:
     """Run `launch(cfg)` with the config chosen for (kind, key): timed once per key on the GPU over the fitting
-    candidates(kind, d_pad) (configs that fail to compile are skipped); the interpreter uses one config. tune=False (fp32's
-    IEEE dots): the smallest fitting config, untimed; in an fp32 fine-tune test on the H200 (head dim 64) the
+    candidates(kind, d_pad) (configs that fail to compile are skipped); the interpreter uses one config.
+    tune=False (fp32's IEEE dots): the smallest fitting config, untimed; in an fp32 fine-tune test on the H200 (head dim 64) the
     candidates' builds ran past 100 s, and so did the first config's (128x64) alone."""
     if interpreting():
         return launch(INTERPRET_CONFIG)

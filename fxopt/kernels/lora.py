@@ -46,16 +46,12 @@ if triton_available():
         return r
 
     @triton.jit
-    def _skinny_kernel(BIG, SMALL, OUT, PART, CNT, P, Q, RANK, scale, s_bp, s_bq, s_sq, s_sr, s_os, s_op, s_or,
-                       HALF: tl.constexpr, INTERP: tl.constexpr, SPLIT: tl.constexpr, BP: tl.constexpr,
-                       BQ: tl.constexpr, RB: tl.constexpr):
-        """OUT[p, :r] = scale * sum over q of BIG[p, q] * SMALL[q, :r]; BIG half, SMALL fp32 split as hi + lo half
-        values (hi = half(s), lo = half(s - hi)): two tensor-core dots with fp32 accumulation give ~2^-17 relative
-        accuracy without an fp32 copy of BIG. The q range is split over num_programs(1) programs. SPLIT: each stores
-        its partial in PART [split, P, RB] and the last of a row tile to finish (CNT[pid_p] counts them) sums the
-        partials in split order, so the result is deterministic, and sets CNT[pid_p] back to 0 (PART holds fewer
-        than 2^31 elements: s * P * RB does not overflow). Else program
-        (p, s) stores its partial at OUT + s * s_os (summed by the caller)."""
+    def _skinny_kernel(BIG, SMALL, OUT, P, Q, RANK, scale, s_bp, s_bq, s_sq, s_sr, s_os, s_op, s_or,
+                       HALF: tl.constexpr, INTERP: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
+                       RB: tl.constexpr):
+        """OUT[split, p, :r] = scale * sum over this program's share of q of BIG[p, q] * SMALL[q, :r]; BIG half,
+        SMALL fp32 split as hi + lo half values (hi = half(s), lo = half(s - hi)): two tensor-core dots with fp32
+        accumulation give ~2^-17 relative accuracy without an fp32 copy of BIG."""
         pid_p = tl.program_id(0)
         pid_s = tl.program_id(1)
         per = tl.cdiv(tl.cdiv(Q, tl.num_programs(1)), BQ) * BQ
@@ -81,50 +77,8 @@ if triton_available():
             else:
                 acc = tl.dot(b, hi, acc)
                 acc = tl.dot(b, lo, acc)
-        out_ptrs = OUT + pid_s.to(tl.int64) * s_os + p64[:, None] * s_op + r[None, :] * s_or   # s_os: 0 if SPLIT
-        out_ok = p_ok[:, None] & r_ok[None, :]
-        if SPLIT:
-            n_split = tl.num_programs(1)
-            tile = PART + p64[:, None] * RB + r[None, :]
-            tl.store(tile + pid_s.to(tl.int64) * P * RB, acc, mask=p_ok[:, None])
-            tl.debug_barrier()   # every thread's partial is stored before the release below
-            done = tl.atomic_add(CNT + pid_p, 1, sem="acq_rel")
-            if done == n_split - 1:
-                acc = tl.zeros((BP, RB), dtype=tl.float32)
-                for s in range(0, n_split):
-                    acc += tl.load(tile + s * P * RB, mask=p_ok[:, None], other=0.0, cache_modifier=".cg")
-                tl.store(out_ptrs, acc * scale, mask=out_ok)
-                tl.atomic_xchg(CNT + pid_p, 0)
-        else:
-            tl.store(out_ptrs, acc * scale, mask=out_ok)
-
-
-# Tile counters of the skinny kernel's split reduction: SLOTS rows of MAX_TILES int32 per device, zero between
-# launches (the last program of each tile resets its counter). Launches take the rows in turn, so kernels would have
-# to run concurrently on one device SLOTS launches apart to share one. Made at compile time by the LoRA patterns
-# (skinny_counters): made on the first run, under CUDA graphs they would land in the graph's pool. Without them
-# the partials are summed by a separate reduction (the 8B QLoRA step profile, H200: 896 reductions, 3.2 ms of GPU
-# time plus their launch gaps, next to 17 ms of skinny kernels).
-COUNTER_SLOTS, COUNTER_TILES = 64, 1024
-_COUNTERS: dict = {}   # str(device) -> [COUNTER_SLOTS, COUNTER_TILES] int32
-_NEXT_SLOT = [0]
-
-
-def skinny_counters(device) -> torch.Tensor:
-    """The zeroed tile counters of `device`, made once (call at compile time, before any CUDA graph)."""
-    key = str(torch.device(device))
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros((COUNTER_SLOTS, COUNTER_TILES), dtype=torch.int32, device=device)
-    return _COUNTERS[key]
-
-
-def _counter_row(device, tiles: int):
-    """A row of at least `tiles` counters, the next in turn; None when none were made for the device."""
-    c = _COUNTERS.get(str(device))
-    if c is None or tiles > COUNTER_TILES:
-        return None
-    _NEXT_SLOT[0] = (_NEXT_SLOT[0] + 1) % COUNTER_SLOTS
-    return c[_NEXT_SLOT[0]]
+        tl.store(OUT + pid_s * s_os + p64[:, None] * s_op + r[None, :] * s_or, acc * scale,
+                 mask=p_ok[:, None] & r_ok[None, :])
 
 
 def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0, scale: float = 1.0,
@@ -137,31 +91,19 @@ def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0, scale: flo
     interp = big.device.type != "cuda"
     bp, bq = (64, 64) if not interp else (max(16, min(64, next_pow2(P))), max(16, min(64, next_pow2(Q))))
     n_p = triton.cdiv(P, bp)
-    rb = max(16, next_pow2(rank))
-    # split 0: the reduction over enough programs for ~2 per SM. H200, 8B shapes
-    # (benchmarks/results/lora_term_sweep_h200_first.json): 2.4-3.2 TB/s; one program per 16-64 rows with no split
-    # and 128-256 wide q tiles ran 1.2-3x slower at every shape, so there is one config.
+    # split 0: the reduction over enough programs for ~2 per SM (partials summed after; [split, P, r] fp32 is small).
+    # H200, 8B shapes (benchmarks/results/lora_term_sweep_h200_first.json): 2.4-3.2 TB/s; one program per 16-64 rows
+    # with no split and 128-256 wide q tiles ran 1.2-3x slower at every shape, so there is one config.
     if split == 0:
         split = 2 if interp else max(1, min(triton.cdiv(Q, 4 * bq), triton.cdiv(2 * num_sms(big.device), n_p)))
     split = max(1, min(split, triton.cdiv(Q, bq)))
-    dev = big.device
-
-    def launch(out, part, cnt, s_os, s_op, s_or):   # cnt None: each partial at out + s * s_os
-        _skinny_kernel[(n_p, split)](big, small, out, part, out if cnt is None else cnt, P, Q, rank, float(scale),
-                                     big.stride(0), big.stride(1), small.stride(0), small.stride(1), s_os, s_op, s_or,
-                                     HALF=int(big.dtype == torch.float16), INTERP=interp, SPLIT=cnt is not None,
-                                     BP=bp, BQ=bq, RB=rb, num_warps=4)
-
-    cnt = _counter_row(dev, n_p) if split > 1 else None
-    if split > 1 and cnt is None:   # no counters: partials [split, P, r] (or [split, r, P]), summed after
-        part = torch.empty((split, rank, P) if transpose else (split, P, rank), dtype=torch.float32, device=dev)
-        launch(part, part, None, part.stride(0), *((part.stride(2), part.stride(1)) if transpose
-                                                  else (part.stride(1), part.stride(2))))
-        return part.sum(0)
-    out = torch.empty((rank, P) if transpose else (P, rank), dtype=torch.float32, device=dev)
-    part = torch.empty((split, P, rb), dtype=torch.float32, device=dev) if cnt is not None else out
-    launch(out, part, cnt, 0, *((out.stride(1), out.stride(0)) if transpose else (out.stride(0), out.stride(1))))
-    return out
+    part = torch.empty((split, rank, P) if transpose else (split, P, rank), dtype=torch.float32, device=big.device)
+    s_op, s_or = (part.stride(2), part.stride(1)) if transpose else (part.stride(1), part.stride(2))
+    _skinny_kernel[(n_p, split)](big, small, part, P, Q, rank, float(scale), big.stride(0), big.stride(1),
+                                 small.stride(0), small.stride(1), part.stride(0), s_op, s_or,
+                                 HALF=int(big.dtype == torch.float16), INTERP=interp, BP=bp, BQ=bq,
+                                 RB=max(16, next_pow2(rank)), num_warps=4)
+    return part[0] if split == 1 else part.sum(0)
 
 
 _SKINNY_CHOICE: dict = {}  # (shape, strides, dtypes) -> "triton" | "fp32"; env FXOPT_LORA_SKINNY forces one

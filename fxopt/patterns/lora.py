@@ -26,7 +26,6 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxopt.kernels import lora as _ops  # noqa: F401  (registers the ops)
-from fxopt.kernels.lora import skinny_counters
 from fxopt.kernels.nf4 import nf4_code
 from fxopt.normalize import meta
 from fxopt.patterns.match import (Match, NoMatch, Pattern, arg, call, cast_dtype, insert_op, number, only_user,
@@ -319,23 +318,11 @@ def match_lora(b_lin):
                  params=dict(x=x, w=W, bias=bias, A=A, B=B, scale=scale, out_dtype=meta(out).dtype))
 
 
-def _make_device_caches(x, nf4: bool):
-    """The kernels' per-device tensors (the NF4 code book, the rank-r products' tile counters), made now, at compile
-    time: made on the first run instead, under the `cudagraphs` option they would land in the CUDA graph pool, a
-    live allocation no graph output owns (Inductor refuses that: H200, 8B QLoRA, sha 13b6842)."""
-    device = getattr(meta(x), "device", None)
-    if device is not None:
-        skinny_counters(device)
-        if nf4:
-            nf4_code(device)
-
-
 def replace_lora(graph, m):
     q = m.params
     y, _ = insert_op(graph, m.output, torch.ops.fxopt.lora.default,
                      (q["x"], q["w"], q["bias"], q["A"], q["B"], q["scale"], q["out_dtype"]), n_outputs=2)
     replace_output(graph, m, y)
-    _make_device_caches(q["x"], nf4=False)
     return y
 
 
@@ -425,7 +412,12 @@ def replace_lora_nf4(graph, m):
             q["scale"], q["blocksize"], q["blocksize2"], q["n"], q["k"], q["compute_dtype"], q["out_dtype"])
     y, _ = insert_op(graph, m.output, torch.ops.fxopt.lora_nf4.default, args, n_outputs=2)
     replace_output(graph, m, y)
-    _make_device_caches(q["packed"], nf4=True)
+    # The kernels read the NF4 code-book from a tensor cached per device. Made now, at compile time: made on the
+    # first run instead, under the `cudagraphs` option it would land in the CUDA graph pool, a live allocation no
+    # graph output owns (Inductor refuses that: H200, 8B QLoRA, sha 13b6842).
+    device = getattr(meta(q["packed"]), "device", None)
+    if device is not None:
+        nf4_code(device)
     return y
 
 

@@ -284,14 +284,11 @@ def lora_skinny_cases(dts=("bf16", "fp16")):
     out = []
     for dt in dts:
         # big @ small: x A^T (x [M, K] row-major, A^T a view) and x^T dxa (x^T a view, dxa [M, r] row-major)
-        # split: the partials summed in the kernel (int32 tile counters) or stored at OUT + s * s_os
-        for mode, ones, rb, split in (("x A^T r16 split", ("s_bq", "s_sq", "s_or"), 16, True),
-                                      ("x A^T r16", ("s_bq", "s_sq", "s_or"), 16, False),
-                                      ("x^T dxa r64 split", ("s_bp", "s_sr", "s_or"), 64, True)):
-            out.append(case("lora._skinny_kernel", mode, dt,
-                            dict(BIG=dt, SMALL="fp32", OUT="fp32", PART="fp32", CNT="i32" if split else "fp32"),
-                            dict(HALF=int(dt == "fp16"), INTERP=False, SPLIT=split, BP=64, BQ=64, RB=rb),
-                            dict(num_warps=4), floats=("scale",), ones=ones))
+        for mode, ones, rb in (("x A^T r16", ("s_bq", "s_sq", "s_or"), 16),
+                               ("x^T dxa r64", ("s_bp", "s_sr", "s_or"), 64)):
+            out.append(case("lora._skinny_kernel", mode, dt, dict(BIG=dt, SMALL="fp32", OUT="fp32"),
+                            dict(HALF=int(dt == "fp16"), INTERP=False, BP=64, BQ=64, RB=rb), dict(num_warps=4),
+                            floats=("scale",), ones=ones))
     return out
 
 

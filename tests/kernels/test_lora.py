@@ -155,23 +155,11 @@ def test_opcheck(no_fallback):
                                                          *state, torch.float32, True, True, True, False))
 
 
-@pytest.fixture(params=["counters", "no-counters"])
-def counters(request, monkeypatch):
-    """The skinny kernel's split reduction in-kernel (tile counters made, as the LoRA patterns do at compile time)
-    or by a separate sum of the partials (none made for the device)."""
-    from fxopt.kernels import lora
-    monkeypatch.setattr(lora, "_COUNTERS", {})
-    if request.param == "counters":
-        lora.skinny_counters(DEV)
-    return request.param == "counters"
-
-
 @pytest.mark.parametrize("split", [0, 1, 3])
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
-def test_skinny_mm_fp32_accuracy_from_half(half, split, counters):
+def test_skinny_mm_fp32_accuracy_from_half(half, split):
     """fp32 adapters over a half model: big (half) @ small (fp32) with hi/lo split dots, vs an fp32 matmul; the
-    reduction split over programs (split 0: 2 programs in the interpreter) and not, the partials summed in the
-    kernel by the last program of each row tile (counters) or after it."""
+    reduction split over programs (partials summed; split 0: 2 programs in the interpreter) and not; [r, P] stores."""
     from fxopt.kernels import lora
     big = torch.randn(70, 150, device=DEV).to(half)
     small = torch.randn(150, 5, device=DEV)
@@ -180,32 +168,11 @@ def test_skinny_mm_fp32_accuracy_from_half(half, split, counters):
             out = lora.skinny_mm(b, small, split, transpose=transpose)
             assert out.dtype == torch.float32 and out.shape == ((5, 70) if transpose else (70, 5))
             assert out.is_contiguous() and rel(out.t() if transpose else out, b.float() @ small) <= 1e-5
-    if counters:   # every tile's last program set its counter back to 0
-        assert int(lora._COUNTERS[str(torch.device(DEV))].abs().sum()) == 0
-
-
-def test_skinny_split_reduction_is_deterministic_and_counters_reset(monkeypatch):
-    """In-kernel split sums: bitwise the same over repeated calls (partials added in split order, whichever program
-    finishes last), the separate sum of the same partials within rounding, each call on the next row of counters; a row
-    tile count past COUNTER_TILES falls back to the separate sum."""
-    from fxopt.kernels import lora
-    monkeypatch.setattr(lora, "_COUNTERS", {})
-    big = torch.randn(150, 700, device=DEV).bfloat16()
-    small = torch.randn(700, 3, device=DEV)
-    apart = lora.skinny_mm(big, small, 4, scale=0.5)
-    c = lora.skinny_counters(DEV)
-    row0 = lora._NEXT_SLOT[0]
-    runs = [lora.skinny_mm(big, small, 4, scale=0.5) for _ in range(3)]
-    assert all(torch.equal(r, runs[0]) for r in runs) and rel(runs[0], apart) <= 1e-6
-    assert lora._NEXT_SLOT[0] == (row0 + 3) % lora.COUNTER_SLOTS and int(c.abs().sum()) == 0
-    monkeypatch.setattr(lora, "COUNTER_TILES", 1)   # 150 rows are 3 row tiles of 64
-    assert lora._counter_row(torch.device(DEV), 3) is None
-    assert torch.equal(lora.skinny_mm(big, small, 4, scale=0.5), apart) and lora._NEXT_SLOT[0] == (row0 + 3) % lora.COUNTER_SLOTS
 
 
 @pytest.mark.parametrize("choice", ["fp32", "triton"])
 @pytest.mark.parametrize("split", [0, 1])
-def test_rank_products_scale_and_transpose_in_the_store(choice, split, monkeypatch, counters):
+def test_rank_products_scale_and_transpose_in_the_store(choice, split, monkeypatch):
     """_mm's scale and [r, P] layout (the backward's dxa/dB scale and dA's transpose, done by the kernel's store on
     the Triton path; after the product on peft's fp32 path): values of scale * big @ small, the result contiguous."""
     from fxopt.kernels import lora
