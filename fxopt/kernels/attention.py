@@ -289,8 +289,8 @@ def fits(kind, cfg, d_pad):
 def launch_tuned(kind: str, key: tuple, launch, d_pad: int, tune: bool = True) -> None:
     """Run `launch(cfg)` with the config chosen for (kind, key): timed once per key on the GPU over the fitting
     candidates(kind, d_pad) (configs that fail to compile are skipped); the interpreter uses one config.
-    tune=False (fp32's IEEE dots): the smallest fitting config, untimed; in an fp32 fine-tune test on the H200 (head dim 64) the
-    candidates' builds ran past 100 s, and so did the first config's (128x64) alone."""
+    tune=False (fp32's IEEE dots): the smallest fitting config, untimed; in an fp32 fine-tune test on the H200
+    (head dim 64) the candidates' builds ran past 100 s, and so did the first config's (128x64) alone."""
     if interpreting():
         return launch(INTERPRET_CONFIG)
     cfg = _env_config(kind) or TUNED.get((kind, key))
