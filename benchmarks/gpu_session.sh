@@ -274,7 +274,7 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
         --time-limit $(( left - 10 ))
     ;;
 s15a)   # the skinny kernel's split reduction in-kernel (tile counters; 896 separate reductions, 3.2 ms, in the 8B
-    # step); attention at head dim 256 with its own candidate configs (Gemma2-like case: fwd+bwd 1.0x Inductor);
+    # step; measured no faster and removed: rerunning this stage times HEAD's separate sums); attention at head dim 256 with its own candidate configs (Gemma2-like case: fwd+bwd 1.0x Inductor);
     # the 8B point that fills 21 GiB again (15,460 tok/s at 20.67 GiB before, b03dd37, cg-21g-s12)
     step pytest_s15a 70 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_registry.py \
         tests/kernels/test_lora.py -k "bench_ms or skinny or fp32_adapter or rank_products or head_dim_256"

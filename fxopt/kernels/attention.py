@@ -26,7 +26,7 @@ Measured (H200, torch 2.11, triton 3.6, bf16, benchmarks/kernel_bench/attention.
   CONFIGS_D256 (672d3aa): fwd 217 (0.317 ms, 2.3x Inductor-eager's 0.726), fwd+bwd 137 (1.75 ms, 0.98x its 1.71)
   rel error vs SDPA: out 1.0e-3, dq/dk/dv 2.7-3.7e-3; vs fp32 math 2.0-2.5e-3.
 The backward is the gap: the separate dq kernel makes it 7 GEMMs instead of FA2's 5 (dq mode 'atomic' in
-attention_bwd.py is the 5-GEMM variant, not yet timed on the GPU).
+attention_bwd.py is the 5-GEMM variant; at d256 it was slower, see CONFIGS_D256).
 """
 from __future__ import annotations
 
