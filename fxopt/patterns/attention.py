@@ -2,8 +2,12 @@
 
 SDPA (anchor): F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=0, is_causal, scale, enable_gqa).
 Eager (anchor = softmax):
-  matmul(q [*s], K^T [*s]) [*s | /s]* [c * tanh(. / c)] [+ mask | masked_fill(cond, -big) | where(cond, ., -big)]
+  matmul(q [*s], K^T [*s]) [*s | /s]* [c * tanh(. / c)] [mask step [mask step]]
   -> softmax(-1 [, fp32]) [.to(dtype)] [dropout(p=0 | eval)] -> matmul(., V)
+  mask step: + mask | masked_fill(cond, -big) | where(cond, ., -big) (-big a number or a constant scalar tensor).
+  Two steps (a mask and an additive bias, e.g. ALiBi; or two masks) are one mask when at most one of them has to be
+  read as a tensor: the other is then exactly causal / sliding window (kernel flags). q and k upcast to fp32 before
+  the first matmul (v not) are taken before the cast: the kernel's dots accumulate in fp32.
 K, V: the un-repeated kv heads when they went through repeat_kv (x[:, :, None].expand(..).reshape(..)) or
 repeat_interleave(n, dim=1): the kernel maps q head h to kv head h // n. Dtype casts inside the chain are absorbed
 (the kernel keeps scores in fp32, as SDPA does). The mask is classified by fxopt/patterns/attention_mask.py.
@@ -21,7 +25,8 @@ import torch.fx as fx
 from fxopt.kernels import attention as _ops  # noqa: F401  (registers the op)
 from fxopt.normalize import meta
 from fxopt.patterns.attention_dispatch import GQA_NOTE, keep_sdpa
-from fxopt.patterns.attention_mask import classify
+from fxopt.kernels.attention_masks import MASKED_BELOW
+from fxopt.patterns.attention_mask import classify, evaluate_constant, flag_mask
 from fxopt.patterns.match import (Match, NoMatch, Pattern, arg, call, cast_dtype, insert_op, number, only_user,
                                   replace_output, require, split_scalar)
 
@@ -205,6 +210,16 @@ def _key_transposed(kt):
     return kt.args[0] if dims in ((2, 3), (3, 2), (0, 1, 3, 2)) else None
 
 
+def _big_negative(v) -> bool:
+    """v <= -1e4: a number, or a constant one-element tensor (torch.tensor(finfo.min) in the graph)."""
+    if number(v):
+        return v <= -1.0e4
+    if isinstance(v, fx.Node) and isinstance(meta(v), torch.Tensor) and meta(v).numel() == 1:
+        t = evaluate_constant(v)
+        return t is not None and t.is_floating_point() and float(t) <= -1.0e4
+    return False
+
+
 def _mask_step(node):
     """(scores input, mask node, allowed_is_not) of the mask application at `node`, else None."""
     if call(node, torch.add) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
@@ -214,30 +229,32 @@ def _mask_step(node):
         return (a, b, False) if sa else (b, a, False)
     if call(node, torch.masked_fill):
         val = arg(node, 2, "value")
-        require(number(val) and val <= -1.0e4, f"masked_fill value {val} is not a large negative number")
+        require(_big_negative(val), f"masked_fill value {val} is not a large negative number")
         return node.args[0], node.args[1], True
     if call(node, torch.where) and len(node.args) == 3:
         c, a, b = node.args
-        if number(b) and b <= -1.0e4 and isinstance(a, fx.Node):
+        if _big_negative(b) and isinstance(a, fx.Node) and a is not b:
             return a, c, False
-        if number(a) and a <= -1.0e4 and isinstance(b, fx.Node):
+        if _big_negative(a) and isinstance(b, fx.Node):
             return b, c, True
     return None
 
 
 def _walk_scores(x):
-    """From the softmax input back to matmul(q, k^T): (matmul, scale, softcap, mask, invert, nodes)."""
-    nodes, mask, invert = [], None, False
+    """From the softmax input back to matmul(q, k^T): (matmul, scale, softcap, [(mask, invert)], nodes)."""
+    nodes, masks = [], []
     x0 = _skip_casts(x)
     nodes += _between(x, x0)
-    step = _mask_step(x0)
-    if step is not None:
+    while len(masks) < 2:
+        step = _mask_step(x0)
+        if step is None:
+            break
         x1, mask, invert = step
+        masks.append((mask, invert))
         nodes.append(x0)
-    else:
-        x1 = x0
-    x2 = _skip_casts(x1)
-    nodes += _between(x1, x2)
+        x0 = _skip_casts(x1)
+        nodes += _between(x1, x0)
+    x2 = x0
     x3, cap, capnodes = _softcap(x2)
     nodes += capnodes
     scale = 1.0
@@ -251,7 +268,47 @@ def _walk_scores(x):
         nodes.append(x4)
         x3 = inner
     require(call(x3, *_MATMUL), f"softmax input does not come from matmul(q, k^T) ({x3.target})")
-    return x3, scale, cap, mask, invert, nodes
+    return x3, scale, cap, masks, nodes
+
+
+def _one_mask(masks, qs, ks):
+    """(tensor mask or None, invert, causal, window, why) of the walk's mask steps: their conjunction, with at most
+    one tensor for the kernel to read (the other steps exact causal / window flags)."""
+    tmask, invert, causal, window, whys = None, False, False, 0, []
+    for mask, inv in masks:
+        t, c, w, why = _mask_params(mask, qs, ks, inv)
+        require(t is None or tmask is None, "two mask steps that both have to be read as tensors (the kernel reads "
+                                            "one)")
+        if t is not None:
+            tmask, invert = t, inv
+        causal = causal or c
+        window = min(window, w) if window and w else (window or w)
+        whys.append(why)
+    if tmask is not None:
+        _check_bias(tmask, causal, window, qs[2], ks[2])
+    return tmask, invert, causal, window, "; ".join(whys) or "no mask"
+
+
+def _check_bias(t, causal, window, Sq, Sk):
+    """A constant additive bias with real values (ALiBi) that the kernel reads: where it is <= MASKED_BELOW the kernel
+    masks. That equals eager unless a row keeps nothing above it (eager then weights those values, the kernel finds
+    an empty row), e.g. ALiBi's first row at long lengths: rejected there."""
+    v = evaluate_constant(t) if meta(t).is_floating_point() else None
+    if v is None or bool(((v == 0) | (v <= MASKED_BELOW)).all()):   # input-dependent, or a 0 / -big mask
+        return
+    rows = v.expand(*v.shape[:-2], Sq, Sk) if v.dim() >= 2 else v.expand(Sq, Sk)
+    allowed = flag_mask(Sq, Sk, causal, window, v.device)
+    kept = ((rows > MASKED_BELOW) & allowed).any(-1) | ~allowed.any(-1)
+    require(bool(kept.all()), f"constant additive bias <= {MASKED_BELOW} over a whole row (min "
+                              f"{float(v.min()):.3g}): the kernel would read the row as empty")
+
+
+def _unupcast(q, k, v):
+    """q, k before a cast to fp32 that only they went through (fp32 scores, e.g. gpt_neo), when v has their dtype."""
+    qi, ki = _skip_casts(q), _skip_casts(k)
+    if meta(q).dtype == meta(k).dtype == torch.float32 and meta(qi).dtype == meta(ki).dtype == meta(v).dtype:
+        return qi, ki
+    return q, k
 
 
 def _between(a, b):
@@ -263,15 +320,14 @@ def _between(a, b):
 
 
 def _reaches_matmul(x, depth=12):
-    for _ in range(depth):
-        if not isinstance(x, fx.Node):
-            return False
-        if call(x, *_MATMUL):
-            return True
-        if not x.args or not isinstance(x.args[0], fx.Node):
-            return False
-        x = x.args[0]
-    return False
+    """Whether x comes from a matmul through first operands (through where(c, a, b): a or b)."""
+    if depth == 0 or not isinstance(x, fx.Node):
+        return False
+    if call(x, *_MATMUL):
+        return True
+    if call(x, torch.where) and len(x.args) == 3:
+        return any(_reaches_matmul(a, depth - 1) for a in x.args[1:])
+    return bool(x.args) and _reaches_matmul(x.args[0], depth - 1)
 
 
 def _scaled(node):
@@ -290,7 +346,7 @@ def match_eager(sm):
     x = sm.args[0]
     require(isinstance(x, fx.Node) and len(_shape(x)) == 4, "softmax input is not 4-D scores")
     require(dim in (-1, 3), f"softmax over dim {dim}, not the key dim")
-    mm1, scale, cap, mask, invert, chain = _walk_scores(x)
+    mm1, scale, cap, masks, chain = _walk_scores(x)
     q_in, kt = mm1.args[:2]
     q, sq = _scaled(q_in)
     k_in = _key_transposed(_skip_casts(kt))
@@ -317,13 +373,12 @@ def match_eager(sm):
     v0, vrep = _unrepeat(nxt.args[1])
     if _shape(k0)[1] != _shape(v0)[1]:
         k0, krep, v0, vrep = k, [], nxt.args[1], []
+    q, k0 = _unupcast(q, k0, v0)
     qs, ks = _check_qkv(q, k0, v0)
     require(meta(nxt).dtype == meta(q).dtype, f"output dtype {meta(nxt).dtype} differs from q's {meta(q).dtype}")
     for n in (mm1, *chain):
         require(len(n.users) == 1, f"intermediate {n.name} is also used outside the attention")
-    tmask, causal, window, why = None, False, 0, "no mask"
-    if mask is not None:
-        tmask, causal, window, why = _mask_params(mask, qs, ks, invert)
+    tmask, invert, causal, window, why = _one_mask(masks, qs, ks)
     nodes = [nxt, *tail, sm, *chain, mm1, *krep, *vrep]
     return Match(anchor=sm, output=nxt, nodes=nodes,
                  params=dict(q=q, k=k0, v=v0, mask=tmask, invert=invert and tmask is not None,

@@ -129,7 +129,7 @@ def _as_rows(allowed: torch.Tensor, Sq: int, Sk: int):
     return any_, bool(torch.equal(any_, all_))
 
 
-def _flag_mask(Sq, Sk, causal, window, device):
+def flag_mask(Sq, Sk, causal, window, device):
     """[Sq, Sk] bool of what the causal/window flags allow (the kernels' own definition)."""
     ok = allowed_mask(Sq, Sk, causal, window, None, device)
     return torch.ones(Sq, Sk, dtype=torch.bool, device=device) if ok is None else ok
@@ -158,7 +158,7 @@ def classify_constant(t: torch.Tensor, Sq: int, Sk: int):
     if bool(rows.all()):
         return MaskInfo(why="constant mask that allows everything")
     causal, window = _tightest_flags(rows, Sq, Sk)
-    if (causal or window) and torch.equal(rows, _flag_mask(Sq, Sk, causal, window, rows.device)):
+    if (causal or window) and torch.equal(rows, flag_mask(Sq, Sk, causal, window, rows.device)):
         return MaskInfo(causal=causal, window=window, why="constant mask == causal/window (evaluated)")
     return MaskInfo(causal=causal, window=window, tensor=True, why="constant mask, not causal/window: read")
 
@@ -283,7 +283,7 @@ def _packed_docs(parts, B, Sq, Sk):
                 return None
             rows, uniform = _as_rows(v, Sq, Sk)
             c, w = _tightest_flags(rows, Sq, Sk)
-            if not uniform or not (bool(rows.all()) or torch.equal(rows, _flag_mask(Sq, Sk, c, w, rows.device))):
+            if not uniform or not (bool(rows.all()) or torch.equal(rows, flag_mask(Sq, Sk, c, w, rows.device))):
                 return None
             causal, window = causal or c, _tighter(window, w)
             continue
@@ -429,7 +429,7 @@ def classify(mask: fx.Node, Sq, Sk, allowed_is_not: bool = False) -> MaskInfo:
                 c, w = _tightest_flags(rows, Sq, Sk)
                 if c or w:
                     causal, window = causal or c, _tighter(window, w)
-                    decided += uniform and torch.equal(rows, _flag_mask(Sq, Sk, c, w, rows.device))
+                    decided += uniform and torch.equal(rows, flag_mask(Sq, Sk, c, w, rows.device))
             if big and decided == len(parts) and (causal or window):   # every conjunct exactly all / causal / window
                 info = MaskInfo(causal=causal, window=window, why=(
                     f"constant mask of {meta(mask).numel()} elements, too large to evaluate; each conjunct decided "

@@ -145,14 +145,12 @@ ARCHS: dict[str, Arch] = {
                        xfail={"attention": "ALiBi scores are baddbmm(alibi, q, k^T) on 3-D [B*H, S, D] then "
                                            "masked_fill: fxopt/patterns/attention.py anchors on matmul(q, k^T) of "
                                            "4-D q/k (the op could take the bias as an additive mask)"}),
+    # ALiBi: scores = q @ k^T * s + alibi (a constant bias the kernel reads), then masked_fill(causal): two steps
     "mpt": _ln_model(2 * L + 1, 0, 4 * L, attn=("eager",), core=False,
-                     zero={"rope": "ALiBi position bias, no rotary"},
-                     xfail={"attention": "ALiBi: scores = q @ k^T * s + alibi, then + mask: the walk from softmax "
-                                         "stops at the bias add (fxopt/patterns/attention.py)"}),
+                     zero={"rope": "ALiBi position bias, no rotary"}),
+    # fp32 scores of upcast q/k, where(causal buffer, s, torch.tensor(min)) then + the causal mask: two steps
     "gpt_neo": _ln_model(2 * L + 1, 0, 6 * L, attn=("eager",), core=False, drop=NO_KV,
-                         overrides={"attention_types": [[["global", "local"], 1]], "window_size": 8},  # 2 layers
-                         xfail={"attention": "unscaled fp32 scores, where(causal, s, min) then + mask: two mask "
-                                             "steps, the pattern takes one (fxopt/patterns/attention.py)"}),
+                         overrides={"attention_types": [[["global", "local"], 1]], "window_size": 8}),  # 2 layers
     "xglm": _ln_model(2 * L + 1, 0, 6 * L, attn=("eager",), core=False,
                       zero={"rope": "sinusoidal absolute positions, no rotary"},
                       xfail={"attention": "bmm on 3-D [B*H, S, D] q/k/v, viewed 4-D only around the mask: "

@@ -207,3 +207,75 @@ def test_mask_requiring_grad_rejected():
     fn = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)
     torch.compile(fn, backend="fxopt", options=OPTS)(*_qkv(hkv=HQ), bias)
     assert "mask requires grad" in _reasons(fxopt.last_report())
+
+
+# ---- two mask steps (ALiBi bias + causal fill; a mask buffer + the causal mask), upcast q/k ----
+
+def _alibi(slopes_from=0.1):
+    """mpt-style ALiBi [H, 1, S]: -slope * distance to the last key (the causal fill makes it relative per row)."""
+    j = torch.arange(S)
+    return (j - (S - 1)).float()[None, None, :] * torch.linspace(slopes_from, 0.8, HQ)[:, None, None]
+
+
+def eager_alibi_fill(q, k, v, slopes_from=0.1):
+    s = torch.matmul(q, repeat_kv(k, 2).transpose(-1, -2)) * 0.25 + _alibi(slopes_from)
+    cm = torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1)
+    s = s.masked_fill(cm, torch.finfo(s.dtype).min)
+    return torch.matmul(torch.softmax(s.float(), dim=-1).to(q.dtype), repeat_kv(v, 2))
+
+
+def eager_buffer_then_mask(q, k, v, buf):
+    """gpt_neo-style: fp32 scores of upcast q/k, where(bool buffer slice, s, torch.tensor(min)), + additive causal."""
+    s = torch.matmul(q.to(torch.float32), repeat_kv(k, 2).to(torch.float32).transpose(-1, -2))
+    s = torch.where(buf[:, :, :S, :S], s, torch.tensor(torch.finfo(torch.float32).min))
+    i = torch.arange(S)
+    s = s + torch.where(i[None, :] <= i[:, None], 0.0, torch.finfo(torch.float32).min)
+    return torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), repeat_kv(v, 2))
+
+
+def _local_buffer(window=5, n=32):
+    """A registered-buffer-like bool [1, 1, n, n]: causal local attention (gpt_neo's local layers), a graph input."""
+    i = torch.arange(n)
+    return ((i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window))[None, None]
+
+
+def test_bias_plus_causal_fill_is_one_op(caplog, no_fallback):
+    """ALiBi (a constant bias, read by the kernel) then masked_fill(causal) (exact: flags): one op, as eager."""
+    worst, rep, text = _run(eager_alibi_fill, *_qkv(), caplog=caplog)
+    assert rep.matched["attention"] == 1, rep.rejected
+    assert "causal=True window=0 softcap=0.0 mask=tensor" in text and "non-binary" in text, text
+    assert worst <= 1e-5
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_mask_buffer_then_causal_mask_with_upcast_qk(dt, caplog, no_fallback):
+    """A bool mask from a graph input (read) and a constant causal mask (flags) in two steps, a torch.tensor(min)
+    fill, and q/k upcast to fp32 (the op takes them before the cast: q, k and v share a dtype)."""
+    q, k, v = (t.detach().to(dt).requires_grad_() for t in _qkv())
+    worst, rep, text = _run(eager_buffer_then_mask, q, k, v, _local_buffer(), caplog=caplog)
+    assert rep.matched["attention"] == 1, rep.rejected
+    assert "causal=True window=0 softcap=0.0 mask=tensor" in text, text
+    assert worst <= (1e-5 if dt == torch.float32 else 2e-2)
+
+
+def test_two_tensor_masks_rejected():
+    def fn(q, k, v, m1, m2):
+        s = (q @ k.transpose(-1, -2)).masked_fill(m1, -1e9) + m2
+        return torch.softmax(s, -1) @ v
+    m1 = torch.rand(B, 1, S, S) < 0.2
+    m2 = torch.where(torch.rand(B, 1, S, S) < 0.2, -1e9, 0.0)
+    torch._dynamo.reset()
+    torch.compile(fn, backend="fxopt", options=OPTS)(*_qkv(hkv=HQ), m1, m2)
+    rep = fxopt.last_report()
+    assert rep.matched["attention"] == 0 and "both have to be read as tensors" in _reasons(rep)
+
+
+def test_bias_at_or_below_the_mask_threshold_over_a_row_rejected():
+    """A constant bias whose first causal row is <= -1e4 (ALiBi with large slopes/lengths): the kernel would read
+    that row as empty where eager weights it; rejected with the reason, and still computed as eager."""
+    fn = lambda q, k, v: eager_alibi_fill(q, k, v, slopes_from=1e3)
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="fxopt", options=OPTS)(*_qkv())
+    rep = fxopt.last_report()
+    assert rep.matched["attention"] == 0 and "read the row as empty" in _reasons(rep)
+    assert rel(out, fn(*_qkv())) <= 1e-6
