@@ -35,7 +35,7 @@ log = logging.getLogger("fxopt.patterns.attention")
 _SDPA = (torch._C._nn.scaled_dot_product_attention,)
 _SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 _DROPOUT = (torch.nn.functional.dropout, torch.dropout)
-_MATMUL = (torch.matmul, operator.matmul)
+_MATMUL = (torch.matmul, operator.matmul, torch.bmm)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
@@ -174,6 +174,50 @@ def _skip_casts(node):
     return node
 
 
+def _ints(shape) -> bool:
+    return all(isinstance(d, int) for d in shape)
+
+
+def _fold_source(node):
+    """x when node is a view / reshape of x between [B * H, S, T] and [B, H, S, T] (leading dims merged or split),
+    else None: 3-D bmm attention (xglm) views its scores 4-D around the mask only."""
+    if not ((_method(node, "view", "reshape") or call(node, torch.reshape)) and isinstance(node.args[0], fx.Node)):
+        return None
+    a, b = _shape(node.args[0]), _shape(node)
+    ok = {len(a), len(b)} == {3, 4} and _ints(a) and _ints(b) and a[-2:] == b[-2:] and math.prod(a) == math.prod(b)
+    return node.args[0] if ok else None
+
+
+def _clamp_source(node):
+    """x of max(x, c) / maximum(x, c) / clamp(x, min=c) with a constant c <= -1e4 (finite masked scores: the kernel's
+    masked scores are -inf, and rows with nothing allowed are handled as eager's)."""
+    if call(node, torch.max, torch.maximum) and len(node.args) == 2 and _big_negative(node.args[1]):
+        return node.args[0]
+    if call(node, torch.clamp) and arg(node, 2, "max") is None and _big_negative(arg(node, 1, "min")):
+        return node.args[0]
+    return None
+
+
+def _skip_layout(node):
+    """Past casts, leading-dim folds and clamps at a big negative value (the scores path)."""
+    while True:
+        nxt = _skip_casts(node)
+        nxt = _fold_source(nxt) or _clamp_source(nxt) or nxt
+        if nxt is node:
+            return node
+        node = nxt
+
+
+def _lift4(node):
+    """The [B, H, S, D] tensor a 3-D bmm operand [B * H, S, D] was reshaped from; a 4-D node itself."""
+    if len(_shape(node)) == 4:
+        return node
+    src = _fold_source(node)
+    require(src is not None and len(_shape(src)) == 4, f"3-D attention operand {node.name} is not a [B, H, S, D] "
+                                                       "tensor with its batch and head dims merged")
+    return src
+
+
 def _scalar_factor(node):
     """(input, factor) if node is x * c or x / c with a constant c, else (None, None)."""
     if call(node, torch.mul, torch.div):
@@ -206,8 +250,10 @@ def _key_transposed(kt):
         return None
     if not all(isinstance(d, int) for d in dims):
         return None
-    dims = tuple(d % 4 for d in dims)
-    return kt.args[0] if dims in ((2, 3), (3, 2), (0, 1, 3, 2)) else None
+    n = len(_shape(kt))
+    dims = tuple(d % n for d in dims)
+    last = ((n - 2, n - 1), (n - 1, n - 2), (*range(n - 2), n - 1, n - 2))
+    return kt.args[0] if dims in last else None
 
 
 def _big_negative(v) -> bool:
@@ -241,18 +287,20 @@ def _mask_step(node):
 
 
 def _walk_scores(x):
-    """From the softmax input back to matmul(q, k^T): (matmul, scale, softcap, [(mask, invert)], nodes)."""
+    """From the softmax input back to matmul(q, k^T) or baddbmm(bias, q, k^T): (that node, q, k^T, scale, softcap,
+    [(mask, invert, added to 3-D scores)], nodes)."""
     nodes, masks = [], []
-    x0 = _skip_casts(x)
+    x0 = _skip_layout(x)
     nodes += _between(x, x0)
     while len(masks) < 2:
         step = _mask_step(x0)
         if step is None:
             break
+        require(len(_shape(x0)) == 4, "mask applied to 3-D scores [B * H, S, S]")
         x1, mask, invert = step
-        masks.append((mask, invert))
+        masks.append((mask, invert, False))
         nodes.append(x0)
-        x0 = _skip_casts(x1)
+        x0 = _skip_layout(x1)
         nodes += _between(x1, x0)
     x2 = x0
     x3, cap, capnodes = _softcap(x2)
@@ -267,26 +315,44 @@ def _walk_scores(x):
         scale *= f
         nodes.append(x4)
         x3 = inner
+    if _method(x3, "baddbmm") or call(x3, torch.baddbmm):   # bias + alpha * q k^T (ALiBi, bloom)
+        beta, alpha = x3.kwargs.get("beta", 1), x3.kwargs.get("alpha", 1)
+        q_in, kt = arg(x3, 1, "batch1"), arg(x3, 2, "batch2")
+        require(number(beta) and beta == 1 and number(alpha) and len(x3.args) <= 3,
+                f"baddbmm with beta={beta} alpha={alpha} (constant alpha and beta = 1 only)")
+        masks.append((x3.args[0], False, True))   # added to [B * H, S, S] scores: its dim 0 is B * H
+        return x3, q_in, kt, scale * float(alpha), cap, masks, nodes
     require(call(x3, *_MATMUL), f"softmax input does not come from matmul(q, k^T) ({x3.target})")
-    return x3, scale, cap, masks, nodes
+    return x3, x3.args[0], x3.args[1], scale, cap, masks, nodes
 
 
 def _one_mask(masks, qs, ks):
-    """(tensor mask or None, invert, causal, window, why) of the walk's mask steps: their conjunction, with at most
-    one tensor for the kernel to read (the other steps exact causal / window flags)."""
-    tmask, invert, causal, window, whys = None, False, False, 0, []
-    for mask, inv in masks:
+    """(tensor mask or None, invert, its [B, H, ., Sk] view or None, causal, window, why) of the walk's mask steps:
+    their conjunction, with at most one tensor for the kernel to read (the other steps exact causal / window
+    flags). A bias added to 3-D [B * H, S, S] scores is viewed 4-D (`_mask4`)."""
+    tmask, invert, view4, causal, window, whys = None, False, None, False, 0, []
+    for mask, inv, merged in masks:
         t, c, w, why = _mask_params(mask, qs, ks, inv)
         require(t is None or tmask is None, "two mask steps that both have to be read as tensors (the kernel reads "
                                             "one)")
         if t is not None:
-            tmask, invert = t, inv
+            tmask, invert, view4 = t, inv, (_mask4(t, qs) if merged else None)
         causal = causal or c
         window = min(window, w) if window and w else (window or w)
         whys.append(why)
     if tmask is not None:
         _check_bias(tmask, causal, window, qs[2], ks[2])
-    return tmask, invert, causal, window, "; ".join(whys) or "no mask"
+    return tmask, invert, view4, causal, window, "; ".join(whys) or "no mask"
+
+
+def _mask4(tmask, qs):
+    """The [B, H, ., Sk] shape a [B * H, ., Sk] bias of 3-D scores (baddbmm's) is viewed as, None for [1, ., Sk]."""
+    m = _shape(tmask)
+    if len(m) == 3 and m[0] == 1:
+        return None
+    require(len(m) == 3, f"bias {m} of 3-D scores is not 3-D")
+    require(_ints(m) and _ints(qs[:2]) and m[0] == qs[0] * qs[1], f"3-D mask {m} is not [B * H, ., S] for q {qs}")
+    return (qs[0], qs[1], m[1], m[2])
 
 
 def _check_bias(t, causal, window, Sq, Sk):
@@ -323,7 +389,7 @@ def _reaches_matmul(x, depth=12):
     """Whether x comes from a matmul through first operands (through where(c, a, b): a or b)."""
     if depth == 0 or not isinstance(x, fx.Node):
         return False
-    if call(x, *_MATMUL):
+    if call(x, *_MATMUL, torch.baddbmm) or _method(x, "baddbmm"):
         return True
     if call(x, torch.where) and len(x.args) == 3:
         return any(_reaches_matmul(a, depth - 1) for a in x.args[1:])
@@ -344,21 +410,21 @@ def _scaled(node):
 def match_eager(sm):
     dim = arg(sm, 1, "dim")
     x = sm.args[0]
-    require(isinstance(x, fx.Node) and len(_shape(x)) == 4, "softmax input is not 4-D scores")
+    require(isinstance(x, fx.Node) and len(_shape(x)) in (3, 4), "softmax input is not 3-D or 4-D scores")
     require(dim in (-1, 3), f"softmax over dim {dim}, not the key dim")
-    mm1, scale, cap, masks, chain = _walk_scores(x)
-    q_in, kt = mm1.args[:2]
+    mm1, q_in, kt, scale, cap, masks, chain = _walk_scores(x)
     q, sq = _scaled(q_in)
     k_in = _key_transposed(_skip_casts(kt))
     require(k_in is not None, "first matmul's rhs is not k^T")
     k, sk = _scaled(k_in)
+    q, k = _lift4(q), _lift4(k)
     k0, krep = _unrepeat(k)
     # forward: softmax [-> cast] [-> dropout] -> matmul(., v)
     cur, tail = sm, []
     while True:
         nxt = only_user(cur)
         require(nxt is not None, f"attention probabilities {cur.name} have several users (output_attentions?)")
-        if cast_dtype(nxt) in _FLOATS:
+        if cast_dtype(nxt) in _FLOATS or _fold_source(nxt) is cur:
             pass
         elif call(nxt, *_DROPOUT):
             training = arg(nxt, 2, "training", True)
@@ -370,19 +436,21 @@ def match_eager(sm):
         tail.append(nxt)
         cur = nxt
     require(call(nxt, *_MATMUL) and nxt.args[0] is cur, "softmax result is not multiplied by v")
-    v0, vrep = _unrepeat(nxt.args[1])
+    v4 = _lift4(nxt.args[1])
+    v0, vrep = _unrepeat(v4)
     if _shape(k0)[1] != _shape(v0)[1]:
-        k0, krep, v0, vrep = k, [], nxt.args[1], []
+        k0, krep, v0, vrep = k, [], v4, []
     q, k0 = _unupcast(q, k0, v0)
     qs, ks = _check_qkv(q, k0, v0)
     require(meta(nxt).dtype == meta(q).dtype, f"output dtype {meta(nxt).dtype} differs from q's {meta(q).dtype}")
     for n in (mm1, *chain):
         require(len(n.users) == 1, f"intermediate {n.name} is also used outside the attention")
-    tmask, invert, causal, window, why = _one_mask(masks, qs, ks)
+    tmask, invert, view4, causal, window, why = _one_mask(masks, qs, ks)
     nodes = [nxt, *tail, sm, *chain, mm1, *krep, *vrep]
     return Match(anchor=sm, output=nxt, nodes=nodes,
                  params=dict(q=q, k=k0, v=v0, mask=tmask, invert=invert and tmask is not None,
-                             scale=scale * sq * sk, causal=causal, window=window, softcap=cap, why=why))
+                             scale=scale * sq * sk, causal=causal, window=window, softcap=cap, why=why,
+                             out_shape=_shape(nxt) if len(_shape(nxt)) == 3 else None, mask4=view4))
 
 
 def match_attention(n):
@@ -399,9 +467,13 @@ def replace_attention(graph, m):
     mask = p["mask"]
     if mask is not None and p["invert"]:
         mask = insert_op(graph, m.output, torch.logical_not, (mask,))
+    if mask is not None and p.get("mask4") is not None:
+        mask = insert_op(graph, m.output, torch.reshape, (mask, p["mask4"]))
     out, _lse = insert_op(graph, m.output, torch.ops.fxopt.attention.default,
                           (p["q"], p["k"], p["v"], mask, p["scale"], p["causal"], int(p["window"]),
                            float(p["softcap"])), n_outputs=2)
+    if p.get("out_shape") is not None:   # a 3-D bmm form: its [B * H, S, D] output
+        out = insert_op(graph, m.output, torch.reshape, (out, p["out_shape"]))
     replace_output(graph, m, out)
     log.info("attention %s -> fxopt::attention (triton flash): causal=%s window=%s softcap=%s mask=%s (%s)",
              m.anchor.name, p["causal"], p["window"], p["softcap"], "tensor" if mask is not None else "none",

@@ -140,21 +140,18 @@ ARCHS: dict[str, Arch] = {
     "bitnet": Arch({"attention": L, "rms_norm": 4 * L + 1, "rope": L},    # + attn/ffn sub-norms
                    {"layer_norm": LN, "swiglu": "gated relu^2 (relu(gate)^2 * up): no fxopt GLU for relu^2",
                     "geglu": "gated relu^2, not gelu"}, 7 * L, core=False),
+    # ALiBi scores baddbmm(alibi, q, k^T) on 3-D [B*H, S, D] (the bias viewed [B, H, 1, S] for the kernel), + mask
     "bloom": _ln_model(2 * L + 2, 0, 4 * L, attn=("eager",), core=False, drop=NO_KV,  # + embedding LayerNorm
-                       zero={"rope": "ALiBi position bias, no rotary"},
-                       xfail={"attention": "ALiBi scores are baddbmm(alibi, q, k^T) on 3-D [B*H, S, D] then "
-                                           "masked_fill: fxopt/patterns/attention.py anchors on matmul(q, k^T) of "
-                                           "4-D q/k (the op could take the bias as an additive mask)"}),
+                       zero={"rope": "ALiBi position bias, no rotary"}),
     # ALiBi: scores = q @ k^T * s + alibi (a constant bias the kernel reads), then masked_fill(causal): two steps
     "mpt": _ln_model(2 * L + 1, 0, 4 * L, attn=("eager",), core=False,
                      zero={"rope": "ALiBi position bias, no rotary"}),
     # fp32 scores of upcast q/k, where(causal buffer, s, torch.tensor(min)) then + the causal mask: two steps
     "gpt_neo": _ln_model(2 * L + 1, 0, 6 * L, attn=("eager",), core=False, drop=NO_KV,
                          overrides={"attention_types": [[["global", "local"], 1]], "window_size": 8}),  # 2 layers
+    # bmm on 3-D [B*H, S, D] q/k/v, the scores viewed 4-D around the mask, clamped at finfo.min
     "xglm": _ln_model(2 * L + 1, 0, 6 * L, attn=("eager",), core=False,
-                      zero={"rope": "sinusoidal absolute positions, no rotary"},
-                      xfail={"attention": "bmm on 3-D [B*H, S, D] q/k/v, viewed 4-D only around the mask: "
-                                          "'softmax input is not 4-D scores' (fxopt/patterns/attention.py)"}),
+                      zero={"rope": "sinusoidal absolute positions, no rotary"}),
     "gpt_oss": Arch({"rms_norm": 2 * L + 1, "rope": L},
                     {"attention": "attention sinks: a learned logit column is concatenated before softmax (the "
                                   "fxopt attention op has no sinks)",

@@ -198,7 +198,7 @@ def test_non_attention_softmax_rejected():
     torch._dynamo.reset()
     torch.compile(lambda x: torch.softmax(x, -1) * 2, backend="fxopt", options=OPTS)(torch.randn(3, 5))
     rep = fxopt.last_report()
-    assert rep.matched["attention"] == 0 and "not 4-D scores" in _reasons(rep)
+    assert rep.matched["attention"] == 0 and "not 3-D or 4-D scores" in _reasons(rep)
 
 
 def test_mask_requiring_grad_rejected():
@@ -279,3 +279,44 @@ def test_bias_at_or_below_the_mask_threshold_over_a_row_rejected():
     rep = fxopt.last_report()
     assert rep.matched["attention"] == 0 and "read the row as empty" in _reasons(rep)
     assert rel(out, fn(*_qkv())) <= 1e-6
+
+
+# ---- 3-D bmm forms: scores [B * H, S, S] viewed 4-D around the mask (xglm), baddbmm(ALiBi, q, k^T) (bloom) ----
+
+def _causal_additive():
+    i = torch.arange(S)
+    return torch.where(i[None, :] <= i[:, None], 0.0, torch.finfo(torch.float32).min)[None, None].expand(B, 1, S, S)
+
+
+def eager_bmm_3d(q, k, v):
+    k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+    q3, k3, v3 = (t.reshape(B * HQ, S, D) for t in (q * 0.25, k, v))
+    s = torch.bmm(q3, k3.transpose(1, 2)).view(B, HQ, S, S) + _causal_additive()
+    s = torch.max(s, torch.tensor(torch.finfo(s.dtype).min)).view(B * HQ, S, S)
+    p = torch.softmax(s, dim=-1).view(B, HQ, S, S).view(B * HQ, S, S)
+    return torch.bmm(F.dropout(p, p=0.0, training=True), v3).view(B, HQ, S, D)
+
+
+def eager_baddbmm_alibi(q, k, v, beta=1.0):
+    k, v = repeat_kv(k, 2), repeat_kv(v, 2)
+    q3, k3, v3 = (t.reshape(B * HQ, S, D) for t in (q, k, v))
+    slopes = torch.linspace(0.1, 0.8, HQ).repeat(B)[:, None, None]
+    alibi = slopes * torch.arange(S).float()[None, None, :]                      # [B * H, 1, S]
+    s = alibi.baddbmm(batch1=q3, batch2=k3.transpose(-1, -2), beta=beta, alpha=0.25).view(B, HQ, S, S)
+    p = torch.softmax(s + _causal_additive(), dim=-1).to(q.dtype).view(B * HQ, S, S)
+    return torch.bmm(p, v3).view(B, HQ, S, D)
+
+
+@pytest.mark.parametrize("fn,expect", [(eager_bmm_3d, "mask=none"), (eager_baddbmm_alibi, "mask=tensor")])
+def test_3d_bmm_forms_are_one_op(fn, expect, caplog, no_fallback):
+    worst, rep, text = _run(fn, *_qkv(), caplog=caplog)
+    assert rep.matched["attention"] == 1, rep.rejected
+    assert f"causal=True window=0 softcap=0.0 {expect}" in text, text
+    assert worst <= 1e-5
+
+
+def test_baddbmm_with_scaled_bias_rejected():
+    torch._dynamo.reset()
+    torch.compile(lambda q, k, v: eager_baddbmm_alibi(q, k, v, beta=0.5), backend="fxopt", options=OPTS)(*_qkv())
+    rep = fxopt.last_report()
+    assert rep.matched["attention"] == 0 and "baddbmm with beta=0.5" in _reasons(rep)
