@@ -411,7 +411,7 @@ def match_eager(sm):
     dim = arg(sm, 1, "dim")
     x = sm.args[0]
     require(isinstance(x, fx.Node) and len(_shape(x)) in (3, 4), "softmax input is not 3-D or 4-D scores")
-    require(dim in (-1, 3), f"softmax over dim {dim}, not the key dim")
+    require(dim in (-1, len(_shape(x)) - 1), f"softmax over dim {dim}, not the key dim")
     mm1, q_in, kt, scale, cap, masks, chain = _walk_scores(x)
     q, sq = _scaled(q_in)
     k_in = _key_transposed(_skip_casts(kt))
