@@ -60,7 +60,10 @@ CONFIGS = {
 #   dkdv (64, 32, 4, 2) 0.923; (32, 32, 4, 2) 0.962; (64, 32, 8, 2) 0.967; (64, 64, 8, 2) 1.230; 2 more slower
 #   dq   (128, 32, 8, 2) 0.443; (32, 64, 4, 2) 0.521; (64, 32, 4, 2) 0.576; (64, 64, 8, 2) 0.657; 2 more slower
 # (dq 'atomic': its dk/dv kernel's best, (32, 32, 4, 2), took 1.572 ms, more than dk/dv + dq separate). The three
-# fastest of each are timed per shape, the first is the untimed default.
+# fastest of each are timed per shape, the first is the untimed default. dk and dv by two launches of this kernel,
+# one accumulator each (5 GEMMs of recompute instead of 4), were tried and removed (61520fc): dk 0.600 ms at
+# (32, 128, 8, 2) + dv 0.403 at (32, 64, 4, 2) against 0.925 fused; fwd+bwd 1.836 vs 1.759 ms
+# (attention_dkdv_split_h200.json).
 CONFIGS_D256 = {
     "fwd": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2)],
     "dkdv": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)],
