@@ -291,13 +291,6 @@ s15b)   # the Gemma2-like step (head dim 256 attention, soft-cap) profiled with 
     step offload8b_s15 "$left" python3 benchmarks/run_suite.py offload8b_s15 --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 8 ))
     ;;
-s15c)   # attention at head dim 256 with dk and dv by two launches (one accumulator each) beside the fused kernel
-    # (Gemma2-like case; Inductor-eager measured 1.71 ms fwd+bwd in s15a); its GPU tests
-    FXOPT_BENCH_INDUCTOR=0 FXOPT_BENCH_CASES=gemma2_softcap_s2048 step attn_split 150 python3 benchmarks/kernels.py \
-        --ops attention --out "$OUT/attention_split.json"
-    step pytest_split $(( ${S15C_END:-250} - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE \
-        tests/kernels/test_attention.py -k "gpu_dkdv_split or gpu_head_dims"
-    ;;
 s14c)   # next session: HEAD's 8B point that fills 21 GiB, profiled (the LoRA-term kernel removed, lm_head + loss chunks
     # priced against recomputation; 670c1c0 ran 15,344 tok/s at 20.64 GiB). Its first try (82336022) timed out in
     # the step's warm-up at 230 s (build 65 s vs 47 s before): the step's limit is now 300 s

@@ -40,12 +40,11 @@ def fxopt_attn(q, k, v, window=0, softcap=0.0):
     return torch.ops.fxopt.attention(q, k, v, None, q.shape[-1] ** -0.5, True, window, softcap)[0]
 
 
-def fxopt_dq(mode, split=False):
-    """fxopt with the backward's dq computed by `mode` ('atomic' / 'separate', fxopt.kernels.attention_bwd), dk and
-    dv by one launch or (split) two."""
+def fxopt_dq(mode):
+    """fxopt with the backward's dq computed by `mode` ('atomic' / 'separate', fxopt.kernels.attention_bwd)."""
     def f(q, k, v, window=0, softcap=0.0):
         from fxopt.kernels import attention_bwd
-        attention_bwd.DQ_MODE, attention_bwd.DKDV_SPLIT = mode, split
+        attention_bwd.DQ_MODE = mode
         return fxopt_attn(q, k, v, window, softcap)
     return f
 
@@ -63,9 +62,8 @@ def _check(name, q, k, v, go, window, softcap):
     if not softcap and not window:
         ref = sdpa(q, k, v)
         rs = torch.autograd.grad(ref, (q, k, v), go)
-    for mode, split in (("separate", False), ("atomic", False), ("separate", True)):
-        got = fxopt_dq(mode, split)(q, k, v, window, softcap)
-        mode += "+split" * split
+    for mode in ("separate", "atomic"):
+        got = fxopt_dq(mode)(q, k, v, window, softcap)
         g = torch.autograd.grad(got, (q, k, v), go)
         out.update({f"{name}/{mode}/vs_fp32/{t}": round(rel(a[:1], b), 5) for t, a, b in
                     (("out", got, ref1), ("dq", g[0], r1[0]), ("dk", g[1], r1[1]), ("dv", g[2], r1[2]))})
@@ -73,7 +71,7 @@ def _check(name, q, k, v, go, window, softcap):
             out.update({f"{name}/{mode}/vs_sdpa/{t}": round(rel(a, b), 5) for t, a, b in
                         (("out", got, ref), ("dq", g[0], rs[0]), ("dk", g[1], rs[1]), ("dv", g[2], rs[2]))})
     from fxopt.kernels import attention_bwd
-    attention_bwd.DQ_MODE, attention_bwd.DKDV_SPLIT = "separate", False
+    attention_bwd.DQ_MODE = "separate"
     return out
 
 
@@ -94,8 +92,7 @@ def run(ceiling_tbps):
         frac = 0.5 if not window or window >= S else window / S
         fwd_flops = 4 * B * H * S * S * D * frac
         check.update(_check(name, q, k, v, go, window, softcap))
-        impls = {"fxopt": fxopt_attn, "fxopt_dq_atomic": fxopt_dq("atomic"), "fxopt_dq_separate": fxopt_dq("separate"),
-                 "fxopt_dkdv_split": fxopt_dq("separate", split=True)}
+        impls = {"fxopt": fxopt_attn, "fxopt_dq_atomic": fxopt_dq("atomic"), "fxopt_dq_separate": fxopt_dq("separate")}
         if with_inductor:
             impls["inductor_eager"] = torch.compile(eager_form)
         if not softcap:
@@ -128,6 +125,4 @@ def run(ceiling_tbps):
     from fxopt.kernels.registry import TUNING_LOG   # every candidate's time per tuned key (bench_ms, ms)
     check["tuning_log"] = [e for e in TUNING_LOG if e[0].startswith("attention")]
     check["kernel_runs"] = dict(K.RUNS)
-    from fxopt.kernels import attention_bwd
-    attention_bwd.DQ_MODE, attention_bwd.DKDV_SPLIT = "separate", False
     return rows, check

@@ -69,10 +69,6 @@ CONFIGS_D256 = {
     "dkdv": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)],
     "dq": [(128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
 }
-# dk and dv by separate launches (attention_bwd.dkdv_split), one accumulator each: not yet timed on the GPU.
-CONFIGS["dk"] = CONFIGS["dv"] = CONFIGS["dkdv"]
-CONFIGS_D256["dk"] = CONFIGS_D256["dv"] = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2),
-                                          (64, 32, 4, 2), (64, 128, 8, 2)]
 SMEM_LIMIT = 220 * 1024
 ACC_REGS_LIMIT = 128            # fp32 accumulator registers per thread (more spills)
 INTERPRET_CONFIG = (32, 32, 4, 1)   # tests set 16 to cover multi-block phases
@@ -278,8 +274,7 @@ def _env_config(kind):
 def smem_bytes(kind, cfg, d_pad, elem=2):
     """Rough shared memory of a config: the resident tile plus `stages` buffers of the streamed tiles."""
     bm, bn, _w, stages = cfg
-    resident, streamed = {"fwd": (bm, 2 * bn), "dkdv": (2 * bn, 2 * bm), "dk": (2 * bn, 2 * bm), "dv": (bn, 2 * bm),
-                          "dq": (2 * bm, 2 * bn)}[kind]
+    resident, streamed = {"fwd": (bm, 2 * bn), "dkdv": (2 * bn, 2 * bm), "dq": (2 * bm, 2 * bn)}[kind]
     return (resident + max(1, stages) * streamed) * d_pad * elem
 
 
@@ -290,7 +285,7 @@ def candidates(kind, d_pad):
 
 def fits(kind, cfg, d_pad):
     bm, bn, warps, _s = cfg
-    acc = {"fwd": bm, "dkdv": 2 * bn, "dk": bn, "dv": bn, "dq": bm}[kind] * d_pad // (32 * warps)
+    acc = {"fwd": bm, "dkdv": 2 * bn, "dq": bm}[kind] * d_pad // (32 * warps)
     return smem_bytes(kind, cfg, d_pad) <= SMEM_LIMIT and acc <= ACC_REGS_LIMIT
 
 

@@ -21,7 +21,6 @@ from fxopt.kernels.attention_masks import doc_bounds, empty_rows, mask_args, uni
 from fxopt.kernels.registry import capturing, next_pow2, run_kernel, triton_available, use_triton
 
 DQ_MODE = "separate"
-DKDV_SPLIT = False
 
 if triton_available():
     import triton
@@ -48,7 +47,7 @@ if triton_available():
                    D, window, qk_scale2, cap_x, cap2, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                    SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, INDEX_MASK: tl.constexpr, UPCAST: tl.constexpr,
                    IEEE: tl.constexpr, LIBDEVICE: tl.constexpr, EVEN_D: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-                   D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+                   D_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
         d_ok = offs_d < D
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -66,18 +65,16 @@ if triton_available():
             sT, tT = _logits(qkT, offs_m[None, :], offs_n[:, None], mptrs, mload, Mb, smm, Sq, Sk, window,
                              qk_scale2, cap_x, cap2, CAUSAL, WINDOW, SOFTCAP, MASK_KIND, INDEX_MASK, LIBDEVICE)
             pT = tl.math.exp2(sT - lse2[None, :])
-            if DO_DV:
-                dv = _dot(pT.to(do.dtype), do, dv, IEEE)
-            if DO_DK:
-                dpT = _dot(v, tl.trans(do), None, IEEE)
-                dsT = pT * (dpT - delta[None, :])
-                if SOFTCAP:
-                    dsT = dsT * (1.0 - tT * tT)
-                dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
-                if DQ_ATOMIC:   # dq_i += sum_j dS_ij k_j into the fp32 buffer [.., Sq, D_PAD] (FA2: 5 GEMMs, not 7)
-                    dq = _dot(tl.trans(dsT).to(k.dtype), k, None, IEEE)
-                    tl.atomic_add(DQb + offs_m[:, None] * D_PAD + offs_d[None, :], dq,
-                                  mask=m_ok[:, None] & (offs_d < D_PAD)[None, :], sem="relaxed")
+            dv = _dot(pT.to(do.dtype), do, dv, IEEE)
+            dpT = _dot(v, tl.trans(do), None, IEEE)
+            dsT = pT * (dpT - delta[None, :])
+            if SOFTCAP:
+                dsT = dsT * (1.0 - tT * tT)
+            dk = _dot(dsT.to(q.dtype), q, dk, IEEE)
+            if DQ_ATOMIC:   # dq_i += sum_j dS_ij k_j into the fp32 buffer [.., Sq, D_PAD] (FA2: 5 GEMMs, not 7)
+                dq = _dot(tl.trans(dsT).to(k.dtype), k, None, IEEE)
+                tl.atomic_add(DQb + offs_m[:, None] * D_PAD + offs_d[None, :], dq,
+                              mask=m_ok[:, None] & (offs_d < D_PAD)[None, :], sem="relaxed")
         return dk, dv
 
     @triton.jit
@@ -86,9 +83,7 @@ if triton_available():
                        H, G, Sq, Sk, D, window, scale, qk_scale2, cap_x, cap2,
                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
                        UPCAST: tl.constexpr, IEEE: tl.constexpr, LIBDEVICE: tl.constexpr, EVEN_D: tl.constexpr,
-                       DQ_ATOMIC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       DO_DK: tl.constexpr, DO_DV: tl.constexpr):
-        """dk and dv of a k block (DO_DK / DO_DV: one of them, each with one [BLOCK_N, D] accumulator)."""
+                       DQ_ATOMIC: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         start_n = tl.program_id(0) * BLOCK_N
         bhk = tl.program_id(1)
         Hkv = H // G
@@ -101,14 +96,8 @@ if triton_available():
                        EVEN_D, UPCAST)
         v = _load_rows(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], offs_n, Sk, d_ok, True,
                        EVEN_D, UPCAST)
-        if DO_DK:   # a part not computed keeps a one-row placeholder accumulator (no registers for its tile)
-            dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-        else:
-            dk = tl.zeros([1, D_PAD], dtype=tl.float32)
-        if DO_DV:
-            dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-        else:
-            dv = tl.zeros([1, D_PAD], dtype=tl.float32)
+        dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
         lo, f_lo, f_hi, hi = _phases(start_n, Sq, BLOCK_N, window, CAUSAL, WINDOW, BLOCK_N, BLOCK_M, False)
         if MASK_KIND == 3:   # queries of these keys' documents only (Sq = Sk)
             lo, f_lo, f_hi, hi = _doc_clip(lo, f_lo, f_hi, hi, DS + b * Sk, DE + b * Sk, start_n, Sk, BLOCK_N,
@@ -123,20 +112,18 @@ if triton_available():
             DQb = DQ + (b * H + h) * Sq * D_PAD
             dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, Mb, DQb, offs_n, offs_d, lo, f_lo, sqm, sdm,
                                 smm, smn, Sq, Sk, D, window, qk_scale2, cap_x, cap2, CAUSAL, WINDOW, SOFTCAP, MASK_KIND,
-                                True, UPCAST, IEEE, LIBDEVICE, EVEN_D, DQ_ATOMIC, D_PAD, BLOCK_M, DO_DK, DO_DV)
+                                True, UPCAST, IEEE, LIBDEVICE, EVEN_D, DQ_ATOMIC, D_PAD, BLOCK_M)
             dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, Mb, DQb, offs_n, offs_d, f_lo, f_hi, sqm, sdm,
                                 smm, smn, Sq, Sk, D, window, qk_scale2, cap_x, cap2, CAUSAL, WINDOW, SOFTCAP, MASK_KIND,
-                                False, UPCAST, IEEE, LIBDEVICE, EVEN_D, DQ_ATOMIC, D_PAD, BLOCK_M, DO_DK, DO_DV)
+                                False, UPCAST, IEEE, LIBDEVICE, EVEN_D, DQ_ATOMIC, D_PAD, BLOCK_M)
             dk, dv = _dkdv_loop(dk, dv, k, v, Qb, DOb, LSEb, DELTAb, Mb, DQb, offs_n, offs_d, f_hi, hi, sqm, sdm,
                                 smm, smn, Sq, Sk, D, window, qk_scale2, cap_x, cap2, CAUSAL, WINDOW, SOFTCAP, MASK_KIND,
-                                True, UPCAST, IEEE, LIBDEVICE, EVEN_D, DQ_ATOMIC, D_PAD, BLOCK_M, DO_DK, DO_DV)
+                                True, UPCAST, IEEE, LIBDEVICE, EVEN_D, DQ_ATOMIC, D_PAD, BLOCK_M)
         st = (offs_n < Sk)[:, None] & d_ok[None, :]
-        if DO_DK:
-            tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
-                     (dk * scale).to(DK.dtype.element_ty), mask=st)
-        if DO_DV:
-            tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
-                     dv.to(DV.dtype.element_ty), mask=st)
+        tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=st)
+        tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=st)
 
     @triton.jit
     def _dq_loop(dq, q, do, lse2, delta, Kb, Vb, Mb, offs_m, offs_d, lo, hi, skn, svn, smm, smn, Sq, Sk, D, window,
@@ -211,15 +198,6 @@ if triton_available():
                  (dq * scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def dkdv_split() -> bool:
-    """dk and dv by two launches, each with one [BLOCK_N, D] accumulator (5 GEMMs of recompute instead of 4; at head
-    dim 256 the fused kernel's two accumulators limit its tiles). FXOPT_ATTN_DKDV_SPLIT=1/0 picks; default DKDV_SPLIT."""
-    env = os.environ.get("FXOPT_ATTN_DKDV_SPLIT")
-    if env not in (None, "0", "1"):
-        raise ValueError(f"FXOPT_ATTN_DKDV_SPLIT={env!r}: use 1 or 0")
-    return DKDV_SPLIT if env is None else env == "1"
-
-
 def dq_mode() -> str:
     """'atomic': the dk/dv kernel also adds dS k into an fp32 dq buffer (FA2; 5 GEMMs, dq not bitwise
     deterministic); 'separate': a dq kernel recomputes p and dp (7 GEMMs, deterministic). FXOPT_ATTN_DQ picks."""
@@ -265,7 +243,7 @@ def _bwd_triton(do, q, k, v, out, lse, mask, scale, causal, window, softcap):
         _attn_bwd_dkdv[(triton.cdiv(Sk, bn), B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, m, ds, de, dq_acc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *ms, *common, MASK_KIND=kind, DQ_ATOMIC=atomic,
-            BLOCK_M=bm, BLOCK_N=bn, DO_DK=True, DO_DV=True, num_warps=warps, num_stages=stages, **fl)
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **fl)
 
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
@@ -274,21 +252,7 @@ def _bwd_triton(do, q, k, v, out, lse, mask, scale, causal, window, softcap):
             *dq.stride()[:3], *ms, *common, MASK_KIND=kind, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=warps, num_stages=stages, **fl)
 
-    def launch_part(cfg, do_dk):   # dk alone (with the atomic dq, if any) or dv alone
-        bm, bn, warps, stages = cfg
-        if atomic and do_dk:
-            dq_acc.zero_()
-        _attn_bwd_dkdv[(triton.cdiv(Sk, bn), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, m, ds, de, dq_acc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *ms, *common, MASK_KIND=kind,
-            DQ_ATOMIC=atomic and do_dk, BLOCK_M=bm, BLOCK_N=bn, DO_DK=do_dk, DO_DV=not do_dk, num_warps=warps,
-            num_stages=stages, **fl)
-
-    if dkdv_split():
-        launch_tuned("dk", key + (atomic,), lambda cfg: launch_part(cfg, True), d_pad, tune=not fl["IEEE"])
-        launch_tuned("dv", key, lambda cfg: launch_part(cfg, False), d_pad, tune=not fl["IEEE"])
-    else:
-        launch_tuned("dkdv", key + (atomic,), launch_dkdv, d_pad, tune=not fl["IEEE"])
+    launch_tuned("dkdv", key + (atomic,), launch_dkdv, d_pad, tune=not fl["IEEE"])
     if atomic:
         dq.copy_(dq_acc[..., :D].mul_(scale))
     else:

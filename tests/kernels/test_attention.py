@@ -225,22 +225,6 @@ def test_gpu_head_dims(D, dtype, causal, window, softcap, mask, no_fallback):
         assert _err(a, b) <= 2 * TOL[dtype], (name, _err(a, b))
 
 
-@pytest.mark.parametrize("atomic", [False, True])
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[12]], ids=["gqa", "window-cap", "docs"])
-def test_dkdv_split_mode(case, atomic, monkeypatch, no_fallback):
-    """dk and dv by separate launches (one accumulator each; with the atomic dq, the dk launch adds it)."""
-    monkeypatch.setenv("FXOPT_ATTN_DKDV_SPLIT", "1")
-    monkeypatch.setattr("fxopt.kernels.attention_bwd.DQ_MODE", "atomic" if atomic else "separate")
-    test_forward_backward(*case, no_fallback=None)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("D", [128, 256])
-def test_gpu_dkdv_split_mode(D, monkeypatch, no_fallback):
-    monkeypatch.setenv("FXOPT_ATTN_DKDV_SPLIT", "1")
-    test_gpu_head_dims(D, torch.bfloat16, True, 300, 50.0, None, no_fallback)
-
-
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
 @pytest.mark.parametrize("triton_path", [False, True])
 def test_additive_mask_rows_with_no_key_follow_eager(softcap, triton_path, monkeypatch):

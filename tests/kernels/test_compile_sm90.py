@@ -165,16 +165,8 @@ def attention_bwd_cases(dts=("bf16", "fp16")):
         for atomic in (False, True) if mode == "causal-gqa" and dt == "bf16" else (False,):
             bm, bn, w, s = _attn_cfg("dkdv", flags["D_PAD"], fp32)
             out.append(case("attention_bwd._attn_bwd_dkdv", mode + " atomic-dq" * atomic, dt,
-                            dict(ptrs, DK=dt, DV=dt, DQ="fp32"),
-                            dict(flags, DQ_ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, DO_DK=True, DO_DV=True),
+                            dict(ptrs, DK=dt, DV=dt, DQ="fp32"), dict(flags, DQ_ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn),
                             dict(num_warps=w, num_stages=s), floats, i64, ones))
-        if mode == "softcap-window-d256" and dt == "bf16":   # dk and dv by separate launches (dkdv_split)
-            for part in ("dk", "dv"):
-                bm, bn, w, s = _attn_cfg(part, flags["D_PAD"], fp32)
-                out.append(case("attention_bwd._attn_bwd_dkdv", f"{mode} {part} only", dt,
-                                dict(ptrs, DK=dt, DV=dt, DQ="fp32"),
-                                dict(flags, DQ_ATOMIC=False, BLOCK_M=bm, BLOCK_N=bn, DO_DK=part == "dk",
-                                     DO_DV=part == "dv"), dict(num_warps=w, num_stages=s), floats, i64, ones))
         bm, bn, w, s = _attn_cfg("dq", flags["D_PAD"], fp32)
         out.append(case("attention_bwd._attn_bwd_dq", mode, dt, dict(ptrs, DQ=dt), dict(flags, BLOCK_M=bm, BLOCK_N=bn),
                         dict(num_warps=w, num_stages=s), floats, i64, ones))
