@@ -278,20 +278,30 @@ def smem_bytes(kind, cfg, d_pad, elem=2):
     return (resident + max(1, stages) * streamed) * d_pad * elem
 
 
-def candidates(kind, d_pad):
-    """The configs launch_tuned times for this kernel and padded head dim (before the `fits` filter)."""
-    return (CONFIGS_D256 if d_pad >= 256 else CONFIGS)[kind]
-
-
 def fits(kind, cfg, d_pad):
     bm, bn, warps, _s = cfg
     acc = {"fwd": bm, "dkdv": 2 * bn, "dq": bm}[kind] * d_pad // (32 * warps)
     return smem_bytes(kind, cfg, d_pad) <= SMEM_LIMIT and acc <= ACC_REGS_LIMIT
 
 
+def candidates(kind, d_pad):
+    """The configs listed for this kernel and padded head dim (before the `fits` filter)."""
+    return (CONFIGS_D256 if d_pad >= 256 else CONFIGS)[kind]
+
+
+def smallest(kind, cfgs, d_pad):
+    return min(cfgs, key=lambda c: smem_bytes(kind, c, d_pad))
+
+
+def fitting(kind, d_pad):
+    """The configs launch_tuned times: the listed ones within the estimates, else the smallest listed one."""
+    listed = candidates(kind, d_pad)
+    return [c for c in listed if fits(kind, c, d_pad)] or [smallest(kind, listed, d_pad)]
+
+
 def launch_tuned(kind: str, key: tuple, launch, d_pad: int, tune: bool = True) -> None:
-    """Run `launch(cfg)` with the config chosen for (kind, key): timed once per key on the GPU over the fitting
-    candidates(kind, d_pad) (configs that fail to compile are skipped); the interpreter uses one config.
+    """Run `launch(cfg)` with the config chosen for (kind, key): timed once per key on the GPU over
+    fitting(kind, d_pad) (configs that fail to compile are skipped); the interpreter uses one config.
     tune=False (fp32's IEEE dots): the smallest fitting config, untimed; in an fp32 fine-tune test on the H200
     (head dim 64) the candidates' builds ran past 100 s, and so did the first config's (128x64) alone."""
     if interpreting():
@@ -299,13 +309,11 @@ def launch_tuned(kind: str, key: tuple, launch, d_pad: int, tune: bool = True) -
     cfg = _env_config(kind) or TUNED.get((kind, key))
     if cfg is not None:
         return launch(cfg)
-    smallest = lambda cs: min(cs, key=lambda c: smem_bytes(kind, c, d_pad))
-    listed = candidates(kind, d_pad)
-    cands = [c for c in listed if fits(kind, c, d_pad)] or [smallest(listed)]
+    cands = fitting(kind, d_pad)
     if capturing():   # recording a CUDA graph: no timing now (the choice is made on a later, uncaptured call)
         return launch(cands[0])
     if not tune:   # the smallest tiles: the least for the compiler (fp32 builds are the slow ones)
-        cands = [smallest(cands)]
+        cands = [smallest(kind, cands, d_pad)]
     elif os.environ.get("FXOPT_ATTN_AUTOTUNE", "1") == "0" or not tuning():
         cands = cands[:1]
     best, best_ms, err, times = None, float("inf"), None, {}

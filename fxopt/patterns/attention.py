@@ -25,8 +25,7 @@ import torch.fx as fx
 from fxopt.kernels import attention as _ops  # noqa: F401  (registers the op)
 from fxopt.normalize import meta
 from fxopt.patterns.attention_dispatch import GQA_NOTE, keep_sdpa
-from fxopt.kernels.attention_masks import MASKED_BELOW
-from fxopt.patterns.attention_mask import classify, evaluate_constant, flag_mask
+from fxopt.patterns.attention_mask import bias_row_problem, classify, scalar_value, tighter_window
 from fxopt.patterns.match import (Match, NoMatch, Pattern, arg, call, cast_dtype, insert_op, number, only_user,
                                   replace_output, require, split_scalar)
 
@@ -54,6 +53,10 @@ def _shape(node):
     return tuple(v.shape)
 
 
+def _ints(shape) -> bool:
+    return all(isinstance(d, int) for d in shape)
+
+
 # ---- k / v: look through repeat_kv ----
 
 def _unrepeat(node: fx.Node):
@@ -61,7 +64,7 @@ def _unrepeat(node: fx.Node):
     if call(node, torch.repeat_interleave) and number(arg(node, 1, "repeats")) and \
             arg(node, 2, "dim") in (1, -3) and len(_shape(node)) == 4:
         return node.args[0], [node]
-    if not (_method(node, "reshape", "view") or call(node, torch.reshape)):
+    if not _is_reshape(node):
         return node, []
     e = node.args[0]
     if not (_method(e, "expand") and isinstance(e.args[0], fx.Node)):
@@ -86,7 +89,7 @@ def _check_qkv(q, k, v):
     qs, ks, vs = _shape(q), _shape(k), _shape(v)
     require(len(qs) == 4 and len(ks) == 4 and len(vs) == 4, f"q/k/v are not 4-D [B, H, S, D] ({qs}, {ks}, {vs})")
     require(ks == vs, f"k {ks} and v {vs} shapes differ")
-    if all(isinstance(s, int) for s in (qs[1], ks[1], qs[3], ks[3])):   # symbolic (dynamic=True): checked at run
+    if _ints((qs[1], ks[1], qs[3], ks[3])):   # symbolic (dynamic=True): checked at run
         require(qs[3] == ks[3], f"q {qs} and k {ks} differ in head dim")
         require(qs[1] % ks[1] == 0, f"{qs[1]} q heads are not a multiple of {ks[1]} kv heads")
         require(qs[3] <= MAX_HEAD_DIM, f"head dim {qs[3]} > {MAX_HEAD_DIM}")
@@ -163,7 +166,7 @@ def match_sdpa(n):
         require(why_sdpa is None, why_sdpa)
     return Match(anchor=n, output=n, nodes=[n, *krep, *vrep],
                  params=dict(q=q, k=k0, v=v0, mask=tmask, invert=False, scale=scale, causal=causal, window=window,
-                             softcap=0.0, why=why))
+                             softcap=0.0, why=why, out_shape=None, mask4=None))
 
 
 # ---- eager ----
@@ -174,14 +177,14 @@ def _skip_casts(node):
     return node
 
 
-def _ints(shape) -> bool:
-    return all(isinstance(d, int) for d in shape)
+def _is_reshape(node) -> bool:
+    return _method(node, "reshape", "view") or call(node, torch.reshape)
 
 
 def _fold_source(node):
     """x when node is a view / reshape of x between [B * H, S, T] and [B, H, S, T] (leading dims merged or split),
     else None: 3-D bmm attention (xglm) views its scores 4-D around the mask only."""
-    if not ((_method(node, "view", "reshape") or call(node, torch.reshape)) and isinstance(node.args[0], fx.Node)):
+    if not (_is_reshape(node) and isinstance(node.args[0], fx.Node)):
         return None
     a, b = _shape(node.args[0]), _shape(node)
     ok = {len(a), len(b)} == {3, 4} and _ints(a) and _ints(b) and a[-2:] == b[-2:] and math.prod(a) == math.prod(b)
@@ -258,12 +261,8 @@ def _key_transposed(kt):
 
 def _big_negative(v) -> bool:
     """v <= -1e4: a number, or a constant one-element tensor (torch.tensor(finfo.min) in the graph)."""
-    if number(v):
-        return v <= -1.0e4
-    if isinstance(v, fx.Node) and isinstance(meta(v), torch.Tensor) and meta(v).numel() == 1:
-        t = evaluate_constant(v)
-        return t is not None and t.is_floating_point() and float(t) <= -1.0e4
-    return False
+    x = scalar_value(v)
+    return x is not None and x <= -1.0e4
 
 
 def _mask_step(node):
@@ -338,10 +337,11 @@ def _one_mask(masks, qs, ks):
         if t is not None:
             tmask, invert, view4 = t, inv, (_mask4(t, qs) if merged else None)
         causal = causal or c
-        window = min(window, w) if window and w else (window or w)
+        window = tighter_window(window, w)
         whys.append(why)
     if tmask is not None:
-        _check_bias(tmask, causal, window, qs[2], ks[2])
+        problem = bias_row_problem(tmask, causal, window, qs[2], ks[2])
+        require(problem is None, problem)
     return tmask, invert, view4, causal, window, "; ".join(whys) or "no mask"
 
 
@@ -353,20 +353,6 @@ def _mask4(tmask, qs):
     require(len(m) == 3, f"bias {m} of 3-D scores is not 3-D")
     require(_ints(m) and _ints(qs[:2]) and m[0] == qs[0] * qs[1], f"3-D mask {m} is not [B * H, ., S] for q {qs}")
     return (qs[0], qs[1], m[1], m[2])
-
-
-def _check_bias(t, causal, window, Sq, Sk):
-    """A constant additive bias with real values (ALiBi) that the kernel reads: where it is <= MASKED_BELOW the kernel
-    masks. That equals eager unless a row keeps nothing above it (eager then weights those values, the kernel finds
-    an empty row), e.g. ALiBi's first row at long lengths: rejected there."""
-    v = evaluate_constant(t) if meta(t).is_floating_point() else None
-    if v is None or bool(((v == 0) | (v <= MASKED_BELOW)).all()):   # input-dependent, or a 0 / -big mask
-        return
-    rows = v.expand(*v.shape[:-2], Sq, Sk) if v.dim() >= 2 else v.expand(Sq, Sk)
-    allowed = flag_mask(Sq, Sk, causal, window, v.device)
-    kept = ((rows > MASKED_BELOW) & allowed).any(-1) | ~allowed.any(-1)
-    require(bool(kept.all()), f"constant additive bias <= {MASKED_BELOW} over a whole row (min "
-                              f"{float(v.min()):.3g}): the kernel would read the row as empty")
 
 
 def _unupcast(q, k, v):
@@ -467,12 +453,12 @@ def replace_attention(graph, m):
     mask = p["mask"]
     if mask is not None and p["invert"]:
         mask = insert_op(graph, m.output, torch.logical_not, (mask,))
-    if mask is not None and p.get("mask4") is not None:
+    if mask is not None and p["mask4"] is not None:
         mask = insert_op(graph, m.output, torch.reshape, (mask, p["mask4"]))
     out, _lse = insert_op(graph, m.output, torch.ops.fxopt.attention.default,
                           (p["q"], p["k"], p["v"], mask, p["scale"], p["causal"], int(p["window"]),
                            float(p["softcap"])), n_outputs=2)
-    if p.get("out_shape") is not None:   # a 3-D bmm form: its [B * H, S, D] output
+    if p["out_shape"] is not None:   # a 3-D bmm form: its [B * H, S, D] output
         out = insert_op(graph, m.output, torch.reshape, (out, p["out_shape"]))
     replace_output(graph, m, out)
     log.info("attention %s -> fxopt::attention (triton flash): causal=%s window=%s softcap=%s mask=%s (%s)",

@@ -129,7 +129,7 @@ def _as_rows(allowed: torch.Tensor, Sq: int, Sk: int):
     return any_, bool(torch.equal(any_, all_))
 
 
-def flag_mask(Sq, Sk, causal, window, device):
+def _flag_mask(Sq, Sk, causal, window, device):
     """[Sq, Sk] bool of what the causal/window flags allow (the kernels' own definition)."""
     ok = allowed_mask(Sq, Sk, causal, window, None, device)
     return torch.ones(Sq, Sk, dtype=torch.bool, device=device) if ok is None else ok
@@ -158,9 +158,25 @@ def classify_constant(t: torch.Tensor, Sq: int, Sk: int):
     if bool(rows.all()):
         return MaskInfo(why="constant mask that allows everything")
     causal, window = _tightest_flags(rows, Sq, Sk)
-    if (causal or window) and torch.equal(rows, flag_mask(Sq, Sk, causal, window, rows.device)):
+    if (causal or window) and torch.equal(rows, _flag_mask(Sq, Sk, causal, window, rows.device)):
         return MaskInfo(causal=causal, window=window, why="constant mask == causal/window (evaluated)")
     return MaskInfo(causal=causal, window=window, tensor=True, why="constant mask, not causal/window: read")
+
+
+def bias_row_problem(t: fx.Node, causal: bool, window: int, Sq: int, Sk: int):
+    """Why a constant additive bias with real values (ALiBi) cannot be read by the kernel, else None. Where it is
+    <= -1e4 the kernel masks; that equals eager unless a row keeps nothing above it within the causal / window flags
+    (eager then weights those values, the kernel finds an empty row), e.g. ALiBi's first rows at long lengths."""
+    v = evaluate_constant(t) if meta(t).is_floating_point() else None
+    if v is None or _allowed_of_value(v) is not None:   # input-dependent, or a 0 / -big mask
+        return None
+    rows = v.expand(*v.shape[:-2], Sq, Sk) if v.dim() >= 2 else v.expand(Sq, Sk)
+    allowed = _flag_mask(Sq, Sk, causal, window, v.device)
+    kept = ((rows > _BIG_NEG) & allowed).any(-1) | ~allowed.any(-1)
+    if bool(kept.all()):
+        return None
+    return (f"constant additive bias <= {_BIG_NEG} over a whole row (min {float(v.min()):.3g}): the kernel would "
+            "read the row as empty")
 
 
 def _transparent_input(n: fx.Node):
@@ -194,22 +210,27 @@ def _conjuncts(n: fx.Node, out: list, depth=0):
     out.append(n)
 
 
+def scalar_value(v):
+    """v as a float: a number, or a node of a constant one-element tensor (torch.tensor(finfo.min)); else None."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if isinstance(v, fx.Node) and isinstance(meta(v), torch.Tensor) and meta(v).numel() == 1:
+        z = evaluate_constant(v)
+        return float(z) if z is not None else None
+    return None
+
+
 def _additive_to_bool(n: fx.Node):
     """cond of an additive mask where(cond, 0, -big), else None."""
     if n.op == "call_function" and n.target is torch.where and len(n.args) == 3:
         c, a, b = n.args
-        if isinstance(a, fx.Node):
-            z = evaluate_constant(a)
-            a = 0 if z is not None and z.numel() == 1 and float(z) == 0 else a
-        if isinstance(b, fx.Node):
-            z = evaluate_constant(b)
-            b = float(z) if z is not None and z.numel() == 1 else b
-        if isinstance(c, fx.Node) and a == 0 and isinstance(b, (int, float)) and b <= _BIG_NEG:
+        a, b = scalar_value(a), scalar_value(b)
+        if isinstance(c, fx.Node) and a == 0 and b is not None and b <= _BIG_NEG:
             return c
     return None
 
 
-def _tighter(w1: int, w2: int) -> int:
+def tighter_window(w1: int, w2: int) -> int:
     """The window of two conjuncts' windows (0 = no window)."""
     return min(w1, w2) if w1 and w2 else (w1 or w2)
 
@@ -283,9 +304,9 @@ def _packed_docs(parts, B, Sq, Sk):
                 return None
             rows, uniform = _as_rows(v, Sq, Sk)
             c, w = _tightest_flags(rows, Sq, Sk)
-            if not uniform or not (bool(rows.all()) or torch.equal(rows, flag_mask(Sq, Sk, c, w, rows.device))):
+            if not uniform or not (bool(rows.all()) or torch.equal(rows, _flag_mask(Sq, Sk, c, w, rows.device))):
                 return None
-            causal, window = causal or c, _tighter(window, w)
+            causal, window = causal or c, tighter_window(window, w)
             continue
         if _op(p, "eq") and len(p.args) == 2:
             a = _gather(p.args[0], B, Sq, 2) or _gather(p.args[0], B, Sk, 3)
@@ -318,7 +339,7 @@ def _packed_docs(parts, B, Sq, Sk):
         causal = causal or pos is not None
         for _, w in wpos:   # inside a document X[q] - X[k] = q - k
             w = w if w < Sq else 0
-            window = _tighter(window, w)
+            window = tighter_window(window, w)
     return docs, causal, window, "packed sequences: document ids from position_ids, no dense mask read"
 
 
@@ -418,7 +439,7 @@ def classify(mask: fx.Node, Sq, Sk, allowed_is_not: bool = False) -> MaskInfo:
                     flags = _outer_flags(p, Sq, Sk)
                     decided += flags is not None
                     if isinstance(flags, tuple):
-                        causal, window = causal or flags[0], _tighter(window, flags[1])
+                        causal, window = causal or flags[0], tighter_window(window, flags[1])
                     continue
                 if v is not None and v.dtype == torch.bool and bool(v.all()):
                     decided += 1
@@ -428,8 +449,8 @@ def classify(mask: fx.Node, Sq, Sk, allowed_is_not: bool = False) -> MaskInfo:
                 rows, uniform = _as_rows(v, Sq, Sk)
                 c, w = _tightest_flags(rows, Sq, Sk)
                 if c or w:
-                    causal, window = causal or c, _tighter(window, w)
-                    decided += uniform and torch.equal(rows, flag_mask(Sq, Sk, c, w, rows.device))
+                    causal, window = causal or c, tighter_window(window, w)
+                    decided += uniform and torch.equal(rows, _flag_mask(Sq, Sk, c, w, rows.device))
             if big and decided == len(parts) and (causal or window):   # every conjunct exactly all / causal / window
                 info = MaskInfo(causal=causal, window=window, why=(
                     f"constant mask of {meta(mask).numel()} elements, too large to evaluate; each conjunct decided "

@@ -122,10 +122,8 @@ def _attn_cfg(kind, d_pad, fp32):
     """The config launch_tuned runs untimed (FXOPT_TUNE=0, a capture, fp32): the first that fits, fp32 the smallest
     in shared memory. Tuning also builds the other fitting configs (one that fails to compile is skipped there)."""
     from fxopt.kernels import attention as A
-    smallest = lambda cs: min(cs, key=lambda c: A.smem_bytes(kind, c, d_pad))
-    listed = A.candidates(kind, d_pad)
-    fit = [c for c in listed if A.fits(kind, c, d_pad)] or [smallest(listed)]
-    return smallest(fit) if fp32 else fit[0]
+    fit = A.fitting(kind, d_pad)
+    return A.smallest(kind, fit, d_pad) if fp32 else fit[0]
 
 
 def _attn_modes(dts):
