@@ -273,6 +273,13 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
     step offload8b_flatdq "$left" python3 benchmarks/run_suite.py offload8b_flatdq --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 10 ))
     ;;
+s16a)   # host time: the LoRA/NF4 op's pieces with the GPU kept busy (per-call microseconds), then the 8B 21 GiB
+    # point without CUDA graphs, profiled (GPU kernels and cProfile of the host)
+    step host_overhead 90 python3 -m benchmarks.kernel_bench.host_overhead --out "$OUT/host_overhead.json"
+    left=$(( ${S16A_END:-560} - $(elapsed) ))
+    step nocg21_8b "$left" python3 benchmarks/run_suite.py nocg21_8b --out "$OUT/train_step.jsonl" \
+        --time-limit $(( left - 8 ))
+    ;;
 s15a)   # the skinny kernel's split reduction in-kernel (tile counters; 896 separate reductions, 3.2 ms, in the 8B
     # step; measured no faster and removed: rerunning this stage times HEAD's separate sums); attention at head dim 256 with its own candidate configs (Gemma2-like case: fwd+bwd 1.0x Inductor);
     # the 8B point that fills 21 GiB again (15,460 tok/s at 20.67 GiB before, b03dd37, cg-21g-s12)

@@ -124,6 +124,10 @@ FINAL21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, 
 # 19.7 ms instead of 17.0 (the last program of each tile sums after the others), so the change was removed.
 SPLIT21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                   profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-splitsum")
+# The same point without CUDA graphs (the default): where the host time goes (profile["host"], cProfile). At
+# 7c6901b the 8B step without graphs measured 8,860 tok/s, the GPU busy 249 of 462 ms (waiting on the host).
+NOCG21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
+                 profile=True, tag="nocg-21g")
 # The 7 GiB offload point after the planner's lm_head + loss chunk change (fxopt plan: 4096 -> 512 rows, offloads
 # 1.0 -> 0.57 GB); 11,699 tok/s at 6.92 GiB before (670c1c0, cg-offload-loraterm).
 OFFLOAD8B_S15 = offload8b_point("cg-offload-s12")
@@ -172,7 +176,7 @@ SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b":
           "offload8b_hidden": OFFLOAD8B_HIDDEN,
           "offload8b_prof": OFFLOAD8B_PROF, "offload8b_d2": OFFLOAD8B_D2, "offload8b_d2_hidden": OFFLOAD8B_D2_HIDDEN,
           "offload8b_cap": OFFLOAD8B_CAP, "dequant8b": DEQUANT8B[:1], "offload8b_flatdq": DEQUANT8B[1:],
-          "prof07_8b": PROF07_8B, "final21_8b": FINAL21_8B, "split21_8b": SPLIT21_8B, "offload8b_s15": OFFLOAD8B_S15,
+          "prof07_8b": PROF07_8B, "final21_8b": FINAL21_8B, "split21_8b": SPLIT21_8B, "nocg21_8b": NOCG21_8B, "offload8b_s15": OFFLOAD8B_S15,
           "gemma2_d256": GEMMA2_D256,
           "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
           "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}

@@ -97,3 +97,39 @@ def gap_summary(evs, small_ns=10_000, largest=8):
     return dict(small_count=len(small), small_ms=round(sum(small) / 1e6, 2), large_count=len(big),
                 large_ms=round(sum(g for g, _, _ in big) / 1e6, 2),
                 largest=[dict(us=round(g / 1e3, 1), after=b, before=n) for g, b, n in big[:largest]])
+
+
+def host_profile(step, top=40):
+    """One more step under cProfile: the Python functions with the most own time, and the host time of the step.
+    cProfile slows Python ~1.5-2x, so these rank where a host-bound step spends its time; they do not time it.
+    `enqueue_ms` is the step's host time without a profiler and without waiting for the GPU at its end."""
+    import cProfile
+    import pstats
+
+    import torch
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    step()
+    enqueue_ms = (time.perf_counter() - t0) * 1e3
+    sync()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    step()
+    prof.disable()
+    sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    st = pstats.Stats(prof)
+
+    def name(key):
+        path, line, fn = key
+        return f"{'/'.join(path.split('/')[-2:])}:{line}:{fn}"[:120]
+
+    rows = [(name(k), v[1], v[2] * 1e3, v[3] * 1e3) for k, v in st.stats.items()]   # (ncalls, tottime, cumtime)
+    own = sorted(rows, key=lambda r: -r[2])[:top]
+    cum = sorted(rows, key=lambda r: -r[3])[:top]
+    fmt = lambda r: dict(fn=r[0], calls=r[1], own_ms=round(r[2], 2), cum_ms=round(r[3], 2))
+    return dict(enqueue_ms=round(enqueue_ms, 1), profiled_wall_ms=round(wall_ms, 1),
+                own_ms=round(sum(r[2] for r in rows), 1), by_own=[fmt(r) for r in own], by_cum=[fmt(r) for r in cum])

@@ -365,8 +365,9 @@ def measure(a):
         a.warmup = rec["warmup"] = 2
     med, loss = time_steps(step, a, rec)
     if a.profile and a.device == "cuda":
-        from benchmarks.step_profile import profile_step
+        from benchmarks.step_profile import host_profile, profile_step
         rec["profile"] = profile_step(step)
+        rec["profile"]["host"] = host_profile(step)
     tflops = step_flops(cfg, a.batch, a.seq, a.mode == "full") / med / 1e12
     rec.update(step_s=round(med, 4), tok_per_s=round(a.batch * a.seq / med), tflops=round(tflops, 1),
                mfu=round(tflops / GEMM_CEILING_TFLOPS, 3), loss=round(float(loss), 4))
