@@ -273,15 +273,6 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
     step offload8b_flatdq "$left" python3 benchmarks/run_suite.py offload8b_flatdq --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 10 ))
     ;;
-s16b)   # rope's rows kernel (whole dense rows, no loop over heads) against the heads kernel and Inductor: GPU tests,
-    # launch sweep fwd/bwd on both layouts, then the fwd+bwd op bench with each kernel forced
-    step pytest_rope 80 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_rope.py -m gpu
-    step rope_sweep 200 python3 benchmarks/kernels.py --sweep rope --out "$OUT/rope_sweep.json"
-    FXOPT_ROPE_KERNEL=rows step kernels_rope_rows 90 python3 benchmarks/kernels.py --ops rope \
-        --out "$OUT/kernels_rope_rows.json"
-    FXOPT_ROPE_KERNEL=heads step kernels_rope_heads 90 python3 benchmarks/kernels.py --ops rope \
-        --out "$OUT/kernels_rope_heads.json"
-    ;;
 s16a)   # host time: the LoRA/NF4 op's pieces with the GPU kept busy (per-call microseconds), then the 8B 21 GiB
     # point without CUDA graphs, profiled (GPU kernels and cProfile of the host)
     step host_overhead 90 python3 -m benchmarks.kernel_bench.host_overhead --out "$OUT/host_overhead.json"

@@ -104,62 +104,6 @@ if triton_available():
                           ca, cb, sa, sb, oa, ob, j_ok, op, p_ok,
                           RND=RND, OUT=OUT_K, HAS_PASS=HAS_PASS, BLOCK_H=BLOCK_H)
 
-    @triton.jit
-    def _rows_tile(X, Y, COS, SIN, r0, n_rows, dv_a, n_a, dv_t, n_t, dv_h, n_h, soa, sot, soh, sod,
-                   sca, sct, scd, ssa, sst, ssd, half, rot, d_head,
-                   BWD: tl.constexpr, RND: tl.constexpr, OUT: tl.constexpr, ROWS: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-        """ROWS whole rows of X (dense rows: row r at r * d_head), rotate-half, each feature with its partner:
-        fwd y[d] = x[d] c[d] + sgn(d) x[p(d)] s[d];  bwd dx[d] = g[d] c[d] - sgn(d) g[p(d)] s[p(d)]
-        (p(d) = d +- half, sgn -1 on the first half); past `rot`, c = 1 and s = 0 pass x through. The partner is
-        two masked loads at d + half and d - half (offsets affine in d, so loads stay vectorized; a gather at a
-        computed p(d) ran 0.13 ms against 0.094 on the H200). Row r is (a, t, h) = (r // dv_a % n_a, ...)."""
-        r = (r0 + tl.arange(0, ROWS)).to(tl.int64)
-        r_ok = r < n_rows
-        a = (r // dv_a) % n_a
-        t = (r // dv_t) % n_t
-        h = (r // dv_h) % n_h
-        d = tl.arange(0, BLOCK_D)
-        first = d < half
-        second = (d >= half) & (d < rot)
-        m = r_ok[:, None] & (d < d_head)[None, :]
-        m1 = r_ok[:, None] & first[None, :]
-        m2 = r_ok[:, None] & second[None, :]
-        row = X + r[:, None] * d_head + d[None, :]
-        x = tl.load(row, mask=m, other=0.0).to(tl.float32)
-        xp = tl.where(first[None, :], tl.load(row + half, mask=m1, other=0.0),
-                      tl.load(row - half, mask=m2, other=0.0)).to(tl.float32)
-        crow = COS + a[:, None] * sca + t[:, None] * sct + d[None, :] * scd
-        srow = SIN + a[:, None] * ssa + t[:, None] * sst + d[None, :] * ssd
-        c = tl.load(crow, mask=m1 | m2, other=1.0).to(tl.float32)
-        if BWD:
-            sv = tl.where(first[None, :], tl.load(srow + half * ssd, mask=m1, other=0.0),
-                          tl.load(srow - half * ssd, mask=m2, other=0.0)).to(tl.float32)
-            sgn = tl.where(first, 1.0, -1.0)
-        else:
-            sv = tl.load(srow, mask=m1 | m2, other=0.0).to(tl.float32)
-            sgn = tl.where(first, -1.0, 1.0)
-        y = round_to(round_to(x * c, RND) + sgn[None, :] * round_to(xp * sv, RND), RND)
-        out = Y + a[:, None] * soa + t[:, None] * sot + h[:, None] * soh + d[None, :] * sod
-        tl.store(out, round_to(y, OUT).to(Y.dtype.element_ty), mask=m)
-
-    @triton.jit
-    def _rope_rows_kernel(Q, QO, K, KO, COS, SIN, nq_rows, nk_rows, nq_prog, n_a, n_t, nq_h, nk_h,
-                          qa, qt, qh, ka, kt, kh, soa, sot, soh, sod, sla, slt, slh, sld,
-                          sca, sct, scd, ssa, sst, ssd, half, rot, d_head,
-                          BWD: tl.constexpr, RND: tl.constexpr, OUT_Q: tl.constexpr, OUT_K: tl.constexpr,
-                          ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """q's row blocks, then k's, one program per ROWS rows (no loop): see _rows_tile."""
-        pid = tl.program_id(0)
-        if pid < nq_prog:
-            _rows_tile(Q, QO, COS, SIN, pid * ROWS, nq_rows, qa, n_a, qt, n_t, qh, nq_h, soa, sot, soh, sod,
-                       sca, sct, scd, ssa, sst, ssd, half, rot, d_head,
-                       BWD=BWD, RND=RND, OUT=OUT_Q, ROWS=ROWS, BLOCK_D=BLOCK_D)
-        else:
-            _rows_tile(K, KO, COS, SIN, (pid - nq_prog) * ROWS, nk_rows, ka, n_a, kt, n_t, kh, nk_h,
-                       sla, slt, slh, sld, sca, sct, scd, ssa, sst, ssd, half, rot, d_head,
-                       BWD=BWD, RND=RND, OUT=OUT_K, ROWS=ROWS, BLOCK_D=BLOCK_D)
-
 
 # ---- layout: every tensor as [A, T, H, D] strides ----
 
@@ -247,85 +191,22 @@ def _prepare(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd, blocks):
     return grid, ints, kw
 
 
-def _dense_rows(sizes, strides, d_head):
-    """Row divisors (stride // d_head) of the [A, T, H] dims when x's rows are dense (row r at r * d_head, in some
-    order of the leading dims), else None. Size-1 dims get divisor 1."""
-    dims = sorted((st, n) for n, st in zip(sizes, strides) if n > 1)
-    expected = d_head
-    for st, n in dims:
-        if st != expected:
-            return None
-        expected *= n
-    return [st // d_head if n > 1 else 1 for n, st in zip(sizes, strides)]
-
-
-# The rows kernel's (ROWS, num_warps) on CUDA; None: always the heads kernel above.
-ROWS_CONFIG = None
-
-
-def _rows_prepare(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd, blocks):
-    """The rows kernel's launch for rotate-half when q and k (if any) have dense rows with a unit-stride last dim;
-    else None (interleaved pairs: their partner loads would be strided)."""
-    if interleaved or q.stride(-1) != 1 or (k is not None and k.stride(-1) != 1):
-        return None
-    dims = plan_dims(q.shape, k.shape if k is not None else None, cos.shape, sin.shape)
-    d_head, rot = q.shape[-1], cos.shape[-1]
-    (n_a, n_t, n_hq), sq = _view(q, dims)
-    dq = _dense_rows((n_a, n_t, n_hq), sq[:3], d_head)
-    n_hk, dk, sl = 1, [1, 1, 1], [0, 0, 0, 0]
-    if k is not None:
-        (_, _, n_hk), sk = _view(k, dims)
-        dk = _dense_rows((n_a, n_t, n_hk), sk[:3], d_head)
-        _, sl = _view(yk, dims)
-    if dq is None or dk is None:
-        return None
-    _, so = _view(yq, dims)
-    _, sc = _view(cos, dims)
-    _, ss = _view(sin, dims)
-    rows, warps = blocks or (ROWS_CONFIG or (8, 4) if q.device.type == "cuda" else (64, 4))
-    nq_rows, nk_rows = n_a * n_t * n_hq, (n_a * n_t * n_hk if k is not None else 0)
-    nq_prog = triton.cdiv(nq_rows, rows)
-    grid = (nq_prog + triton.cdiv(nk_rows, rows),)
-    out_rnd = lambda y: 0 if y.dtype == rnd_dtype else rounding_code(y.dtype)
-    ints = (nq_rows, nk_rows, nq_prog, n_a, n_t, n_hq, n_hk, *dq, *dk, *so, *sl,
-            sc[0], sc[1], sc[3], ss[0], ss[1], ss[3], rot // 2, rot, d_head)
-    kw = dict(BWD=bwd, RND=rounding_code(rnd_dtype), OUT_Q=out_rnd(yq),
-              OUT_K=out_rnd(yk if k is not None else yq), ROWS=rows, BLOCK_D=next_pow2(d_head), num_warps=warps)
-    return grid, ints, kw
-
-
-def rows_kernel_wanted(device) -> bool:
-    """FXOPT_ROPE_KERNEL=rows|heads forces one kernel; else rows where ROWS_CONFIG is set (CUDA) and in the
-    interpreter never (tests pick it explicitly)."""
-    forced = os.environ.get("FXOPT_ROPE_KERNEL", "")
-    if forced not in ("", "rows", "heads"):
-        raise ValueError(f"FXOPT_ROPE_KERNEL must be 'rows' or 'heads', not {forced!r}")
-    if forced:
-        return forced == "rows"
-    return device.type == "cuda" and ROWS_CONFIG is not None
-
-
 _PLANS: dict = {}   # launch plans by (shapes, strides, dtypes, flags): the Python planning costs ~as much as a launch
 
 
-def _launch(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd, blocks=None, rows_kernel=None):
-    """rows_kernel: True / False picks the rows / heads kernel (blocks: its config); None: rows_kernel_wanted."""
+def _launch(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd, blocks=None):
     if q.numel() == 0:
         return
     meta = lambda t: None if t is None else (t.shape, t.stride(), t.dtype)
     key = (meta(q), meta(k), meta(cos), meta(sin), meta(yq), meta(yk), interleaved, rnd_dtype, bwd, blocks,
            q.device.type, interpreting())
-    key = key + (rows_kernel if rows_kernel is not None else rows_kernel_wanted(q.device),)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 512:
             _PLANS.clear()
-        rows = _rows_prepare(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd, blocks) if key[-1] else None
-        plan = _PLANS[key] = (_rope_rows_kernel, rows) if rows is not None else \
-            (_rope_kernel, _prepare(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd,
-                                   blocks if blocks is None or len(blocks) == 3 else None))
-    kernel, (grid, ints, kw) = plan
-    kernel[grid](q, yq, k if k is not None else q, yk if k is not None else yq, cos, sin, *ints, **kw)
+        plan = _PLANS[key] = _prepare(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd, blocks)
+    grid, ints, kw = plan
+    _rope_kernel[grid](q, yq, k if k is not None else q, yk if k is not None else yq, cos, sin, *ints, **kw)
 
 
 def _outputs(q, k, q_dtype, k_dtype):

@@ -255,12 +255,6 @@ def rope_cases(dts=DTYPES):
                       BLOCK_T=bt, BLOCK_R=rot // 2, BLOCK_P=max(1, 128 - rot), BLOCK_H=bh)
             out.append(case("rope._rope_kernel", mode, dt, dict(Q=dt, QO=odt, K=dt, KO=odt, COS=cdt, SIN=cdt), cx,
                             dict(num_warps=w), ones=unit))
-            # the rows kernel at the sweep's extremes and its default (ROWS, num_warps)
-            for rows, warps in ({(2, 1), (32, 8), R.ROWS_CONFIG or (8, 4)} if not inter else ()):
-                rx = dict(BWD=bwd, RND=rnd, OUT_Q=oc, OUT_K=oc, ROWS=rows, BLOCK_D=128)
-                out.append(case("rope._rope_rows_kernel", f"rows {rows}x{warps} {mode}", dt,
-                                dict(Q=dt, QO=odt, K=dt, KO=odt, COS=cdt, SIN=cdt), rx, dict(num_warps=warps),
-                                ones=("sod", "sld", "scd", "ssd")))
     return out
 
 

@@ -75,12 +75,10 @@ def exact(monkeypatch):
     monkeypatch.setenv("FXOPT_ROPE_EXACT", "1")
 
 
-@pytest.mark.parametrize("kernel", ["heads", "rows"])
 @pytest.mark.parametrize("interleaved,rot", [(False, None), (True, 32)])
-def test_bf16_bitexact_with_eager(interleaved, rot, kernel, exact, no_fallback, monkeypatch):
+def test_bf16_bitexact_with_eager(interleaved, rot, exact, no_fallback):
     """FXOPT_ROPE_EXACT=1: products and the sum rounded to bf16 as eager does (fwd), and bwd grads as autograd
-    accumulates them; both kernels."""
-    monkeypatch.setenv("FXOPT_ROPE_KERNEL", kernel)
+    accumulates them."""
     torch.manual_seed(1)
     q, k, cos, sin = make(s=11, d=64, rot=rot, dt=torch.bfloat16)
     got, ref = fwd_bwd(q, k, cos, sin, interleaved, True), fwd_bwd(q, k, cos, sin, interleaved, False)
@@ -202,71 +200,15 @@ def test_input_grads_keep_input_layout(no_fallback):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows_kernel", [None, True, False])
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
-def test_cuda_default_launch_matches_reference(layout, rows_kernel, no_fallback):
-    """On CUDA, both layouts, the default kernel and each one: bf16 fwd and bwd against the fp32 reference rounded
-    once, odd sizes, every output written."""
+def test_cuda_default_launch_matches_reference(layout, no_fallback):
+    """On CUDA, both layouts: bf16 fwd and bwd against the fp32 reference rounded once, odd sizes, every output
+    written."""
     torch.manual_seed(9)
     q, k, cos, sin = [t.cuda() for t in make(b=3, h=5, hk=3, s=77, d=128, dt=torch.bfloat16, layout=layout)]
     for bwd in (False, True):
         yq, yk = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
-        R._launch(q, k, cos, sin, yq, yk, False, torch.float32, bwd, rows_kernel=rows_kernel)
+        R._launch(q, k, cos, sin, yq, yk, False, torch.float32, bwd)
         for y, x in ((yq, q), (yk, k)):
             ref = R.rope_reference(x, cos, sin, False, torch.float32, torch.bfloat16, bwd)
             assert not y.isnan().any() and rel(y.float(), ref.float()) <= 1e-2
-
-
-@pytest.mark.parametrize("d,rot,layout,bwd", [
-    (64, None, "bhsd", False), (64, None, "bshd", True), (80, None, "bhsd", True),
-    (96, 48, "bshd", False), (128, 32, "bhsd", True), (128, 96, "bshd", True),
-])
-def test_rows_kernel_matches_reference(d, rot, layout, bwd, no_fallback):
-    """The rows kernel (whole dense rows, partner features by two masked loads): fwd and bwd math, odd sizes,
-    partial rotary (pass-through features), both layouts; every output written."""
-    interleaved = False
-    torch.manual_seed(11)
-    q, k, cos, sin = make(b=2, h=3, hk=1, s=5, d=d, rot=rot, layout=layout)
-    assert R._rows_prepare(q, k, cos, sin, q, k, True, torch.float32, bwd, None) is None   # interleaved: heads
-    assert R._rows_prepare(q, k, cos, sin, q, k, interleaved, torch.float32, bwd, None) is not None
-    yq, yk = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
-    R._launch(q, k, cos, sin, yq, yk, interleaved, torch.float32, bwd, rows_kernel=True)
-    for y, x in ((yq, q), (yk, k)):
-        assert not y.isnan().any()
-        assert rel(y, R.rope_reference(x, cos, sin, interleaved, torch.float32, x.dtype, bwd)) <= 1e-6
-    assert yq.stride() == q.stride()
-
-
-def test_rows_kernel_grads_into_other_layout(no_fallback):
-    """Backward writes dq in the forward input's layout while the incoming grad is [B, H, S, D]: rows read in one
-    order, written in another."""
-    torch.manual_seed(12)
-    q, k, cos, sin = make(b=2, h=3, hk=2, s=4, d=16)
-    g, gk = torch.randn(2, 3, 4, 16), torch.randn(2, 2, 4, 16)
-    dq, dk = R._grad_outputs(g, gk, torch.float32, torch.float32, R.dim_order(q), R.dim_order(k))
-    R._launch(g, gk, cos, sin, dq, dk, False, torch.float32, True, rows_kernel=True)
-    assert dq.stride() == q.stride()
-    assert rel(dq, R.rope_reference(g, cos, sin, False, torch.float32, g.dtype, True)) <= 1e-6
-    assert rel(dk, R.rope_reference(gk, cos, sin, False, torch.float32, gk.dtype, True)) <= 1e-6
-
-
-def test_rows_kernel_needs_dense_rows(no_fallback):
-    """q sliced from a fused qkv projection has gaps between its rows: the heads kernel runs it instead."""
-    torch.manual_seed(13)
-    qkv = torch.randn(2, 5, 3 * 4 * 16)
-    q = qkv[..., : 4 * 16].view(2, 5, 4, 16).transpose(1, 2)
-    _, _, cos, sin = make(b=2, s=5, d=16)
-    assert R._dense_rows((2, 5, 4), (5 * 192, 192, 16), 16) is None
-    assert R._dense_rows((2, 5, 4), (320, 64, 16), 16) == [20, 4, 1]
-    assert R._rows_prepare(q, None, cos, sin, q, None, False, torch.float32, False, None) is None
-    y = torch.empty_like(q)
-    R._launch(q, None, cos, sin, y, None, False, torch.float32, False, rows_kernel=True)
-    assert rel(y, eager(q, cos, sin)) <= 1e-6
-
-
-def test_rope_kernel_env(monkeypatch):
-    monkeypatch.setenv("FXOPT_ROPE_KERNEL", "fast")
-    with pytest.raises(ValueError, match="FXOPT_ROPE_KERNEL"):
-        R.rows_kernel_wanted(torch.device("cpu"))
-    monkeypatch.setenv("FXOPT_ROPE_KERNEL", "rows")
-    assert R.rows_kernel_wanted(torch.device("cpu"))
