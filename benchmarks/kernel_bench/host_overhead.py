@@ -81,14 +81,33 @@ def rows_for(m=4096, k=4096, n=4096, r=16):
         y.backward(dy)
         xg.grad = ag.grad = bg.grad = None
 
+    left = xa.to(BF)
+    right = b.t().to(BF)
+    out_mn = torch.empty(m, n, device=dev, dtype=BF)
+    wdq = dequantize_chunk(w4, 0, n, 0, k, BF)
+    compiled = _empty_kernel[(1,)](x, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, BLOCK=64, FLAG=True)
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def direct_launch():   # the compiled kernel's launcher without JITFunction.run (private API; may fail)
+        compiled.run(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     x, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 64, True)
+
     cases = {
+        "rank term: xa.to(bf16)": lambda: xa.to(BF),
+        "rank term: (B^T * s).to(bf16)": lambda: (b.t() * 2.0).to(BF),
+        "rank term: torch.mm K=16 out=": lambda: torch.mm(left, right, out=out_mn),
+        "rank term: addmm_ beta=0 alpha=s K=16": lambda: out_mn.addmm_(left, right, beta=0, alpha=2.0),
+        "base: addmm_ x W^T (beta 1)": lambda: out_mn.addmm_(x, wdq.t()),
+        "base: torch.mm x W^T out=": lambda: torch.mm(x, wdq.t(), out=out_mn),
+        "triton launch, direct CompiledKernel.run": direct_launch,
+        "part.sum(0) [5, 4096, 16] fp32": lambda: torch.empty(5, m, r, device=dev).sum(0),
         "torch.empty": lambda: torch.empty((m, r), device=dev, dtype=torch.float32),
         "torch.mm 64x64 out=": lambda: torch.mm(small, small, out=small_out),
         "tensor.to(bf16) 64x64 fp32": lambda: small.float(),
         "slice + t()": lambda: x[:, :128].t(),
         "triton launch, 11 args, JITFunction": lambda: _empty_kernel[(1,)](x, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
                                                                           BLOCK=64, FLAG=True),
-        "custom op no-op, no_grad": lambda: _no_grad(noop, x),
+        "custom op no-op, no_grad": lambda: _no_grad(noop, x, 1.0),
         "custom op no-op, grad": lambda: noop(xg, 1.0),
         "skinny_mm x A^T": lambda: L.skinny_mm(x, a.t()),
         "_mm x A^T (choice + skinny)": lambda: L._mm(x, a.t(), True, m),
