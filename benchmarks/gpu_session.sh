@@ -273,6 +273,9 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
     step offload8b_flatdq "$left" python3 benchmarks/run_suite.py offload8b_flatdq --out "$OUT/train_step.jsonl" \
         --time-limit $(( left - 10 ))
     ;;
+s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget)
+    step seq65k_8b 575 python3 benchmarks/run_suite.py seq65k_8b --out "$OUT/train_step.jsonl" --time-limit 570
+    ;;
 s16c)   # host time per call of the LoRA/NF4 pieces only
     step host_overhead 90 python3 -m benchmarks.kernel_bench.host_overhead --out "$OUT/host_overhead.json"
     ;;

@@ -128,6 +128,10 @@ SPLIT21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, 
 # 7c6901b the 8B step without graphs measured 8,860 tok/s, the GPU busy 249 of 462 ms (waiting on the host).
 NOCG21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                  profile=True, tag="nocg-21g")
+# 8B QLoRA at 65,536 tokens (batch 1; issue 13's longest-sequence point) at HEAD: 4,961 tok/s at 21.34 GiB at
+# c068010 (tag seq65k-cg-offload-sdpaprice); the warm-up (compile + CUDA graph recording) took 263.5 s at 600c67b.
+SEQ65K_8B = grid("8b", "qlora", ["fxopt:16GiB"], batch=1, seq=65536, steps=1, warmup=2, timeout=560, loss_only=True,
+                 fxopt_options={"cudagraphs": True, "offload": True}, tag="seq65k-s13")
 # The 7 GiB offload point after the planner's lm_head + loss chunk change (fxopt plan: 4096 -> 512 rows, offloads
 # 1.0 -> 0.57 GB); 11,699 tok/s at 6.92 GiB before (670c1c0, cg-offload-loraterm).
 OFFLOAD8B_S15 = offload8b_point("cg-offload-s12")
@@ -176,7 +180,7 @@ SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b":
           "offload8b_hidden": OFFLOAD8B_HIDDEN,
           "offload8b_prof": OFFLOAD8B_PROF, "offload8b_d2": OFFLOAD8B_D2, "offload8b_d2_hidden": OFFLOAD8B_D2_HIDDEN,
           "offload8b_cap": OFFLOAD8B_CAP, "dequant8b": DEQUANT8B[:1], "offload8b_flatdq": DEQUANT8B[1:],
-          "prof07_8b": PROF07_8B, "final21_8b": FINAL21_8B, "split21_8b": SPLIT21_8B, "nocg21_8b": NOCG21_8B, "offload8b_s15": OFFLOAD8B_S15,
+          "prof07_8b": PROF07_8B, "final21_8b": FINAL21_8B, "split21_8b": SPLIT21_8B, "nocg21_8b": NOCG21_8B, "seq65k_8b": SEQ65K_8B, "offload8b_s15": OFFLOAD8B_S15,
           "gemma2_d256": GEMMA2_D256,
           "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
           "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
