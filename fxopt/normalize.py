@@ -15,6 +15,7 @@ After this pass patterns see one spelling per operation:
     to one dtype become one node (unless either result is written in place)
   - view/reshape to the shape x already has are dropped
   - dropout that is the identity (p == 0 or training=False, not inplace) is dropped
+  - `pow(x, -0.5)` on a floating tensor -> rsqrt(x)   (gemma4's RMSNorm spells it so)
 Every rewrite is checked against dynamo's fake-tensor metadata (node.meta["example_value"]).
 """
 from __future__ import annotations
@@ -227,10 +228,23 @@ def _merge_duplicate_casts(g: fx.Graph) -> int:
     return merged
 
 
+def _pow_to_rsqrt(g: fx.Graph) -> int:
+    """torch.pow(x, -0.5) -> torch.rsqrt(x) for a floating-point tensor x (the same value, one spelling)."""
+    n_done = 0
+    for node in g.nodes:
+        if node.op == "call_function" and node.target is torch.pow and len(node.args) == 2 and not node.kwargs \
+                and node.args[1] == -0.5 and is_tensor(node.args[0]) and meta(node.args[0]).is_floating_point() \
+                and is_tensor(node) and meta(node).dtype == meta(node.args[0]).dtype:
+            node.target, node.args = torch.rsqrt, (node.args[0],)
+            n_done += 1
+    return n_done
+
+
 def normalize(gm: fx.GraphModule) -> dict:
     """Canonicalize `gm` in place; returns counts of rewrites (for logging)."""
     g = gm.graph
-    counts = {"methods": 0, "operators": 0, "casts": 0, "dropped": 0, "inplace": 0, "cse": 0, "linear": 0}
+    counts = {"methods": 0, "operators": 0, "casts": 0, "dropped": 0, "inplace": 0, "cse": 0, "linear": 0,
+              "rsqrt": 0}
     inplace = [n for n in g.nodes if n.op == "call_function" and n.target in _INPLACE_TO_FN and is_tensor(n)]
     if inplace:
         storages = _storages(g)
@@ -274,6 +288,7 @@ def normalize(gm: fx.GraphModule) -> dict:
             if is_tensor(node.args[0]):
                 node.target = _OPERATOR_TO_FN[node.target]
                 counts["operators"] += 1
+    counts["rsqrt"] = _pow_to_rsqrt(g)
     counts["cse"] = _merge_duplicate_casts(g)
     counts["linear"] = _matmul_to_linear(g) + _addmm_to_linear(g)
     g.lint()

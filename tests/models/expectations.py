@@ -131,6 +131,12 @@ ARCHS: dict[str, Arch] = {
     "codegen": _ln_model(L + 1, 2 * L, 4 * L, core=False, overrides={"rotary_dim": 8}),  # as gptj
     "gpt_bigcode": _ln_model(2 * L + 1, 0, 4 * L, core=False),
     "biogpt": _ln_model(2 * L + 1, 0, 6 * L, core=False),
+    # RMSNorm spelled x * pow(mean(x^2) + eps, -0.5) (normalize makes it rsqrt): 8 per layer (q/k/v norms, the v
+    # norm without weight; input, post-attention, pre/post-feedforward, per-layer-input) + final + per-layer
+    # projection norm; geglu: the MLP and the per-layer-input gate (gelu(gate(x)) * per_layer_input); rope on q
+    # and k separately; attention: the sliding layer only, the full-attention layer has head dim 512 (> 256)
+    "gemma4_text": Arch({"attention": 1, "rms_norm": 8 * L + 2, "rope": 2 * L, "geglu": 2 * L},
+                        {"layer_norm": LN, "swiglu": GELU}, 19, core=False),   # lora: all 19 nn.Linear modules
     "arcee": Arch({"attention": L, "rms_norm": 2 * L + 1, "rope": L},
                   {"layer_norm": LN, "swiglu": "relu^2 up/down MLP, not gated", "geglu": "not gated"}, 6 * L,
                   core=False),

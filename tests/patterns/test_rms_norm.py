@@ -137,3 +137,44 @@ def test_centered_input_is_left_to_layer_norm():
         return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + 1e-5)
     out, rep = _compile(f, torch.randn(4, 24), patterns=["rms_norm"])
     assert rep.matched["rms_norm"] == 0 and any("LayerNorm" in r for r in _reasons(rep))
+
+
+class PowForm(torch.nn.Module):            # gemma4: x * pow(mean(x^2) + eps, -0.5), weight optional
+    def __init__(self, h, with_scale=True):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(h) * 0.3 + 1) if with_scale else None
+
+    def forward(self, x):
+        xf = x.float()
+        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.type_as(x)
+
+
+@pytest.mark.parametrize("with_scale", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pow_minus_half_spelling_matches(with_scale, dtype):
+    """pow(v, -0.5) is rsqrt(v) after normalize: matched, fwd and grads as eager."""
+    torch.manual_seed(3)
+    m = PowForm(24, with_scale)
+    x = torch.randn(2, 5, 24, dtype=dtype, requires_grad=True)
+    out, rep = _compile(m, x)
+    assert rep.matched["rms_norm"] == 1
+    ref = m(x)
+    assert out.dtype == ref.dtype and rel(out, ref) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    leaves = (x, m.weight) if with_scale else (x,)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        assert rel(a, b) <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_other_powers_are_not_rsqrt():
+    """pow(v, -1) or pow(v, 0.5) is not a normalization: nothing matched, the graph computes the same."""
+    class Other(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.pow(x.pow(2).mean(-1, keepdim=True) + 1e-6, -1.0)
+    x = torch.randn(2, 5, 24)
+    out, rep = _compile(Other(), x)
+    assert rep.matched["rms_norm"] == 0
+    assert rel(out, Other()(x)) <= 1e-6
