@@ -3,6 +3,7 @@
 Anchored at the rotation, which has two spellings in transformers:
   rotate-half   cat((-x[..., d/2:], x[..., :d/2]), -1)              (llama, mistral, qwen2, gemma, phi3, neox, ...)
   interleaved   stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2) (cohere, glm, gptj's rotate_every_two, ...)
+  either with the negation on the other half, (x2, -x1): the rotation by -theta (nanochat), the op gets -sin;
 then `add(mul(x, cos), mul(rot, sin))` (operands in either order); or at the output of the half-width spelling
   cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)   x1, x2 = chunk(x, 2, -1) or the two slices, c/s d/2 wide (gpt_oss)
 which is rotate-half with cos = cat((c, c), -1), sin = cat((s, s), -1) (the op gets those; same roundings: x1*c,
@@ -53,11 +54,13 @@ class _Unit:
     half: bool = False    # cos/sin are d/2 wide (the half-width spelling): the op gets cat((c, c), -1)
     cplx: bool = False    # cos is sin is a complex f (the complex multiply): the op gets f's parts, each repeated
     src: tuple | None = None   # (base, index) when cos is base[index]: units with the same one share cos/sin
+    flip: bool = False    # the rotation by -theta (x2, -x1): the op gets -sin
 
 
 def _is_neg_first(n) -> bool:
+    """cat/stack((-x2, x1)), or the rotation by -theta, cat/stack((x2, -x1)) (nanochat): a negated operand."""
     seq = n.args[0] if n.args else n.kwargs.get("tensors")
-    return isinstance(seq, (list, tuple)) and len(seq) > 0 and call(seq[0], torch.neg)
+    return isinstance(seq, (list, tuple)) and len(seq) == 2 and (call(seq[0], torch.neg) or call(seq[1], torch.neg))
 
 
 def _is_half_form(n) -> bool:
@@ -142,15 +145,21 @@ def _finish(nodes, out, x, cos_shape, sin_shape):
 
 
 def _rotation(anchor):
-    """(rotated node, r, interleaved, nodes) for cat((-x2, x1), -1) or stack((-x2, x1), -1).flatten(-2) of r."""
+    """(rotated node, r, interleaved, nodes, flip) for cat((-x2, x1), -1) or stack((-x2, x1), -1).flatten(-2) of r;
+    flip: the operands are (x2, -x1), the rotation by -theta, which is the same rotation with sin negated."""
     seq = anchor.args[0] if anchor.args else anchor.kwargs.get("tensors")
     dim = arg(anchor, 1, "dim", 0)
     require(isinstance(meta(anchor), torch.Tensor), "no tensor metadata on the rotation")
     require(len(seq) == 2, f"{anchor.target.__name__} of {len(seq)} tensors, not (-x2, x1)")
     nd = meta(anchor).dim()
     require(dim in (-1, nd - 1), f"{anchor.target.__name__} over dim {dim}, not the last dim")
-    neg, x1 = seq
-    x2 = neg.args[0]
+    flip = not call(seq[0], torch.neg)
+    if flip:
+        x2, neg = seq
+        x1 = neg.args[0]
+    else:
+        neg, x1 = seq
+        x2 = neg.args[0]
     s1, s2 = _last_dim_slice(x1), _last_dim_slice(x2)
     require(s1 is not None and s2 is not None and s1[0] is s2[0],
             "rotation halves are not constant last-dim slices of one tensor")
@@ -159,12 +168,12 @@ def _rotation(anchor):
     if call(anchor, torch.cat):
         require(_first_second_half(s1, s2, d),
                 f"cat((-x[{s2[1]}:{s2[2]}], x[{s1[1]}:{s1[2]}])) is not rotate-half of a {d}-wide tensor")
-        return anchor, r, False, [x1, x2, neg, anchor]
+        return anchor, r, False, [x1, x2, neg, anchor], flip
     flat = only_user(anchor)
     require(_flattens_last_two(flat, anchor), "stack((-x2, x1), -1) is not flattened over its last two dims")
     require(d % 2 == 0 and s1[1:] == (0, d, 2) and s2[1:] == (1, d, 2),
             f"stack((-x[{s2[1]}::{s2[3]}], x[{s1[1]}::{s1[3]}])) is not the interleaved rotation")
-    return flat, r, True, [x1, x2, neg, anchor, flat]
+    return flat, r, True, [x1, x2, neg, anchor, flat], flip
 
 
 def _upcast_source(n, allowed_users):
@@ -292,7 +301,7 @@ def _unit(anchor) -> _Unit:
         return _half_unit(anchor)
     if _is_complex_form(anchor):
         return _complex_unit(anchor)
-    rot, r, interleaved, nodes = _rotation(anchor)
+    rot, r, interleaved, nodes, flip = _rotation(anchor)
     mul_s = only_user(rot)
     require(mul_s is not None and call(mul_s, torch.mul), "rotated tensor is not only multiplied by sin")
     sin = other_operand(mul_s, rot)
@@ -331,11 +340,12 @@ def _unit(anchor) -> _Unit:
             nodes.append(x)
             x = src
     out = _finish(nodes, out, x, mc.shape, ms.shape)
-    return _Unit(anchor, x, cos, sin, interleaved, mid, mr.dtype, out, nodes)
+    return _Unit(anchor, x, cos, sin, interleaved, mid, mr.dtype, out, nodes, flip=flip)
 
 
 def _key(u: _Unit):
-    return (u.src or u.sin, u.interleaved, u.half, u.cplx, u.mid, u.grad_dtype, meta(u.out).dtype, meta(u.x).dtype)
+    return (u.src or u.sin, u.interleaved, u.half, u.cplx, u.flip, u.mid, u.grad_dtype, meta(u.out).dtype,
+            meta(u.x).dtype)
 
 
 def _complex_partners(u: _Unit):
@@ -414,6 +424,8 @@ def replace_rope(graph, m):
         cos, sin = (insert_op(graph, before, torch.repeat_interleave,
                               (insert_op(graph, before, operator.getitem, (parts, (Ellipsis, i))), 2, -1))
                     for i in (0, 1))
+    if u.flip:   # x * cos + (x2, -x1) * sin == x * cos + (-x2, x1) * (-sin), negation exact
+        sin = insert_op(graph, before, torch.neg, (sin,))
     args = (u.x, v.x if v else None, cos, sin, u.interleaved, u.mid, u.grad_dtype, meta(u.out).dtype)
     yq, yk = insert_op(graph, before, torch.ops.fxopt.rope.default, args, n_outputs=2)
     replace_output(graph, Match(u.anchor, u.out, u.nodes, {}), yq)

@@ -137,6 +137,11 @@ ARCHS: dict[str, Arch] = {
     # and k separately; attention: the sliding layer only, the full-attention layer has head dim 512 (> 256)
     "gemma4_text": Arch({"attention": 1, "rms_norm": 8 * L + 2, "rope": 2 * L, "geglu": 2 * L},
                         {"layer_norm": LN, "swiglu": GELU}, 19, core=False),   # lora: all 19 nn.Linear modules
+    # rotate_half as cat((x2, -x1)): the rotation by -theta (the op gets -sin); rms_norm: q/k norms, input and
+    # post-attention norms per layer, the final norm applied twice (before the layers and after); relu^2 MLP
+    "nanochat": Arch({"attention": L, "rms_norm": 4 * L + 2, "rope": L},
+                     {"layer_norm": LN, "swiglu": "relu^2 fc1/fc2 MLP, not gated", "geglu": "not gated"}, 6 * L,
+                     core=False),
     "arcee": Arch({"attention": L, "rms_norm": 2 * L + 1, "rope": L},
                   {"layer_norm": LN, "swiglu": "relu^2 up/down MLP, not gated", "geglu": "not gated"}, 6 * L,
                   core=False),

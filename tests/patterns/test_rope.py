@@ -257,3 +257,38 @@ def test_near_miss_stack_not_flattened(fresh_dynamo):
     q, k, cos, sin = qkcs()
     check_same(f, q, cos, sin)
     assert any("not flattened" in r for r in rejected_reasons())
+
+
+def rotate_half_neg_theta(x):       # nanochat: cat((x2, -x1)), the rotation by -theta
+    return torch.cat((x[..., x.shape[-1] // 2:], -x[..., : x.shape[-1] // 2]), dim=-1)
+
+
+def rotate_interleaved_neg_theta(x):
+    return torch.stack((x[..., 1::2], -x[..., ::2]), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("rot", [rotate_half_neg_theta, rotate_interleaved_neg_theta])
+def test_rotation_by_minus_theta_pair_is_one_op(rot, fresh_dynamo):
+    """(x2, -x1) is the rotation with sin negated: one op (given -sin), fwd and grads as eager."""
+    torch.manual_seed(12)
+    g = check_same(lambda q, k, c, s: apply(q, k, c, s, rot), *qkcs())
+    (op,) = ops(g)
+    assert op.args[4] is (rot is rotate_interleaved_neg_theta)
+    assert op.args[3].target is torch.neg      # the op's sin is -sin
+
+
+def test_rotation_by_minus_theta_bf16_bitexact(fresh_dynamo, monkeypatch):
+    """Negating sin instead of x1 is exact: bit-identical to eager with FXOPT_ROPE_EXACT=1."""
+    monkeypatch.setenv("FXOPT_ROPE_EXACT", "1")
+    torch.manual_seed(13)
+    check_same(lambda q, k, c, s: apply(q, k, c, s, rotate_half_neg_theta), *qkcs(dt=torch.bfloat16), exact=True)
+
+
+def test_mixed_signs_in_a_pair_are_two_ops(fresh_dynamo):
+    """q rotated by theta, k by -theta with the same cos/sin: not one op (the op has one sin)."""
+    def f(q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half_neg_theta(k) * sin
+    torch.manual_seed(14)
+    g = check_same(f, *qkcs())
+    assert len(ops(g)) == 2
