@@ -6,6 +6,8 @@ Anchored at the rotation, which has two spellings in transformers:
   either with the negation on the other half, (x2, -x1): the rotation by -theta (nanochat), the op gets -sin;
 then `add(mul(x, cos), mul(rot, sin))` (operands in either order); or at the output of the half-width spelling
   cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)   x1, x2 = chunk(x, 2, -1) or the two slices, c/s d/2 wide (gpt_oss)
+  or x1, x2 = x[..., 0::2], x[..., 1::2] (deepseek_v3's rope_interleave): the interleaved op, its output then
+  de-interleaved by a permuting copy (cos/sin each repeated twice);
 which is rotate-half with cos = cat((c, c), -1), sin = cat((s, s), -1) (the op gets those; same roundings: x1*c,
 x2*s and their difference are each rounded, as x*cos, rot*sin and their sum are); or at the complex multiply
   view_as_real(view_as_complex(x.reshape(..., d/2, 2)) * f).flatten(-2)     f complex, d/2 wide (llama4)
@@ -219,13 +221,23 @@ def _halves(a, b):
     return (s1[0], [a, b]) if _first_second_half(s1, s2, int(meta(s1[0]).shape[-1])) else None
 
 
+def _even_odd(a, b):
+    """(x, nodes) when a, b are x[..., 0::2] and x[..., 1::2] (deepseek's interleaved pairs), else None."""
+    s1, s2 = _last_dim_slice(a), _last_dim_slice(b)
+    if s1 is None or s2 is None or s1[0] is not s2[0]:
+        return None
+    d = int(meta(s1[0]).shape[-1])
+    return (s1[0], [a, b]) if d % 2 == 0 and s1[1:] == (0, d, 2) and s2[1:] == (1, d, 2) else None
+
+
 def _mul_of(n, a, b) -> bool:
     return call(n, torch.mul) and len(n.args) == 2 and not n.kwargs and \
         ((n.args[0] is a and n.args[1] is b) or (n.args[0] is b and n.args[1] is a))
 
 
 def _half_unit(anchor) -> _Unit:
-    """cat((x1 c - x2 s, x2 c + x1 s), -1) of the halves x1, x2 of x, with d/2-wide c, s."""
+    """cat((x1 c - x2 s, x2 c + x1 s), -1) of the halves x1, x2 of x, with d/2-wide c, s; or of x's even and odd
+    features (deepseek's rope_interleave): the interleaved rotation, its output de-interleaved."""
     first, second = anchor.args[0] if anchor.args else anchor.kwargs.get("tensors")
     dim = arg(anchor, 1, "dim", 0)
     require(isinstance(meta(anchor), torch.Tensor) and dim in (-1, meta(anchor).dim() - 1),
@@ -238,11 +250,16 @@ def _half_unit(anchor) -> _Unit:
     found = None
     for x1, c in (m1.args, m1.args[::-1]):
         for x2, s_ in (m2.args, m2.args[::-1]):
-            h = _halves(x1, x2) if isinstance(x1, fx.Node) and isinstance(x2, fx.Node) else None
-            if h is not None and found is None:
-                found = (x1, x2, c, s_, h)
-    require(found is not None, "x1 * c - x2 * s: x1, x2 are not the two halves of one tensor")
-    x1, x2, cos, sin, (x, half_nodes) = found
+            if not (isinstance(x1, fx.Node) and isinstance(x2, fx.Node)) or found is not None:
+                continue
+            h, pairs = _halves(x1, x2), False
+            if h is None:
+                h, pairs = _even_odd(x1, x2), True
+            if h is not None:
+                found = (x1, x2, c, s_, h, pairs)
+    require(found is not None, "x1 * c - x2 * s: x1, x2 are not the two halves (nor the even and odd features) "
+                               "of one tensor")
+    x1, x2, cos, sin, (x, half_nodes), pairs = found
     p, q = second.args
     mc, ms = (p, q) if _mul_of(p, x2, cos) else (q, p)
     require(_mul_of(mc, x2, cos) and _mul_of(ms, x1, sin), "second half is not x2 * c + x1 * s")
@@ -262,7 +279,7 @@ def _half_unit(anchor) -> _Unit:
     nodes = half_nodes + [m1, m2, first, mc, ms, second, anchor]
     full = lambda t: t.shape[:-1] + (d,)
     out = _finish(nodes, anchor, x, full(mcos), full(msin))
-    return _Unit(anchor, x, cos, sin, False, mid, mx.dtype, out, nodes, half=True)
+    return _Unit(anchor, x, cos, sin, pairs, mid, mx.dtype, out, nodes, half=True)
 
 
 def _complex_unit(anchor) -> _Unit:
@@ -413,11 +430,21 @@ def match_rope(anchor):
                  params=dict(units=[u] + ([v] if v else []), before=before))
 
 
+def _deinterleave(graph, before, y):
+    """y[..., 0::2] then y[..., 1::2] along the last dim: y.unflatten(-1, (d/2, 2)).transpose(-1, -2).flatten(-2)."""
+    d = int(meta(y).shape[-1])
+    t = insert_op(graph, before, torch.unflatten, (y, -1, (d // 2, 2)))
+    t = insert_op(graph, before, torch.transpose, (t, -1, -2))
+    return insert_op(graph, before, torch.flatten, (t, -2))
+
+
 def replace_rope(graph, m):
     units, before = m.params["units"], m.params["before"]
     u, v = units[0], (units[1] if len(units) > 1 else None)
     cos, sin = u.cos, u.sin
-    if u.half:   # the op's cos/sin are d wide: (c, c) and (s, s)
+    if u.half and u.interleaved:   # even/odd pairs: each angle twice in a row, c0 c0 c1 c1 ...
+        cos, sin = (insert_op(graph, before, torch.repeat_interleave, (t, 2, -1)) for t in (u.cos, u.sin))
+    elif u.half:   # the op's cos/sin are d wide: (c, c) and (s, s)
         cos, sin = (insert_op(graph, before, torch.cat, ([t, t], -1)) for t in (u.cos, u.sin))
     elif u.cplx:   # f = c + i s: the interleaved op's cos/sin are c and s, each repeated twice
         parts = insert_op(graph, before, torch.view_as_real, (u.cos,))
@@ -428,6 +455,9 @@ def replace_rope(graph, m):
         sin = insert_op(graph, before, torch.neg, (sin,))
     args = (u.x, v.x if v else None, cos, sin, u.interleaved, u.mid, u.grad_dtype, meta(u.out).dtype)
     yq, yk = insert_op(graph, before, torch.ops.fxopt.rope.default, args, n_outputs=2)
+    if u.half and u.interleaved:   # cat(evens', odds'): the op's interleaved output, de-interleaved (a copy)
+        yq = _deinterleave(graph, before, yq)
+        yk = _deinterleave(graph, before, yk) if v is not None else yk
     replace_output(graph, Match(u.anchor, u.out, u.nodes, {}), yq)
     if v is not None:
         replace_output(graph, Match(v.anchor, v.out, v.nodes, {}), yk)

@@ -142,6 +142,13 @@ ARCHS: dict[str, Arch] = {
     "nanochat": Arch({"attention": L, "rms_norm": 4 * L + 2, "rope": L},
                      {"layer_norm": LN, "swiglu": "relu^2 fc1/fc2 MLP, not gated", "geglu": "not gated"}, 6 * L,
                      core=False),
+    # MLA (multi-head latent attention): rope on the q/k slices split off for it (k's one head shared), spelled as
+    # rope_interleave (even/odd features, de-interleaved output: the interleaved op + a permuting copy); q_a/kv_a
+    # RMSNorms; routed + shared experts per layer. Its config needs MLA sizes beyond SMALL.
+    "deepseek_v3": Arch({"attention": L, "rms_norm": 4 * L + 1, "rope": L, "swiglu": 2 * L},
+                        {"layer_norm": LN, "geglu": SILU}, 0, core=False, adapters=("plain",), drop=("head_dim",),
+                        overrides=dict(num_key_value_heads=4, head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                       v_head_dim=16, kv_lora_rank=16, q_lora_rank=24, n_group=1, topk_group=1)),
     "arcee": Arch({"attention": L, "rms_norm": 2 * L + 1, "rope": L},
                   {"layer_norm": LN, "swiglu": "relu^2 up/down MLP, not gated", "geglu": "not gated"}, 6 * L,
                   core=False),
@@ -173,8 +180,8 @@ ARCHS: dict[str, Arch] = {
                         {"layer_norm": LN, "geglu": SILU}, 0, core=False, adapters=("plain",)),  # weight)
 }
 # Not in the matrix: phimoe (sparsemixer samples experts in training: eager vs eager already differ), jamba and
-# falcon_h1 (mamba layers: 20-25 s per cell here), qwen3_next / doge (the tiny config fails eagerly), deepseek_v3,
-# dbrx, dots1, zamba2 (their configs need more than SMALL).
+# falcon_h1 (mamba layers: 20-25 s per cell here), qwen3_next / doge (the tiny config fails eagerly), dbrx, dots1,
+# zamba2 (their configs need more than SMALL).
 
 
 def counts_for(name: str, attn: str, adapter: str) -> dict:

@@ -31,7 +31,7 @@ DEFAULT = [E.default_cell(a) + ("reference",) for a, spec in E.ARCHS.items() if 
     ("llama", "sdpa", "lora", "reference"), ("gpt2", "sdpa", "lora", "reference"),   # peft on Linear / Conv1D
     ("llama", "eager", "plain", "triton"), ("gpt2", "sdpa", "lora", "triton"), ("phi3", "sdpa", "lora", "triton"),
     ("gemma3_text", "sdpa", "plain", "triton"), ("gemma4_text", "sdpa", "plain", "reference"),
-    ("nanochat", "sdpa", "plain", "reference")]
+    ("nanochat", "sdpa", "plain", "reference"), ("deepseek_v3", "eager", "plain", "reference")]
 SLOW = [c for c in [cell + ("reference",) for cell in E.cells()] + [cell + ("triton",) for cell in E.cells(True)]
         if c not in DEFAULT]
 

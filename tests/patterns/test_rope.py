@@ -292,3 +292,35 @@ def test_mixed_signs_in_a_pair_are_two_ops(fresh_dynamo):
     torch.manual_seed(14)
     g = check_same(f, *qkcs())
     assert len(ops(g)) == 2
+
+
+def deepseek_interleave(q, k, cos, sin):
+    """deepseek_v3's apply_rotary_pos_emb_interleave: even/odd features, d/2-wide angles, de-interleaved output."""
+    cos = cos[..., : cos.shape[-1] // 2].unsqueeze(1)
+    sin = sin[..., : sin.shape[-1] // 2].unsqueeze(1)
+    q1, q2, k1, k2 = q[..., 0::2], q[..., 1::2], k[..., 0::2], k[..., 1::2]
+    return (torch.cat([q1 * cos - q2 * sin, q2 * cos + q1 * sin], dim=-1),
+            torch.cat([k1 * cos - k2 * sin, k2 * cos + k1 * sin], dim=-1))
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_deepseek_even_odd_pairs_are_one_op(dt, fresh_dynamo, monkeypatch):
+    """Even/odd pairs with de-interleaved output: the interleaved op plus a permuting copy; bit-exact with eager
+    under FXOPT_ROPE_EXACT=1 in bf16, fwd and grads."""
+    monkeypatch.setenv("FXOPT_ROPE_EXACT", "1")
+    torch.manual_seed(15)
+    q, k, cos, sin = qkcs(dt=dt)
+    k = k[:, :1].detach().requires_grad_()          # MLA's k_pe: one head shared by all
+    g = check_same(deepseek_interleave, q, k, cos, sin, exact=dt == torch.bfloat16)
+    (op,) = ops(g)
+    assert op.args[4] is True and op.args[2].target is torch.repeat_interleave
+
+
+def test_near_miss_even_odd_of_two_tensors(fresh_dynamo):
+    def f(q, p, cos, sin):
+        c, s = cos[..., :8].unsqueeze(1), sin[..., :8].unsqueeze(1)
+        return torch.cat([q[..., 0::2] * c - p[..., 1::2] * s, p[..., 1::2] * c + q[..., 0::2] * s], dim=-1)
+    torch.manual_seed(16)
+    q, k, cos, sin = qkcs()
+    check_same(f, q, q.detach().clone().requires_grad_(), cos, sin)
+    assert fxopt.last_report().matched["rope"] == 0
