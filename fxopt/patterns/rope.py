@@ -59,7 +59,7 @@ class _Unit:
     flip: bool = False    # the rotation by -theta (x2, -x1): the op gets -sin
 
 
-def _is_neg_first(n) -> bool:
+def _has_neg_operand(n) -> bool:
     """cat/stack((-x2, x1)), or the rotation by -theta, cat/stack((x2, -x1)) (nanochat): a negated operand."""
     seq = n.args[0] if n.args else n.kwargs.get("tensors")
     return isinstance(seq, (list, tuple)) and len(seq) == 2 and (call(seq[0], torch.neg) or call(seq[1], torch.neg))
@@ -77,7 +77,7 @@ def _is_complex_form(n) -> bool:
 
 
 def _rotations(graph):
-    return [n for n in graph.nodes if (call(n, torch.cat, torch.stack) and (_is_neg_first(n) or _is_half_form(n)))
+    return [n for n in graph.nodes if (call(n, torch.cat, torch.stack) and (_has_neg_operand(n) or _is_half_form(n)))
             or _is_complex_form(n)]
 
 
@@ -162,11 +162,10 @@ def _rotation(anchor):
     else:
         neg, x1 = seq
         x2 = neg.args[0]
-    s1, s2 = _last_dim_slice(x1), _last_dim_slice(x2)
-    require(s1 is not None and s2 is not None and s1[0] is s2[0],
-            "rotation halves are not constant last-dim slices of one tensor")
+    sl = _slices_of_one(x1, x2)
+    require(sl is not None, "rotation halves are not constant last-dim slices of one tensor")
+    s1, s2, d = sl
     r = s1[0]
-    d = int(meta(r).shape[-1])
     if call(anchor, torch.cat):
         require(_first_second_half(s1, s2, d),
                 f"cat((-x[{s2[1]}:{s2[2]}], x[{s1[1]}:{s1[2]}])) is not rotate-half of a {d}-wide tensor")
@@ -215,18 +214,24 @@ def _halves(a, b):
                 and len(ch.users) == 2:
             return x, [ch, a, b]
         return None
+    sl = _slices_of_one(a, b)
+    return (sl[0][0], [a, b]) if sl is not None and _first_second_half(*sl) else None
+
+
+def _slices_of_one(a, b):
+    """(slice a, slice b, d) when a, b are constant last-dim slices of one d-wide tensor (see _last_dim_slice)."""
     s1, s2 = _last_dim_slice(a), _last_dim_slice(b)
     if s1 is None or s2 is None or s1[0] is not s2[0]:
         return None
-    return (s1[0], [a, b]) if _first_second_half(s1, s2, int(meta(s1[0]).shape[-1])) else None
+    return s1, s2, int(meta(s1[0]).shape[-1])
 
 
 def _even_odd(a, b):
     """(x, nodes) when a, b are x[..., 0::2] and x[..., 1::2] (deepseek's interleaved pairs), else None."""
-    s1, s2 = _last_dim_slice(a), _last_dim_slice(b)
-    if s1 is None or s2 is None or s1[0] is not s2[0]:
+    sl = _slices_of_one(a, b)
+    if sl is None:
         return None
-    d = int(meta(s1[0]).shape[-1])
+    s1, s2, d = sl
     return (s1[0], [a, b]) if d % 2 == 0 and s1[1:] == (0, d, 2) and s2[1:] == (1, d, 2) else None
 
 
@@ -399,7 +404,7 @@ def _partner_anchors(u: _Unit):
             if isinstance(rot, fx.Node) and (rot.op == "call_method" and rot.target == "flatten"
                                              or call(rot, torch.flatten)):
                 rot = rot.args[0]
-            if call(rot, torch.cat, torch.stack) and _is_neg_first(rot):
+            if call(rot, torch.cat, torch.stack) and _has_neg_operand(rot):
                 yield rot
 
 
