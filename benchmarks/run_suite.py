@@ -180,7 +180,8 @@ SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b":
           "offload8b_hidden": OFFLOAD8B_HIDDEN,
           "offload8b_prof": OFFLOAD8B_PROF, "offload8b_d2": OFFLOAD8B_D2, "offload8b_d2_hidden": OFFLOAD8B_D2_HIDDEN,
           "offload8b_cap": OFFLOAD8B_CAP, "dequant8b": DEQUANT8B[:1], "offload8b_flatdq": DEQUANT8B[1:],
-          "prof07_8b": PROF07_8B, "final21_8b": FINAL21_8B, "split21_8b": SPLIT21_8B, "nocg21_8b": NOCG21_8B, "seq65k_8b": SEQ65K_8B, "offload8b_s15": OFFLOAD8B_S15,
+          "prof07_8b": PROF07_8B, "final21_8b": FINAL21_8B, "split21_8b": SPLIT21_8B, "nocg21_8b": NOCG21_8B,
+          "seq65k_8b": SEQ65K_8B, "offload8b_s15": OFFLOAD8B_S15,
           "gemma2_d256": GEMMA2_D256,
           "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
           "budgets8b": BUDGETS8B, "qlora8b": QLORA8B, "full": FULL, "smoke": SMOKE}
