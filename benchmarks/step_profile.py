@@ -2,6 +2,12 @@
 import time
 
 
+def _sync():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def profile_step(step, top=30):
     """One more step under torch.profiler: the GPU kernels that took the most time, how busy the GPU was, and the
     CPU ops with the most self time (where a step that waits on the CPU spends it; the profiler's own overhead
@@ -9,12 +15,11 @@ def profile_step(step, top=30):
     import torch
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
+    _sync()
     t0 = time.time()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         step()
-        sync()
+        _sync()
     wall_ms = (time.time() - t0) * 1e3
     # GPU events only (kernels, memcpy/memset): a CPU op's device time repeats its kernels' time
     from torch.autograd import DeviceType
@@ -106,20 +111,17 @@ def host_profile(step, top=40):
     import cProfile
     import pstats
 
-    import torch
-    cuda = torch.cuda.is_available()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
+    _sync()
     t0 = time.perf_counter()
     step()
     enqueue_ms = (time.perf_counter() - t0) * 1e3
-    sync()
+    _sync()
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
     step()
     prof.disable()
-    sync()
+    _sync()
     wall_ms = (time.perf_counter() - t0) * 1e3
     st = pstats.Stats(prof)
 

@@ -251,7 +251,7 @@ def _key_transposed(kt):
         dims = kt.args[1:] if len(kt.args) > 2 else kt.args[1]
     else:
         return None
-    if not all(isinstance(d, int) for d in dims):
+    if not _ints(dims):
         return None
     n = len(_shape(kt))
     dims = tuple(d % n for d in dims)
