@@ -276,6 +276,9 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
 s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget)
     step seq65k_8b 575 python3 benchmarks/run_suite.py seq65k_8b --out "$OUT/train_step.jsonl" --time-limit 570
     ;;
+s17a)   # host time per call of the LoRA/NF4 pieces, with a cProfile of the op's forward and backward calls
+    step host_overhead 150 python3 -m benchmarks.kernel_bench.host_overhead --cprofile --out "$OUT/host_overhead.json"
+    ;;
 s16c)   # host time per call of the LoRA/NF4 pieces only
     step host_overhead 90 python3 -m benchmarks.kernel_bench.host_overhead --out "$OUT/host_overhead.json"
     ;;

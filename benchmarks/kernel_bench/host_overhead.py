@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -138,13 +139,55 @@ def _no_grad(fn, *args):
         return fn(*args)
 
 
+def cprofile_rows(m=4096, k=4096, n=4096, r=16, calls=50, top=25):
+    """cProfile of `calls` no-grad forward and backward calls of fxopt::lora_nf4 (outside Dynamo, whose frame
+    hooks misattribute time), the GPU kept busy: the functions with the most own time, per call."""
+    import cProfile
+    import pstats
+
+    from benchmarks.kernel_bench.lora_parts import nf4_layer
+    from fxopt.kernels import lora as L
+    dev = torch.device("cuda")
+    x = torch.randn(m, k, device=dev).to(BF)
+    dy = torch.randn(m, n, device=dev).to(BF)
+    a = torch.randn(r, k, device=dev) / k ** 0.5
+    b = torch.randn(n, r, device=dev) * 0.3
+    _, _, qargs, state = nf4_layer((torch.randn(n, k, device=dev) / k ** 0.5).to(BF))
+    xa = L.skinny_mm(x, a.t())
+    calls_of = {"forward": lambda: _no_grad(torch.ops.fxopt.lora_nf4, x, *qargs, None, a, b, 2.0, *state, BF, BF),
+                "backward": lambda: torch.ops.fxopt.lora_nf4_backward(dy, x, *qargs, a, b, xa, 2.0, *state, BF,
+                                                                      True, True, True, False)}
+    out = {}
+    for name, fn in calls_of.items():
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(int(4e8))
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        st = pstats.Stats(prof)
+        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
+        out[name] = [dict(fn=f"{os.path.basename(f)}:{line}:{func}", ncalls_per_call=round(v[1] / calls, 2),
+                          own_us=round(v[2] * 1e6 / calls, 1), cum_us=round(v[3] * 1e6 / calls, 1))
+                     for (f, line, func), v in rows]
+        print("CPROFILE " + name + " " + json.dumps(out[name][:12]), flush=True)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--cprofile", action="store_true", help="also cProfile the op's forward and backward calls")
     a = p.parse_args()
     from benchmarks.kernel_bench.common import environment, write_json
-    cmd = "python -m benchmarks.kernel_bench.host_overhead --out " + a.out
-    write_json(a.out, dict(environment(cmd), shape=dict(m=4096, k=4096, n=4096, r=16), rows=rows_for()))
+    cmd = "python -m benchmarks.kernel_bench.host_overhead --out " + a.out + (" --cprofile" if a.cprofile else "")
+    res = dict(environment(cmd), shape=dict(m=4096, k=4096, n=4096, r=16), rows=rows_for())
+    if a.cprofile:
+        res["cprofile"] = cprofile_rows()
+    write_json(a.out, res)
 
 
 if __name__ == "__main__":
