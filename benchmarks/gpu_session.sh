@@ -279,6 +279,23 @@ s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget
 s17a)   # host time per call of the LoRA/NF4 pieces, with a cProfile of the op's forward and backward calls
     step host_overhead 150 python3 -m benchmarks.kernel_bench.host_overhead --cprofile --out "$OUT/host_overhead.json"
     ;;
+s17b)   # the direct Triton launches and the LoRA op's host trims: GPU tests, host time per call (HEAD, then the
+    # code before them, run from .base/ when carried: git archive 50c9bb8 fxopt benchmarks | tar -x -C .base), the
+    # LoRA layer bench
+    step pytest_s17b 150 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_launch.py \
+        tests/kernels/test_lora.py tests/kernels/test_nf4_chunked.py tests/kernels/test_registry.py
+    step host_overhead 100 python3 -m benchmarks.kernel_bench.host_overhead --cprofile --out "$OUT/host_overhead.json"
+    [ -d .base/fxopt ] && step host_overhead_base 100 bash -c "cd .base && python3 -m \
+        benchmarks.kernel_bench.host_overhead --out $OUT/host_overhead_base.json"
+    step kernels_lora $(( ${S17B_END:-570} - $(elapsed) )) python3 benchmarks/kernels.py --ops lora \
+        --out "$OUT/kernels_lora.json"
+    ;;
+s17c)   # the 8B 21 GiB point at HEAD without and with CUDA graphs (host trims; GPU kernels changed a little)
+    step nocg21_8b 280 python3 benchmarks/run_suite.py nocg21_8b_s17 --out "$OUT/train_step.jsonl" --time-limit 272
+    left=$(( ${S17C_END:-575} - $(elapsed) ))
+    step cg21_8b "$left" python3 benchmarks/run_suite.py cg21_8b_s17 --out "$OUT/train_step.jsonl" \
+        --time-limit $(( left - 8 ))
+    ;;
 s16c)   # host time per call of the LoRA/NF4 pieces only
     step host_overhead 90 python3 -m benchmarks.kernel_bench.host_overhead --out "$OUT/host_overhead.json"
     ;;

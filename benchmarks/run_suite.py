@@ -128,6 +128,11 @@ SPLIT21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, 
 # 7c6901b the 8B step without graphs measured 8,860 tok/s, the GPU busy 249 of 462 ms (waiting on the host).
 NOCG21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                  profile=True, tag="nocg-21g")
+# The same two points after the direct Triton launches and the LoRA op's host trims (this session's s17c).
+NOCG21_8B_S17 = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
+                     profile=True, tag="nocg-21g-s17")
+CG21_8B_S17 = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
+                   profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-s17")
 # 8B QLoRA at 65,536 tokens (batch 1; issue 13's longest-sequence point) at HEAD: 4,961 tok/s at 21.34 GiB at
 # c068010 (tag seq65k-cg-offload-sdpaprice); the warm-up (compile + CUDA graph recording) took 263.5 s at 600c67b.
 SEQ65K_8B = grid("8b", "qlora", ["fxopt:16GiB"], batch=1, seq=65536, steps=1, warmup=2, timeout=560, loss_only=True,
@@ -181,6 +186,7 @@ SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b":
           "offload8b_prof": OFFLOAD8B_PROF, "offload8b_d2": OFFLOAD8B_D2, "offload8b_d2_hidden": OFFLOAD8B_D2_HIDDEN,
           "offload8b_cap": OFFLOAD8B_CAP, "dequant8b": DEQUANT8B[:1], "offload8b_flatdq": DEQUANT8B[1:],
           "prof07_8b": PROF07_8B, "final21_8b": FINAL21_8B, "split21_8b": SPLIT21_8B, "nocg21_8b": NOCG21_8B,
+          "nocg21_8b_s17": NOCG21_8B_S17, "cg21_8b_s17": CG21_8B_S17,
           "seq65k_8b": SEQ65K_8B, "offload8b_s15": OFFLOAD8B_S15,
           "gemma2_d256": GEMMA2_D256,
           "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,

@@ -38,6 +38,7 @@ import torch
 
 from fxopt.kernels.attention_masks import (MASKED_BELOW, allowed_mask, doc_allowed, doc_bounds, empty_rows,
                                            is_doc_ids, mask_args, uniform_rows_forward)
+from fxopt.kernels.launch import fast_launch
 from fxopt.kernels.registry import (bench_ms, capturing, interpreting, log_choice, next_pow2, register_cost,
                                     run_kernel, triton_available, tuning, use_triton)
 
@@ -366,11 +367,9 @@ def _fwd_triton(q, k, v, mask, scale, causal, window, softcap):
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
-        _attn_fwd[(triton.cdiv(Sq, bm), B * H)](
-            q, k, v, out, lse, m, ds, de, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            *ms,
-            H, H // Hkv, Sq, Sk, D, int(window), *scal, MASK_KIND=kind, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=warps, num_stages=stages, **fl)
+        fast_launch(_attn_fwd, (triton.cdiv(Sq, bm), B * H), q, k, v, out, lse, m, ds, de, *q.stride()[:3],
+                    *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *ms, H, H // Hkv, Sq, Sk, D, int(window),
+                    *scal, MASK_KIND=kind, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **fl)
 
     key = (fl["D_PAD"], next_pow2(Sq), next_pow2(Sk), H // Hkv > 1, kind, fl["CAUSAL"], fl["WINDOW"],
            fl["SOFTCAP"], q.dtype)

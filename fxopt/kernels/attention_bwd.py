@@ -18,6 +18,7 @@ import torch
 
 from fxopt.kernels.attention import RUNS, cap_scalars, kernel_flags, launch_tuned, reference_logits, safe_lse
 from fxopt.kernels.attention_masks import doc_bounds, empty_rows, mask_args, uniform_rows_backward
+from fxopt.kernels.launch import fast_launch
 from fxopt.kernels.registry import capturing, next_pow2, run_kernel, triton_available, use_triton
 
 DQ_MODE = "separate"
@@ -225,8 +226,8 @@ def _bwd_triton(do, q, k, v, out, lse, mask, scale, causal, window, softcap):
     d_pad = fl["D_PAD"]
     delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     bm = 16 if d_pad >= 256 else 64
-    _attn_bwd_delta[(triton.cdiv(Sq, bm), B * H)](out, do, delta, *out.stride()[:3], *do.stride()[:3], H, Sq, D,
-                                                  D_PAD=d_pad, BLOCK_M=bm, num_warps=4)
+    fast_launch(_attn_bwd_delta, (triton.cdiv(Sq, bm), B * H), out, do, delta, *out.stride()[:3], *do.stride()[:3], H,
+                Sq, D, D_PAD=d_pad, BLOCK_M=bm, num_warps=4)
     m, kind, ms = mask_args(mask, B, H, Sq, Sk, q)
     ds, de = doc_bounds(mask, kind, B, Sq, delta)
     scal = cap_scalars(scale, softcap)
@@ -240,17 +241,16 @@ def _bwd_triton(do, q, k, v, out, lse, mask, scale, causal, window, softcap):
         bm, bn, warps, stages = cfg
         if atomic:
             dq_acc.zero_()
-        _attn_bwd_dkdv[(triton.cdiv(Sk, bn), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, m, ds, de, dq_acc, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *ms, *common, MASK_KIND=kind, DQ_ATOMIC=atomic,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **fl)
+        fast_launch(_attn_bwd_dkdv, (triton.cdiv(Sk, bn), B * Hkv), q, k, v, do, lse, delta, dk, dv, m, ds, de, dq_acc,
+                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+                    *dv.stride()[:3], *ms, *common, MASK_KIND=kind, DQ_ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn,
+                    num_warps=warps, num_stages=stages, **fl)
 
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
-        _attn_bwd_dq[(triton.cdiv(Sq, bm), B * H)](
-            q, k, v, do, lse, delta, dq, m, ds, de, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-            *dq.stride()[:3], *ms, *common, MASK_KIND=kind, BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=warps, num_stages=stages, **fl)
+        fast_launch(_attn_bwd_dq, (triton.cdiv(Sq, bm), B * H), q, k, v, do, lse, delta, dq, m, ds, de, *q.stride()[:3],
+                    *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3], *ms, *common, MASK_KIND=kind,
+                    BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **fl)
 
     launch_tuned("dkdv", key + (atomic,), launch_dkdv, d_pad, tune=not fl["IEEE"])
     if atomic:

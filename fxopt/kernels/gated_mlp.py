@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from fxopt.kernels.launch import fast_launch
 from fxopt.kernels.registry import next_pow2, register_cost, run_kernel, triton_available, use_triton
 
 ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -129,8 +130,8 @@ def _launch(kernel, tensors, strides, R, C, act, device):
     # largest element offset any pointer reaches must fit int32
     i64 = max((R - 1) * abs(s) + C for s in strides) >= _I64_FROM
     grid = (triton.cdiv(R, block_r) * triton.cdiv(C, block_c),)
-    kernel[grid](*tensors, R, C, *strides, ACT=ACTS[act], BLOCK_R=block_r, BLOCK_C=block_c, EVEN=even, I64=i64,
-                 num_warps=warps)
+    fast_launch(kernel, grid, *tensors, R, C, *strides, ACT=ACTS[act], BLOCK_R=block_r, BLOCK_C=block_c, EVEN=even,
+                I64=i64, num_warps=warps)
 
 
 def _fwd_triton(g, u, act, out_dtype):

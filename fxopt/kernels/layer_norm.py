@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from fxopt.kernels.launch import fast_launch
 from fxopt.kernels.registry import (interpreting, next_pow2, num_sms, register_cost, run_kernel, triton_available,
                                     use_triton)
 from fxopt.kernels.rms_norm import _rows
@@ -146,10 +147,9 @@ def _fwd_triton(x, weight, bias, eps, mid_dtype, out_dtype):
     b = bias.contiguous() if bias is not None else x2
     grid = (triton.cdiv(n_rows, block_m),)
     if n_rows > 0:
-        _layer_norm_fwd[grid](x2, w, b, y, mean, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
-                              HAS_W=weight is not None, HAS_B=bias is not None, MID=_mid_code(mid_dtype),
-                              OUT_RND=_store_code(out_dtype),
-                              BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        fast_launch(_layer_norm_fwd, grid, x2, w, b, y, mean, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps,
+                    HAS_W=weight is not None, HAS_B=bias is not None, MID=_mid_code(mid_dtype),
+                    OUT_RND=_store_code(out_dtype), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
 
 
@@ -171,11 +171,10 @@ def _bwd_triton(dy, x, weight, mean, rstd, mid_dtype, need_dw, db_dtype):
     dw_part = part[0] if compute_dw else dx
     db_part = part[n_part - 1] if compute_db else dx
     w = weight.contiguous() if weight is not None else x2
-    _layer_norm_bwd[(nprog,)](dy2, x2, w, mean.reshape(-1), rstd.reshape(-1), dx, dw_part, db_part, n_rows, n_cols,
-                              dy2.stride(0), x2.stride(0), dx.stride(0), HAS_W=weight is not None,
-                              MID=_mid_code(mid_dtype), DX_RND=_store_code(x.dtype), COMPUTE_DW=compute_dw,
-                              COMPUTE_DB=compute_db,
-                              BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps)
+    fast_launch(_layer_norm_bwd, (nprog,), dy2, x2, w, mean.reshape(-1), rstd.reshape(-1), dx, dw_part, db_part, n_rows,
+                n_cols, dy2.stride(0), x2.stride(0), dx.stride(0), HAS_W=weight is not None, MID=_mid_code(mid_dtype),
+                DX_RND=_store_code(x.dtype), COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, BLOCK_M=block_m,
+                BLOCK_N=block_n, STAGES=stages, num_warps=warps)
     sums = part.sum(1) if n_part else None
     # copy=True: rows of one `sums` must not be returned as aliases of each other
     dw = sums[0].to(weight.dtype, copy=True).view(weight.shape) if compute_dw else x.new_empty(0)

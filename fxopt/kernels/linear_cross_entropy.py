@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from fxopt.kernels.launch import fast_launch
 from fxopt.kernels.registry import (next_pow2, register_cost, register_workspace, run_kernel, triton_available,
                                     use_triton)
 
@@ -107,8 +108,8 @@ def _chunk_triton(z, labels, loss, inv_d, ignore_index, pre, post, tanh, grad):
     else:                         # the interpreter pays per program: many rows per program
         block_v = min(1024, next_pow2(v))
         block_m, warps = max(1, min(16, 8192 // block_v)), 4
-    _lce_chunk[(triton.cdiv(rows, block_m),)](z, labels, loss, inv_d, rows, v, z.stride(0), ignore_index, pre, post,
-                                             TANH=tanh, GRAD=grad, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps)
+    fast_launch(_lce_chunk, (triton.cdiv(rows, block_m),), z, labels, loss, inv_d, rows, v, z.stride(0), ignore_index,
+                pre, post, TANH=tanh, GRAD=grad, BLOCK_M=block_m, BLOCK_V=block_v, num_warps=warps)
 
 
 def _chunk_torch(z, labels, loss, inv_d, ignore_index, pre, post, tanh, grad):
@@ -259,7 +260,7 @@ def _scale_triton(t, g):
     out = torch.empty_like(t)
     block = 4096 if t.device.type == "cuda" else 1 << 14
     if t.numel():
-        _scale[(triton.cdiv(t.numel(), block),)](out, t, g.reshape(1), t.numel(), BLOCK=block, num_warps=8)
+        fast_launch(_scale, (triton.cdiv(t.numel(), block),), out, t, g.reshape(1), t.numel(), BLOCK=block, num_warps=8)
     return out
 
 

@@ -23,6 +23,7 @@ import torch
 
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
 from fxopt.kernels.nf4_chunked import chunked_matmul
+from fxopt.kernels.launch import fast_launch
 from fxopt.kernels.registry import (bench_ms, capturing, log_choice, next_pow2, num_sms, register_cost,
                                     register_workspace, run_kernel, triton_available, tuning, tuning_key, use_triton)
 
@@ -80,12 +81,26 @@ if triton_available():
         tl.store(OUT + pid_s * s_os + p64[:, None] * s_op + r[None, :] * s_or, acc * scale,
                  mask=p_ok[:, None] & r_ok[None, :])
 
+    @triton.jit
+    def _split_sum_kernel(PART, OUT, LOW, n, split, HAS_LOW: tl.constexpr, HALF: tl.constexpr,
+                          INTERP: tl.constexpr, BLOCK: tl.constexpr):
+        """OUT[i] = sum over s of PART[s, i] (fp32, s in order) and, with HAS_LOW, LOW[i] = OUT[i] rounded to half."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, split):
+            acc += tl.load(PART + s * n + i, mask=ok, other=0.0)
+        tl.store(OUT + i, acc, mask=ok)
+        if HAS_LOW:
+            tl.store(LOW + i, _lowp(acc, HALF, INTERP).to(LOW.dtype.element_ty), mask=ok)
+
 
 def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0, scale: float = 1.0,
-              transpose: bool = False) -> torch.Tensor:
+              transpose: bool = False, low: Optional[torch.dtype] = None):
     """fp32 scale * big @ small for a half-precision big [P, Q] (any strides) and an fp32 small [Q, r], r <= 128,
     without materializing big in fp32 (peft's fp32 adapters over a bf16 model: x A^T, dy B, dy^T xa, x^T dxa);
-    transpose: the result as a contiguous [r, P] (the kernel stores it so; no copy)."""
+    transpose: the result as a contiguous [r, P] (the kernel stores it so; no copy). low (fp16/bf16): returns
+    (result, result rounded to low), both written by the kernel that sums the split partials."""
     P, Q = big.shape
     rank = small.shape[1]
     interp = big.device.type != "cuda"
@@ -99,11 +114,20 @@ def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0, scale: flo
     split = max(1, min(split, triton.cdiv(Q, bq)))
     part = torch.empty((split, rank, P) if transpose else (split, P, rank), dtype=torch.float32, device=big.device)
     s_op, s_or = (part.stride(2), part.stride(1)) if transpose else (part.stride(1), part.stride(2))
-    _skinny_kernel[(n_p, split)](big, small, part, P, Q, rank, float(scale), big.stride(0), big.stride(1),
-                                 small.stride(0), small.stride(1), part.stride(0), s_op, s_or,
-                                 HALF=int(big.dtype == torch.float16), INTERP=interp, BP=bp, BQ=bq,
-                                 RB=max(16, next_pow2(rank)), num_warps=4)
-    return part[0] if split == 1 else part.sum(0)
+    fast_launch(_skinny_kernel, (n_p, split), big, small, part, P, Q, rank, float(scale), big.stride(0), big.stride(1),
+                small.stride(0), small.stride(1), part.stride(0), s_op, s_or, HALF=int(big.dtype == torch.float16),
+                INTERP=interp, BP=bp, BQ=bq, RB=max(16, next_pow2(rank)), num_warps=4)
+    if split == 1 and low is None:
+        return part[0]
+    # one kernel for the sum of the partials and the rounded copy: torch's sum and cast are two kernels and two
+    # calls of host time each (~24 + ~18 us on the H200 host, host_overhead_h200.json)
+    out = torch.empty(part.shape[1:], dtype=torch.float32, device=big.device)
+    out_low = torch.empty(part.shape[1:], dtype=low, device=big.device) if low is not None else out
+    n = out.numel()
+    block = 1024 if not interp else max(16, min(1024, next_pow2(n)))
+    fast_launch(_split_sum_kernel, (triton.cdiv(n, block),), part, out, out_low, n, split, HAS_LOW=low is not None,
+                HALF=int(low == torch.float16), INTERP=interp, BLOCK=block, num_warps=4)
+    return (out, out_low) if low is not None else out
 
 
 _SKINNY_CHOICE: dict = {}  # (shape, strides, dtypes) -> "triton" | "fp32"; env FXOPT_LORA_SKINNY forces one
@@ -126,19 +150,24 @@ def fp32_mm(big: torch.Tensor, small: torch.Tensor, copy_bytes: int = FP32_COPY_
     return out
 
 
-def _mm(big, small, triton_gemm, rows, scale=1.0, transpose=False):
+def _mm(big, small, triton_gemm, rows, scale=1.0, transpose=False, low=None):
     """scale * big @ small for the rank-r products (transpose: as a contiguous [r, P]). A half big with an fp32
     small (peft's fp32 adapters): the split fp32 kernel, with the scale and the layout in its store (the 8B step
     ran 449 separate multiplies and 224 transposing copies, ~5% of its ~5,000 kernels), or (on CUDA, when measured
-    faster) peft's own form, an fp32 copy of big and an fp32 GEMM; both carry fp32 accuracy. Otherwise torch.mm."""
+    faster) peft's own form, an fp32 copy of big and an fp32 GEMM; both carry fp32 accuracy. Otherwise torch.mm.
+    low (a dtype): returns (product, product in low) — the rank-r term's left operand for cuBLAS."""
     def post(out):
         out = out * scale if scale != 1.0 else out
-        return out.t().contiguous() if transpose else out
+        out = out.t().contiguous() if transpose else out
+        return (out, out.to(low)) if low is not None else out
     if triton_gemm and small.dtype == torch.float32 and big.dtype in (torch.float16, torch.bfloat16) \
             and big.shape[1] > 0:
+        half = low if low in (torch.float16, torch.bfloat16) else None
+        def skinny():
+            r = skinny_mm(big, small, scale=scale, transpose=transpose, low=half)
+            return r if half is not None or low is None else (r, r.to(low))
         return _run_choice("FXOPT_LORA_SKINNY", _SKINNY_CHOICE, (tuning_key(big, rows), small.shape[1], big.dtype),
-                           {"triton": lambda: skinny_mm(big, small, scale=scale, transpose=transpose),
-                            "fp32": lambda: post(fp32_mm(big, small))},
+                           {"triton": skinny, "fp32": lambda: post(fp32_mm(big, small))},
                            default="triton", measure=big.device.type == "cuda")
     return post(big.to(small.dtype) @ small)
 
@@ -161,14 +190,15 @@ _NF4_CHOICE: dict = {}     # (direction, M, Q, N, K, dtypes, lora, bias) -> "fus
 NF4_CHUNKED_ROWS = 2048
 
 
-def _cublas(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype):
-    """Dense weight only: cuBLAS GEMM, then the rank-r term as an in-place addmm (one extra pass over C)."""
+def _cublas(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype, left_low=None):
+    """Dense weight only: cuBLAS GEMM, then the rank-r term as an in-place addmm (one extra pass over C).
+    left_low: left already in the compute dtype."""
     w = weight.to(compute_dtype)
     w = w.t() if trans else w
     xc = x2.to(compute_dtype)
     c = torch.addmm(bias.to(compute_dtype), xc, w) if bias is not None else xc @ w
     if left is not None:
-        c.addmm_(left.to(compute_dtype), right.to(compute_dtype), alpha=scale)
+        c.addmm_(_low(left, left_low, compute_dtype), right.to(compute_dtype), alpha=scale)
     return c.to(out_dtype)
 
 
@@ -189,12 +219,19 @@ def _run_choice(env, table, key, candidates, default, measure):
     if name is not None and name not in candidates:
         raise ValueError(f"{env} must be {' or '.join(map(repr, candidates))}, not {name!r}")
     if name is None:
+        name = table.get(key)   # a choice made before: no tuning / capture checks (host time per call)
+    if name is None:
         timed = measure and tuning() and not capturing()
-        name = _measure_choice(table, key, candidates) if timed else table.get(key, default)
+        name = _measure_choice(table, key, candidates) if timed else default
     return candidates[name]()
 
 
-def _gemm(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype, triton_gemm):
+def _low(left, left_low, dtype):
+    return left_low if left_low is not None and left_low.dtype == dtype else left.to(dtype)
+
+
+def _gemm(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype, triton_gemm, left_low=None):
+    """left_low: the rank-r term's left operand already rounded to the compute dtype (for the cuBLAS paths)."""
     if not triton_gemm:
         return fused_matmul_reference(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype)
     args = (x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype)
@@ -204,13 +241,14 @@ def _gemm(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype,
         key = (trans, many, tuning_key(x2, x2.shape[0]), weight.n, weight.k, x2.dtype, compute_dtype,
                left is not None, bias is not None)
         return _run_choice("FXOPT_NF4_GEMM", _NF4_CHOICE, key, {"fused": lambda: fused_matmul(*args),
-                                                                "chunked": lambda: chunked_matmul(*args)},
+                                                                "chunked": lambda: chunked_matmul(
+                                                                    *args, lora_left_low=left_low)},
                            default="chunked" if many else "fused", measure=cuda and not many)
     if not cuda:
         return fused_matmul(*args)
     return _run_choice("FXOPT_LORA_DENSE", _DENSE_CHOICE,
                        (trans, tuning_key(x2, x2.shape[0]), *weight.shape, x2.dtype, weight.dtype, left is not None),
-                       {"triton": lambda: fused_matmul(*args), "cublas": lambda: _cublas(*args)},
+                       {"triton": lambda: fused_matmul(*args), "cublas": lambda: _cublas(*args, left_low=left_low)},
                        default="triton", measure=True)
 
 
@@ -218,9 +256,9 @@ def _forward(x, weight, bias, lora_a, lora_b, scale, compute_dtype, out_dtype, t
     x2 = _rows(x)
     n_out = weight.n if isinstance(weight, NF4Weight) else weight.shape[0]
     has_lora = lora_a is not None
-    xa = _mm(x2, lora_a.t(), triton_gemm, x2.shape[0]) if has_lora else _empty(x)
+    xa, xa_low = _mm(x2, lora_a.t(), triton_gemm, x2.shape[0], low=compute_dtype) if has_lora else (_empty(x), None)
     y = _gemm(x2, weight, True, xa if has_lora else None, lora_b.t() if has_lora else None, scale, bias, out_dtype,
-              compute_dtype, triton_gemm)
+              compute_dtype, triton_gemm, left_low=xa_low)
     return y.view(*x.shape[:-1], n_out), xa
 
 
@@ -230,16 +268,17 @@ def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, 
     m = x2.shape[0]
     has_lora = lora_a is not None
     dx, da, db, dbias, dw = (_empty(x) for _ in range(5))   # distinct: outputs may not alias each other
-    dxa = None
+    dxa = dxa_low = None
     if has_lora and (need_dx or need_da):
-        dxa = _mm(dy2, lora_b, triton_gemm, m, scale)
+        dxa = _mm(dy2, lora_b, triton_gemm, m, scale, low=compute_dtype if need_dx else None)
+        dxa, dxa_low = dxa if need_dx else (dxa, None)
     if has_lora and need_db:
         db = _mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm, m, scale).to(lora_b.dtype)
     if has_lora and need_da:
         da = _mm(x2.t(), dxa, triton_gemm, m, transpose=True).to(lora_a.dtype)
     if need_dx:
         dx = _gemm(dy2, weight, False, dxa, lora_a if has_lora else None, 1.0, None, x.dtype, compute_dtype,
-                   triton_gemm).view(x.shape)
+                   triton_gemm, left_low=dxa_low).view(x.shape)
     if need_dbias:
         dbias = dy2.float().sum(0)
     if need_dw:   # dense base weight that requires grad (not LoRA's usual frozen base)

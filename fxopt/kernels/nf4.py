@@ -28,6 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from fxopt.kernels.launch import fast_launch
 from fxopt.kernels.registry import (bench_ms, capturing, log_choice, next_pow2, register_cost, triton_available,
                                     tuning)
 
@@ -404,8 +405,8 @@ def fused_matmul(x2: torch.Tensor, weight, trans: bool, lora_left: Optional[torc
     def launch(cfg):
         bm, bp, bq, gm, warps, stages = cfg[:6]
         grid = (triton.cdiv(M, bm) * triton.cdiv(P, bp),)
-        _fused_matmul_kernel[grid](*args, **flags, SWAP=bool(cfg[6]) if len(cfg) > 6 else False, BM=bm, BP=bp,
-                                   BQ=bq, GROUP_M=gm, num_warps=warps, num_stages=num_stages(stages, flags))
+        fast_launch(_fused_matmul_kernel, grid, *args, **flags, SWAP=bool(cfg[6]) if len(cfg) > 6 else False, BM=bm,
+                    BP=bp, BQ=bq, GROUP_M=gm, num_warps=warps, num_stages=num_stages(stages, flags))
 
     cfg = config or _CONFIGS[kind] or _env_config(kind)
     if cfg is None and interp:

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul_reference, kernel_operands, nf4_code
+from fxopt.kernels.launch import fast_launch
 from fxopt.kernels.registry import register_cost, triton_available
 from fxopt.kernels.rounding import rounding_code
 
@@ -112,11 +113,10 @@ def _dequantize_flat(w: NF4Weight, r0: int, r1: int, dtype, d: torch.Tensor) -> 
     block, warps = FLAT_CONFIG if dev.type == "cuda" else (256, 4)
     block = max(block, w.blocksize // 2)
     nbytes = (r1 - r0) * w.k // 2
-    _dequant_flat_kernel[(triton.cdiv(nbytes, block),)](
-        wq, absm, abs2, code2, off, nf4_code(dev), d.view(-1).view(torch.int32),
-        r0 * w.k // 2, nbytes, BS=w.blocksize, BS2=w.blocksize2, NESTED=w.nested,
-        DT=1 if dtype == torch.float16 else 2, RND=rounding_code(dtype) if dev.type != "cuda" else 0,
-        BLOCK=block, num_warps=warps)
+    fast_launch(_dequant_flat_kernel, (triton.cdiv(nbytes, block),), wq, absm, abs2, code2, off, nf4_code(dev),
+                d.view(-1).view(torch.int32), r0 * w.k // 2, nbytes, BS=w.blocksize, BS2=w.blocksize2, NESTED=w.nested,
+                DT=1 if dtype == torch.float16 else 2, RND=rounding_code(dtype) if dev.type != "cuda" else 0,
+                BLOCK=block, num_warps=warps)
     return d
 
 
@@ -137,9 +137,9 @@ def dequantize_chunk(w: NF4Weight, r0: int, r1: int, c0: int, c1: int, dtype: to
     if fast and bk > w.blocksize and bk % w.blocksize:
         bk = w.blocksize
     grid = (triton.cdiv(R, bn), triton.cdiv(C, bk))
-    _dequant_kernel[grid](wq, absm, abs2, code2, off, nf4_code(dev), d, r0, c0, R, C, w.n, w.k, d.stride(0),
-                          BS=w.blocksize, BS2=w.blocksize2, NESTED=w.nested, FAST=fast,
-                          RND=rounding_code(dtype) if interp else 0, BN=bn, BK=bk, num_warps=warps)
+    fast_launch(_dequant_kernel, grid, wq, absm, abs2, code2, off, nf4_code(dev), d, r0, c0, R, C, w.n, w.k,
+                d.stride(0), BS=w.blocksize, BS2=w.blocksize2, NESTED=w.nested, FAST=fast,
+                RND=rounding_code(dtype) if interp else 0, BN=bn, BK=bk, num_warps=warps)
     return d
 
 
@@ -153,8 +153,9 @@ def chunk_size(other: int, total: int, dtype_bytes: int, chunk_bytes: int = CHUN
 def chunked_matmul(x2: torch.Tensor, weight: NF4Weight, trans: bool, lora_left: Optional[torch.Tensor] = None,
                    lora_right: Optional[torch.Tensor] = None, scale: float = 1.0, bias: Optional[torch.Tensor] = None,
                    out_dtype: Optional[torch.dtype] = None, compute_dtype: Optional[torch.dtype] = None,
-                   chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """Same contract as nf4.fused_matmul (NF4 weight only): x2 [M, Q], lora_left [M, r], lora_right [r, P]."""
+                   chunk_bytes: int = CHUNK_BYTES, lora_left_low: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Same contract as nf4.fused_matmul (NF4 weight only): x2 [M, Q], lora_left [M, r], lora_right [r, P];
+    lora_left_low: lora_left already in the compute dtype (saves a conversion)."""
     cdt = compute_dtype or x2.dtype
     M, Q = x2.shape
     P = weight.n if trans else weight.k
@@ -165,15 +166,16 @@ def chunked_matmul(x2: torch.Tensor, weight: NF4Weight, trans: bool, lora_left: 
     xc = x2.to(cdt)
     out = torch.empty((M, P), dtype=cdt, device=x2.device)
     has_lora = lora_left is not None and lora_left.shape[1] > 0
-    left = lora_left.to(cdt) if has_lora else None
+    left = None
+    if has_lora:
+        left = lora_left_low if lora_left_low is not None and lora_left_low.dtype == cdt else lora_left.to(cdt)
     step = chunk_size(Q, P, out.element_size(), chunk_bytes)
     scratch = torch.empty((step, Q) if trans else (Q, step), dtype=cdt, device=x2.device)
     for p0 in range(0, P, step):
         p1 = min(P, p0 + step)
         oc = out[:, p0:p1]
-        if has_lora:
-            torch.mm(left, lora_right[:, p0:p1].to(cdt), out=oc) if scale == 1.0 else \
-                torch.mm(left, (lora_right[:, p0:p1] * scale).to(cdt), out=oc)
+        if has_lora:   # beta 0: oc's uninitialized values are not read; the scale is cuBLAS's alpha (no multiply)
+            oc.addmm_(left, lora_right[:, p0:p1].to(cdt), beta=0, alpha=scale)
             if bias is not None:
                 oc.add_(bias[p0:p1].to(cdt))
         elif bias is not None:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from fxopt.kernels.rounding import round_to, rounding_code
+from fxopt.kernels.launch import fast_launch
 from fxopt.kernels.registry import next_pow2, num_sms, register_cost, run_kernel, triton_available, use_triton
 
 
@@ -112,9 +113,9 @@ def _fwd_triton(x, weight, eps, offset, mid_dtype, out_dtype):
     block_m = _block_m(block_n, x.device)
     w = weight.contiguous() if weight is not None else x2
     grid = (triton.cdiv(n_rows, block_m),)
-    _rms_norm_fwd[grid](x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps, offset,
-                        HAS_W=weight is not None, MID=_mid_code(mid_dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-                        num_warps=_num_warps(block_m * block_n))
+    fast_launch(_rms_norm_fwd, grid, x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps, offset,
+                HAS_W=weight is not None, MID=_mid_code(mid_dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=_num_warps(block_m * block_n))
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
@@ -132,9 +133,9 @@ def _bwd_triton(dy, x, weight, rstd, offset, mid_dtype, need_dw):
     nprog = _bwd_programs(n_blocks, warps, x.device) if compute_dw else n_blocks
     part = torch.empty((nprog, n_cols), dtype=torch.float32, device=x.device) if compute_dw else dx
     w = weight.contiguous() if weight is not None else x2
-    _rms_norm_bwd[(nprog,)](dy2, x2, w, rstd.reshape(-1), dx, part, n_rows, n_cols, dy2.stride(0), x2.stride(0),
-                            dx.stride(0), offset, HAS_W=weight is not None, MID=_mid_code(mid_dtype),
-                            COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    fast_launch(_rms_norm_bwd, (nprog,), dy2, x2, w, rstd.reshape(-1), dx, part, n_rows, n_cols, dy2.stride(0),
+                x2.stride(0), dx.stride(0), offset, HAS_W=weight is not None, MID=_mid_code(mid_dtype),
+                COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     dw = part.sum(0).to(weight.dtype) if compute_dw else x.new_empty(0)
     return dx.view(x.shape), dw
 

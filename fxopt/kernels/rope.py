@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from fxopt.kernels.rounding import round_to, rounding_code
+from fxopt.kernels.launch import fast_launch
 from fxopt.kernels.registry import interpreting, next_pow2, register_cost, run_kernel, triton_available, use_triton
 
 if triton_available():
@@ -206,7 +207,8 @@ def _launch(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd, blocks=None):
             _PLANS.clear()
         plan = _PLANS[key] = _prepare(q, k, cos, sin, yq, yk, interleaved, rnd_dtype, bwd, blocks)
     grid, ints, kw = plan
-    _rope_kernel[grid](q, yq, k if k is not None else q, yk if k is not None else yq, cos, sin, *ints, **kw)
+    fast_launch(_rope_kernel, grid, q, yq, k if k is not None else q, yk if k is not None else yq, cos, sin, *ints,
+                **kw)
 
 
 def _outputs(q, k, q_dtype, k_dtype):

@@ -287,6 +287,12 @@ def lora_skinny_cases(dts=("bf16", "fp16")):
             out.append(case("lora._skinny_kernel", mode, dt, dict(BIG=dt, SMALL="fp32", OUT="fp32"),
                             dict(HALF=int(dt == "fp16"), INTERP=False, BP=64, BQ=64, RB=rb), dict(num_warps=4),
                             floats=("scale",), ones=ones))
+        # the split partials' sum and its rounded copy (x A^T, dy B), or the sum alone (dA, dB)
+        for has_low in (True, False):
+            out.append(case("lora._split_sum_kernel", f"sum{' + low' if has_low else ''}", dt,
+                            dict(PART="fp32", OUT="fp32", LOW=dt if has_low else "fp32"),
+                            dict(HAS_LOW=has_low, HALF=int(dt == "fp16"), INTERP=False, BLOCK=1024),
+                            dict(num_warps=4)))
     return out
 
 

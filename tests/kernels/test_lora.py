@@ -170,6 +170,22 @@ def test_skinny_mm_fp32_accuracy_from_half(half, split):
             assert out.is_contiguous() and rel(out.t() if transpose else out, b.float() @ small) <= 1e-5
 
 
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_skinny_mm_rounded_copy_from_the_split_sum(half, split):
+    """low=half: the kernel that sums the split partials also writes the result rounded to half (the rank-r term's
+    cuBLAS operand), equal to torch's rounding of the fp32 result, which matches the product without the copy."""
+    from fxopt.kernels import lora
+    big = torch.randn(70, 150, device=DEV).to(half)
+    small = torch.randn(150, 5, device=DEV) * 100   # bf16 / fp16 ties and large values both occur
+    for transpose in (False, True):
+        out, low = lora.skinny_mm(big, small, split, scale=0.3, transpose=transpose, low=half)
+        assert out.dtype == torch.float32 and low.dtype == half and low.shape == out.shape
+        assert torch.equal(out, lora.skinny_mm(big, small, split, scale=0.3, transpose=transpose))
+        assert torch.equal(low, out.to(half))
+        assert rel(out.t() if transpose else out, 0.3 * (big.float() @ small)) <= 1e-5
+
+
 @pytest.mark.parametrize("choice", ["fp32", "triton"])
 @pytest.mark.parametrize("split", [0, 1])
 def test_rank_products_scale_and_transpose_in_the_store(choice, split, monkeypatch):

@@ -95,6 +95,34 @@ def test_lora_nf4_op_through_chunked_path(monkeypatch, no_fallback):
     assert len(calls) == 2   # forward and input gradient
 
 
+def test_lora_nf4_bf16_chunked_path_takes_the_rounded_rank_operand(monkeypatch, no_fallback):
+    """bf16 base, fp32 adapters through the chunked path: the forward and the input gradient get the rank-r term's
+    left operand (xa, dxa) already in bf16 from the skinny product's sum kernel, and the result is peft's."""
+    from tests.kernels.test_lora import adapter, check_grads, nf4_args, nf4_linear, peft_math
+    monkeypatch.setenv("FXOPT_NF4_GEMM", "chunked")
+    lows = []
+    real = C.chunked_matmul
+    monkeypatch.setattr("fxopt.kernels.lora.chunked_matmul",
+                        lambda *a, **k: lows.append(k.get("lora_left_low")) or real(*a, **k))
+    q = nf4_linear(64, 96, False, True, torch.bfloat16)
+    x = torch.randn(3, 7, 64, device=DEV).bfloat16().requires_grad_()
+    a, b = adapter(64, 96, 4, torch.float32)
+    qargs, state = nf4_args(q)
+    y, _ = torch.ops.fxopt.lora_nf4(x, *qargs, None, a, b, 2.0, *state, torch.bfloat16, torch.bfloat16)
+    check_grads(y, peft_math(q(x), x, a, b, 2.0).bfloat16(), (x, a, b), torch.bfloat16)
+    assert len(lows) == 2 and all(t is not None and t.dtype == torch.bfloat16 and t.shape == (21, 4) for t in lows)
+
+
+def test_chunked_rounded_rank_operand_equals_rounding_inside():
+    nw = quantize(torch.randn(300, 256, device=DEV), 64, True)[0]
+    x = torch.randn(9, 256, device=DEV).bfloat16()
+    left, right = torch.randn(9, 4, device=DEV), torch.randn(4, 300, device=DEV) * 0.3
+    want = C.chunked_matmul(x, nw, True, left, right, 1.7, None, torch.bfloat16, torch.bfloat16)
+    got = C.chunked_matmul(x, nw, True, left, right, 1.7, None, torch.bfloat16, torch.bfloat16,
+                           lora_left_low=left.bfloat16())
+    assert torch.equal(got, want)
+
+
 def test_bad_forced_choice_is_a_clear_error(monkeypatch):
     from tests.kernels.test_lora import nf4_args, nf4_linear
     monkeypatch.setenv("FXOPT_NF4_GEMM", "fastest")

@@ -99,7 +99,8 @@ def test_measured_choices_are_logged(monkeypatch):
 # (H200: the NF4 code book, 13b6842; a dequantization lookup table, f7eef8b: "Detected 1 tensor(s) in the
 # cudagraph pool not tracked as outputs").
 CACHES = {"nf4._nf4_code_cached": "patterns/lora.py makes it at compile time (replace_lora calls nf4_code)",
-          "registry.triton_available": "a bool, no tensor"}
+          "registry.triton_available": "a bool, no tensor",
+          "registry._cuda_sms": "an int, no tensor"}
 
 
 def test_every_cache_in_kernels_is_made_before_the_first_run():
