@@ -290,10 +290,23 @@ s17b)   # the direct Triton launches and the LoRA op's host trims: GPU tests, ho
     step kernels_lora $(( ${S17B_END:-570} - $(elapsed) )) python3 benchmarks/kernels.py --ops lora \
         --out "$OUT/kernels_lora.json"
     ;;
-s17c)   # the 8B 21 GiB point at HEAD without and with CUDA graphs (host trims; GPU kernels changed a little)
+s17c)   # host time per call at HEAD and before (.base/, as in s17b), twice each, alternating, on a quiet machine
+    # (first); the 8B 21 GiB point at HEAD without CUDA graphs; the GPU tests of the change, untuned
+    for i in 1 2; do
+        step host_overhead_$i 60 python3 -m benchmarks.kernel_bench.host_overhead --out "$OUT/host_overhead_$i.json"
+        [ -d .base/fxopt ] && step host_overhead_base_$i 60 bash -c "cd .base && python3 -m \
+            benchmarks.kernel_bench.host_overhead --out $OUT/host_overhead_base_$i.json"
+    done
     step nocg21_8b 280 python3 benchmarks/run_suite.py nocg21_8b_s17 --out "$OUT/train_step.jsonl" --time-limit 272
-    left=$(( ${S17C_END:-575} - $(elapsed) ))
-    step cg21_8b "$left" python3 benchmarks/run_suite.py cg21_8b_s17 --out "$OUT/train_step.jsonl" \
+    FXOPT_TUNE=0 step pytest_s17c $(( ${S17C_END:-540} - $(elapsed) )) python3 -m pytest -q -p no:cacheprovider -rfE \
+        tests/kernels/test_launch.py tests/kernels/test_nf4_chunked.py tests/kernels/test_lora.py -k \
+        "gpu_direct or chunked or rounded or skinny or nf4_vs"
+    ;;
+s17d)   # the 8B 21 GiB point with CUDA graphs at HEAD; without graphs before the change (.base/, tag renamed after)
+    step cg21_8b 250 python3 benchmarks/run_suite.py cg21_8b_s17 --out "$OUT/train_step.jsonl" --time-limit 245
+    left=$(( ${S17D_END:-560} - $(elapsed) ))
+    [ -d .base/fxopt ] && FXOPT_GIT_SHA=50c9bb8026ba312847efa9e87f2678dd5ca868f2 PYTHONPATH="$PWD/.base:${PYTHONPATH:-}" \
+        step nocg21_8b_base "$left" python3 .base/benchmarks/run_suite.py nocg21_8b --out "$OUT/train_step_base.jsonl" \
         --time-limit $(( left - 8 ))
     ;;
 s16c)   # host time per call of the LoRA/NF4 pieces only
