@@ -267,7 +267,7 @@ def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, 
     x2, dy2 = _rows(x), _rows(dy)
     m = x2.shape[0]
     has_lora = lora_a is not None
-    dx, da, db, dbias, dw = (_empty(x) for _ in range(5))   # distinct: outputs may not alias each other
+    dx = da = db = dbias = dw = None   # the ones not computed become distinct empty tensors (outputs may not alias)
     dxa = dxa_low = None
     if has_lora and (need_dx or need_da):
         dxa = _mm(dy2, lora_b, triton_gemm, m, scale, low=compute_dtype if need_dx else None)
@@ -283,7 +283,7 @@ def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, 
         dbias = dy2.float().sum(0)
     if need_dw:   # dense base weight that requires grad (not LoRA's usual frozen base)
         dw = dy2.to(compute_dtype).t() @ x2.to(compute_dtype)
-    return dx, da, db, dbias, dw
+    return tuple(_empty(x) if t is None else t for t in (dx, da, db, dbias, dw))
 
 
 def _run(what, fn, *tensors):

@@ -171,20 +171,22 @@ def chunked_matmul(x2: torch.Tensor, weight: NF4Weight, trans: bool, lora_left: 
         left = lora_left_low if lora_left_low is not None and lora_left_low.dtype == cdt else lora_left.to(cdt)
     step = chunk_size(Q, P, out.element_size(), chunk_bytes)
     scratch = torch.empty((step, Q) if trans else (Q, step), dtype=cdt, device=x2.device)
+    whole = step >= P   # one chunk (every 8B weight): no slices (each is a torch call of host time)
     for p0 in range(0, P, step):
         p1 = min(P, p0 + step)
-        oc = out[:, p0:p1]
+        cols = (lambda t: t) if whole else (lambda t: t[..., p0:p1])
+        oc = cols(out)
         if has_lora:   # beta 0: oc's uninitialized values are not read; the scale is cuBLAS's alpha (no multiply)
-            oc.addmm_(left, lora_right[:, p0:p1].to(cdt), beta=0, alpha=scale)
+            oc.addmm_(left, cols(lora_right).to(cdt), beta=0, alpha=scale)
             if bias is not None:
-                oc.add_(bias[p0:p1].to(cdt))
+                oc.add_(cols(bias).to(cdt))
         elif bias is not None:
-            oc.copy_(bias[p0:p1].to(cdt).expand_as(oc))
+            oc.copy_(cols(bias).to(cdt).expand_as(oc))
         if trans:
-            wc = dequantize_chunk(weight, p0, p1, 0, Q, cdt, out=scratch[: p1 - p0])
+            wc = dequantize_chunk(weight, p0, p1, 0, Q, cdt, out=scratch if whole else scratch[: p1 - p0])
             wc = wc.t()
         else:
-            wc = dequantize_chunk(weight, 0, Q, p0, p1, cdt, out=scratch[:, : p1 - p0])
+            wc = dequantize_chunk(weight, 0, Q, p0, p1, cdt, out=scratch if whole else scratch[:, : p1 - p0])
         if has_lora or bias is not None:
             oc.addmm_(xc, wc)
         else:
