@@ -302,6 +302,14 @@ s17c)   # host time per call at HEAD and before (.base/, as in s17b), twice each
         tests/kernels/test_launch.py tests/kernels/test_nf4_chunked.py tests/kernels/test_lora.py -k \
         "gpu_direct or chunked or rounded or skinny or nf4_vs"
     ;;
+s17e)   # the direct launches' GPU test; the 8B 21 GiB point without graphs at HEAD and before (.base/, as in s17d)
+    FXOPT_TUNE=0 step pytest_s17e 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_launch.py
+    step nocg21_8b 250 python3 benchmarks/run_suite.py nocg21_8b_s17f --out "$OUT/train_step.jsonl" --time-limit 245
+    left=$(( ${S17E_END:-560} - $(elapsed) ))
+    [ -d .base/fxopt ] && FXOPT_GIT_SHA=50c9bb8026ba312847efa9e87f2678dd5ca868f2 PYTHONPATH="$PWD/.base:${PYTHONPATH:-}" \
+        step nocg21_8b_base "$left" python3 .base/benchmarks/run_suite.py nocg21_8b --out "$OUT/train_step_base.jsonl" \
+        --time-limit $(( left - 8 ))
+    ;;
 s17d)   # the 8B 21 GiB point with CUDA graphs at HEAD; without graphs before the change (.base/, tag renamed after)
     step cg21_8b 250 python3 benchmarks/run_suite.py cg21_8b_s17 --out "$OUT/train_step.jsonl" --time-limit 245
     left=$(( ${S17D_END:-560} - $(elapsed) ))

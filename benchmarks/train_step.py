@@ -385,6 +385,11 @@ def measure(a):
             rec["fxopt_report"] = fxopt.last_report().to_dict()
             from fxopt.kernels.registry import TUNING_LOG
             rec["tuning"] = TUNING_LOG   # the first-call choices: which candidate won, each one's ms
+            try:   # Triton launches through JITFunction vs the compiled kernel's launcher (fxopt.kernels.launch)
+                from fxopt.kernels import launch as fl
+                rec["fast_launch"] = dict(fl.STATS, broken=fl._state["broken"])
+            except ImportError:
+                pass
         except Exception as e:  # the package is under construction: record why there is no report
             rec["fxopt_report_error"] = f"{type(e).__name__}: {e}"[:300]
     if kind == "unsloth":

@@ -97,6 +97,12 @@ def _full_args(kernel, args, kw):
     return out
 
 
+def _hooked(hook) -> bool:
+    """A launch hook is installed: a function (older Triton), or a HookChain holding calls (Triton 3.5+ always has
+    the chain, empty unless a profiler adds to it)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _on_cuda(args) -> bool:
     """The launch is a compiled CUDA one (the first argument is a CUDA tensor; the interpreter runs on CPU ones)."""
     return bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == "cuda"
@@ -111,7 +117,7 @@ def disable(reason: str) -> None:
 def fast_launch(kernel, grid, *args, **kw):
     """`kernel[grid](*args, **kw)`, through the compiled kernel's own launcher after the first call per key."""
     rt = _runtime() if FAST and _state["broken"] is None else False
-    if not rt or rt.launch_enter_hook is not None or not _on_cuda(args):
+    if not rt or _hooked(rt.launch_enter_hook) or not _on_cuda(args):
         STATS["jit"] += 1
         return kernel[grid](*args, **kw)
     global _STREAM

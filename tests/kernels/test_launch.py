@@ -44,8 +44,14 @@ class _Kernel:
         return runner
 
 
+class _Chain:
+    """Triton 3.5+'s HookChain: always present, empty unless a profiler adds a call."""
+    def __init__(self, calls=()):
+        self.calls = list(calls)
+
+
 class _Runtime:
-    launch_enter_hook = None
+    launch_enter_hook = _Chain()
 
 
 @pytest.fixture
@@ -115,12 +121,19 @@ def test_launch_hooks_and_missing_parameters_use_jit(fake_cuda, monkeypatch):
     x = torch.zeros(16)
     for _ in range(2):   # BLOCK neither given nor defaulted: the call is never cached
         L.fast_launch(k, (1,), x, 5, 1.5)
-    hooked = _Runtime()
-    hooked.launch_enter_hook = print
-    monkeypatch.setattr(L, "_RUNTIME", hooked)
-    for _ in range(2):   # a profiler's launch hook: JIT, which calls it
+    for hook in (print, _Chain([print])):   # a profiler's launch hook (older Triton's function, or a chain's call)
+        hooked = _Runtime()
+        hooked.launch_enter_hook = hook
+        monkeypatch.setattr(L, "_RUNTIME", hooked)
+        for _ in range(2):   # JIT, which calls it
+            L.fast_launch(k, (1,), x, 5, 1.5, BLOCK=32)
+    assert [e[0] for e in k.log] == ["jit"] * 6
+    old = _Runtime()
+    old.launch_enter_hook = None   # older Triton without a hook: direct
+    monkeypatch.setattr(L, "_RUNTIME", old)
+    for _ in range(2):
         L.fast_launch(k, (1,), x, 5, 1.5, BLOCK=32)
-    assert [e[0] for e in k.log] == ["jit"] * 4
+    assert [e[0] for e in k.log[-2:]] == ["jit", "direct"]
 
 
 def test_cpu_tensors_and_fast_off_use_jit(monkeypatch):
