@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
-from fxopt.kernels.nf4_chunked import chunked_matmul
+from fxopt.kernels.nf4_chunked import as_dtype, chunked_matmul
 from fxopt.kernels.launch import fast_launch
 from fxopt.kernels.registry import (bench_ms, capturing, log_choice, next_pow2, num_sms, register_cost,
                                     register_workspace, run_kernel, triton_available, tuning, tuning_key, use_triton)
@@ -198,7 +198,7 @@ def _cublas(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtyp
     xc = x2.to(compute_dtype)
     c = torch.addmm(bias.to(compute_dtype), xc, w) if bias is not None else xc @ w
     if left is not None:
-        c.addmm_(_low(left, left_low, compute_dtype), right.to(compute_dtype), alpha=scale)
+        c.addmm_(as_dtype(left, left_low, compute_dtype), right.to(compute_dtype), alpha=scale)
     return c.to(out_dtype)
 
 
@@ -224,10 +224,6 @@ def _run_choice(env, table, key, candidates, default, measure):
         timed = measure and tuning() and not capturing()
         name = _measure_choice(table, key, candidates) if timed else default
     return candidates[name]()
-
-
-def _low(left, left_low, dtype):
-    return left_low if left_low is not None and left_low.dtype == dtype else left.to(dtype)
 
 
 def _gemm(x2, weight, trans, left, right, scale, bias, out_dtype, compute_dtype, triton_gemm, left_low=None):

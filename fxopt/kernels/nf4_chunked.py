@@ -143,6 +143,12 @@ def dequantize_chunk(w: NF4Weight, r0: int, r1: int, c0: int, c1: int, dtype: to
     return d
 
 
+def as_dtype(t: torch.Tensor, rounded: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`: `rounded` when it is that copy already (the skinny product's sum kernel writes one), else a
+    conversion."""
+    return rounded if rounded is not None and rounded.dtype == dtype else t.to(dtype)
+
+
 def chunk_size(other: int, total: int, dtype_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Rows (or columns) per chunk: the largest multiple of 256 with chunk * other * dtype_bytes <= chunk_bytes
     (at least 256), capped at total."""
@@ -166,9 +172,7 @@ def chunked_matmul(x2: torch.Tensor, weight: NF4Weight, trans: bool, lora_left: 
     xc = x2.to(cdt)
     out = torch.empty((M, P), dtype=cdt, device=x2.device)
     has_lora = lora_left is not None and lora_left.shape[1] > 0
-    left = None
-    if has_lora:
-        left = lora_left_low if lora_left_low is not None and lora_left_low.dtype == cdt else lora_left.to(cdt)
+    left = as_dtype(lora_left, lora_left_low, cdt) if has_lora else None
     step = chunk_size(Q, P, out.element_size(), chunk_bytes)
     scratch = torch.empty((step, Q) if trans else (Q, step), dtype=cdt, device=x2.device)
     whole = step >= P   # one chunk (every 8B weight): no slices (each is a torch call of host time)

@@ -83,6 +83,21 @@ def test_attention_head_dim_256_times_its_own_configs(monkeypatch):
         assert ran == listed + [fast] and attention.TUNED.pop((kind, ("d256-test",))) == fast
 
 
+def test_a_choice_made_before_skips_the_tuning_checks(monkeypatch):
+    """Once a key has its choice, _run_choice runs it without asking whether it may time or is capturing (host time
+    on every call); a new key still asks."""
+    asked = []
+    monkeypatch.setattr(lora, "capturing", lambda: asked.append("capturing") or True)
+    monkeypatch.delenv("FXOPT_TEST_CHOICE", raising=False)
+    monkeypatch.delenv("FXOPT_TUNE", raising=False)
+    table = {("known",): "b"}
+    cands = {"a": lambda: 1, "b": lambda: 2}
+    assert lora._run_choice("FXOPT_TEST_CHOICE", table, ("known",), cands, default="a", measure=True) == 2
+    assert asked == []
+    assert lora._run_choice("FXOPT_TEST_CHOICE", table, ("new",), cands, default="a", measure=True) == 1
+    assert asked == ["capturing"] and ("new",) not in table   # capturing: the default, untimed, not recorded
+
+
 def test_measured_choices_are_logged(monkeypatch):
     """Each measured first-call choice is logged with every candidate's time (benchmarks record the log)."""
     monkeypatch.setattr(lora, "bench_ms", lambda fn: {1: 2.0, 2: 0.5}[fn()])
