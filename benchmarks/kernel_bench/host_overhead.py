@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -142,9 +141,7 @@ def _no_grad(fn, *args):
 def cprofile_rows(m=4096, k=4096, n=4096, r=16, calls=50, top=25):
     """cProfile of `calls` no-grad forward and backward calls of fxopt::lora_nf4 (outside Dynamo, whose frame
     hooks misattribute time), the GPU kept busy: the functions with the most own time, per call."""
-    import cProfile
-    import pstats
-
+    from benchmarks.kernel_bench.common import cprofile_calls
     from benchmarks.kernel_bench.lora_parts import nf4_layer
     from fxopt.kernels import lora as L
     dev = torch.device("cuda")
@@ -162,17 +159,7 @@ def cprofile_rows(m=4096, k=4096, n=4096, r=16, calls=50, top=25):
         fn()
         torch.cuda.synchronize()
         torch.cuda._sleep(int(4e8))
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(calls):
-            fn()
-        prof.disable()
-        torch.cuda.synchronize()
-        st = pstats.Stats(prof)
-        rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]
-        out[name] = [dict(fn=f"{os.path.basename(f)}:{line}:{func}", ncalls_per_call=round(v[1] / calls, 2),
-                          own_us=round(v[2] * 1e6 / calls, 1), cum_us=round(v[3] * 1e6 / calls, 1))
-                     for (f, line, func), v in rows]
+        out[name] = cprofile_calls(fn, calls, top)["by_own"]
         print("CPROFILE " + name + " " + json.dumps(out[name][:12]), flush=True)
     return out
 

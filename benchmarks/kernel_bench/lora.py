@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from benchmarks.kernel_bench.common import do_bench, fwd_bwd_step, gpu_busy_ms, rel
+from benchmarks.kernel_bench.common import cprofile_calls, do_bench, fwd_bwd_step, gpu_busy_ms, rel
 
 T, R, ALPHA = 4096, 16, 32          # tokens, rank, lora_alpha (scale 2)
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]   # (in_features K, out_features N)
@@ -62,25 +62,11 @@ def bench(fn, x, gy, leaves):
 def host_profile(fn, x, gy, leaves, n=50, top=25):
     """Where the host time of one fwd+bwd goes: cProfile over n steps, the top functions by own time (us per step)
     and by cumulative time. The GPU runs ahead; the host's Python is what cProfile sees."""
-    import cProfile
-    import pstats
     step = fwd_bwd_step(fn, (x,), gy, leaves, accumulate=False)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(n):
-        step()
-    prof.disable()
-    torch.cuda.synchronize()
-    st = pstats.Stats(prof)
-    rows = [(f"{os.path.basename(file)}:{line}:{name}", calls / n, tt / n * 1e6, ct / n * 1e6)
-            for (file, line, name), (_, calls, tt, ct, _) in st.stats.items()]
-    fmt = lambda r: dict(fn=r[0], calls=round(r[1], 2), own_us=round(r[2], 1), cum_us=round(r[3], 1))
-    return dict(total_us=round(sum(r[2] for r in rows), 1),
-                by_own=[fmt(r) for r in sorted(rows, key=lambda r: -r[2])[:top]],
-                by_cum=[fmt(r) for r in sorted(rows, key=lambda r: -r[3])[:top]])
+    return cprofile_calls(step, n, top)
 
 
 def grads(fn, x, gy, leaves):
