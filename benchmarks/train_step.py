@@ -10,7 +10,7 @@ Prints progress to stderr and one `RESULT {json}` line to stdout.
 Variants: eager | inductor | liger | unsloth | fxopt | fxopt:<memory_budget> (e.g. fxopt:8GiB, fxopt:0.3).
 Exit codes: 0 ok, 1 crash, 2 missing package, 3 out of memory (the RESULT line carries "error" then).
 """
-import argparse, hashlib, importlib.metadata, json, os, shlex, subprocess, sys, tempfile, time, traceback
+import argparse, gc, hashlib, importlib.metadata, json, os, shlex, subprocess, sys, tempfile, time, traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GEMM_CEILING_TFLOPS = 790.0  # measured bf16 8192^3 GEMM on the H200 the benchmarks run on (DESIGN.md, GPU protocol)
@@ -239,6 +239,16 @@ def resolve_fxopt_backend():
 
 # ---------------------------------------------------------------- the measurement
 
+def _allocator_counts(cuda):
+    """The CUDA caching allocator's cumulative device calls (cudaMalloc / cudaFree, retries after a failed malloc,
+    which free cached blocks and synchronize)."""
+    import torch
+    if not cuda:
+        return {}
+    st = torch.cuda.memory_stats()
+    return {k: int(st.get(k, 0)) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+
+
 def time_steps(step, a, rec):
     """Warm-up steps (wall clock, compilation included), then timed steps (CUDA events). Returns (median s, loss)."""
     import torch
@@ -271,7 +281,11 @@ def time_steps(step, a, rec):
         torch.cuda.reset_peak_memory_stats()
     log(f"warm-up done in {rec['warm_s']} s; timing {a.steps} steps")
     times = []
+    # what else happens during each timed step (the 8B step without graphs spread 0.36-0.45 s while its host issue
+    # time was 317 ms): Python garbage collections per generation, and the CUDA allocator's device calls
+    gc_steps, alloc0 = [], _allocator_counts(cuda)
     for _ in range(a.steps):
+        gc0 = [g["collections"] for g in gc.get_stats()]
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -283,6 +297,9 @@ def time_steps(step, a, rec):
             t1 = time.perf_counter()
             loss = step()
             times.append(time.perf_counter() - t1)
+        gc_steps.append([g["collections"] - c for g, c in zip(gc.get_stats(), gc0)])
+    rec["timed_gc_collections"] = gc_steps   # per timed step: [gen0, gen1, gen2]
+    rec["timed_allocator"] = {k: v - alloc0[k] for k, v in _allocator_counts(cuda).items()}
     peak_timed = torch.cuda.max_memory_allocated() if cuda else 0
     rec.update(peak_gib=round(max(peak_warm, peak_timed) / 2**30, 2), peak_timed_gib=round(peak_timed / 2**30, 2),
                reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else 0.0,
