@@ -122,6 +122,11 @@ def _first_second_half(s1, s2, d) -> bool:
     return d % 2 == 0 and s1[1:] == (0, d // 2, 1) and s2[1:] == (d // 2, d, 1)
 
 
+def _even_odd_pair(s1, s2, d) -> bool:
+    """s1, s2 (from _last_dim_slice) are x[..., 0::2] and x[..., 1::2] of a d-wide x."""
+    return d % 2 == 0 and s1[1:] == (0, d, 2) and s2[1:] == (1, d, 2)
+
+
 def _flattens_last_two(flat, src) -> bool:
     """flat is src.flatten(-2): a flatten of src over its last two dims."""
     nd = meta(src).dim()
@@ -172,7 +177,7 @@ def _rotation(anchor):
         return anchor, r, False, [x1, x2, neg, anchor], flip
     flat = only_user(anchor)
     require(_flattens_last_two(flat, anchor), "stack((-x2, x1), -1) is not flattened over its last two dims")
-    require(d % 2 == 0 and s1[1:] == (0, d, 2) and s2[1:] == (1, d, 2),
+    require(_even_odd_pair(s1, s2, d),
             f"stack((-x[{s2[1]}::{s2[3]}], x[{s1[1]}::{s1[3]}])) is not the interleaved rotation")
     return flat, r, True, [x1, x2, neg, anchor, flat], flip
 
@@ -232,7 +237,7 @@ def _even_odd(a, b):
     if sl is None:
         return None
     s1, s2, d = sl
-    return (s1[0], [a, b]) if d % 2 == 0 and s1[1:] == (0, d, 2) and s2[1:] == (1, d, 2) else None
+    return (s1[0], [a, b]) if _even_odd_pair(s1, s2, d) else None
 
 
 def _mul_of(n, a, b) -> bool:
