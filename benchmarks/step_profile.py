@@ -108,30 +108,16 @@ def host_profile(step, top=40):
     """One more step under cProfile: the Python functions with the most own time, and the host time of the step.
     cProfile slows Python ~1.5-2x, so these rank where a host-bound step spends its time; they do not time it.
     `enqueue_ms` is the step's host time without a profiler and without waiting for the GPU at its end."""
-    import cProfile
-    import pstats
+    from benchmarks.kernel_bench.common import cprofile_calls
 
     _sync()
     t0 = time.perf_counter()
     step()
     enqueue_ms = (time.perf_counter() - t0) * 1e3
     _sync()
-    prof = cProfile.Profile()
     t0 = time.perf_counter()
-    prof.enable()
-    step()
-    prof.disable()
-    _sync()
+    prof = cprofile_calls(step, 1, top, unit="ms",
+                          name=lambda path, line, fn: f"{'/'.join(path.split('/')[-2:])}:{line}:{fn}"[:120])
     wall_ms = (time.perf_counter() - t0) * 1e3
-    st = pstats.Stats(prof)
-
-    def name(key):
-        path, line, fn = key
-        return f"{'/'.join(path.split('/')[-2:])}:{line}:{fn}"[:120]
-
-    rows = [(name(k), v[1], v[2] * 1e3, v[3] * 1e3) for k, v in st.stats.items()]   # (ncalls, tottime, cumtime)
-    own = sorted(rows, key=lambda r: -r[2])[:top]
-    cum = sorted(rows, key=lambda r: -r[3])[:top]
-    fmt = lambda r: dict(fn=r[0], calls=r[1], own_ms=round(r[2], 2), cum_ms=round(r[3], 2))
-    return dict(enqueue_ms=round(enqueue_ms, 1), profiled_wall_ms=round(wall_ms, 1),
-                own_ms=round(sum(r[2] for r in rows), 1), by_own=[fmt(r) for r in own], by_cum=[fmt(r) for r in cum])
+    return dict(enqueue_ms=round(enqueue_ms, 1), profiled_wall_ms=round(wall_ms, 1), own_ms=prof["total_ms"],
+                by_own=prof["by_own"], by_cum=prof["by_cum"])

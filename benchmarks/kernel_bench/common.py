@@ -59,11 +59,14 @@ def gpu_busy_ms(step, n=20, warmup=3):
     return us / n / 1e3
 
 
-def cprofile_calls(fn, n=50, top=25):
+def cprofile_calls(fn, n=50, top=25, unit="us", name=None):
     """cProfile over n calls of fn (the GPU runs ahead; the host's Python is what cProfile sees): the top functions
-    by own and by cumulative time, microseconds per call, and the summed own time."""
+    by own and by cumulative time per call in `unit` ("us" or "ms"), and the summed own time. name(path, line,
+    function) labels a function (default: file name:line:function)."""
     import cProfile
     import pstats
+    scale, digits = {"us": (1e6, 1), "ms": (1e3, 2)}[unit]
+    name = name or (lambda path, line, func: f"{os.path.basename(path)}:{line}:{func}")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(n):
@@ -71,12 +74,13 @@ def cprofile_calls(fn, n=50, top=25):
     prof.disable()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    rows = [(f"{os.path.basename(file)}:{line}:{name}", calls / n, tt / n * 1e6, ct / n * 1e6)
-            for (file, line, name), (_, calls, tt, ct, _) in pstats.Stats(prof).stats.items()]
-    fmt = lambda r: dict(fn=r[0], calls=round(r[1], 2), own_us=round(r[2], 1), cum_us=round(r[3], 1))  # noqa: E731
-    return dict(total_us=round(sum(r[2] for r in rows), 1),
-                by_own=[fmt(r) for r in sorted(rows, key=lambda r: -r[2])[:top]],
-                by_cum=[fmt(r) for r in sorted(rows, key=lambda r: -r[3])[:top]])
+    rows = [(name(*key), calls / n, tt / n * scale, ct / n * scale)
+            for key, (_, calls, tt, ct, _) in pstats.Stats(prof).stats.items()]
+    fmt = lambda r: {"fn": r[0], "calls": round(r[1], 2), f"own_{unit}": round(r[2], digits),  # noqa: E731
+                     f"cum_{unit}": round(r[3], digits)}
+    return {f"total_{unit}": round(sum(r[2] for r in rows), 1),
+            "by_own": [fmt(r) for r in sorted(rows, key=lambda r: -r[2])[:top]],
+            "by_cum": [fmt(r) for r in sorted(rows, key=lambda r: -r[3])[:top]]}
 
 
 def copy_ceiling_tbps(nbytes=2 * 2**30):
