@@ -276,6 +276,12 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
 s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget)
     step seq65k_8b 575 python3 benchmarks/run_suite.py seq65k_8b --out "$OUT/train_step.jsonl" --time-limit 570
     ;;
+s18a)   # the 8B 21 GiB point with CUDA graphs at HEAD (last measured at b03dd37), then without graphs with the
+    # per-step garbage-collection and allocator records
+    step cg21_8b 270 python3 benchmarks/run_suite.py cg21_8b_s17 --out "$OUT/train_step.jsonl" --time-limit 265
+    step nocg21_8b $(( ${S18A_END:-580} - $(elapsed) )) python3 benchmarks/run_suite.py nocg21_8b_s18 \
+        --out "$OUT/train_step.jsonl" --time-limit $(( ${S18A_END:-580} - $(elapsed) - 8 ))
+    ;;
 s17a)   # host time per call of the LoRA/NF4 pieces, with a cProfile of the op's forward and backward calls
     step host_overhead 150 python3 -m benchmarks.kernel_bench.host_overhead --cprofile --out "$OUT/host_overhead.json"
     ;;
