@@ -129,16 +129,16 @@ SPLIT21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, 
 NOCG21_8B = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                  profile=True, tag="nocg-21g")
 # The same two points after the direct Triton launches and the LoRA op's host trims (this session's s17c).
-NO# The no-graph point again, its rows now with each timed step's garbage collections and the allocator's device calls
-# (the 0.36-0.45 s spread of step times at 846d1cd is unexplained).
-NOCG21_8B_S18 = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=6, warmup=3, timeout=300, loss_only=True,
-                     profile=True, tag="nocg-21g-s18")
-CG21_8B_S17 = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
+NOCG21_8B_S17 = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                      profile=True, tag="nocg-21g-s17")
 NOCG21_8B_S17F = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                       profile=True, tag="nocg-21g-s17-fast")   # with the direct launches working (HookChain fix)
 CG21_8B_S17 = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                    profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-s17")
+# The no-graph point again, its rows now with each timed step's garbage collections and the allocator's device calls
+# (the 0.36-0.45 s spread of step times at 846d1cd is unexplained).
+NOCG21_8B_S18 = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=6, warmup=3, timeout=300, loss_only=True,
+                     profile=True, tag="nocg-21g-s18")
 # 8B QLoRA at 65,536 tokens (batch 1; issue 13's longest-sequence point) at HEAD: 4,961 tok/s at 21.34 GiB at
 # c068010 (tag seq65k-cg-offload-sdpaprice); the warm-up (compile + CUDA graph recording) took 263.5 s at 600c67b.
 SEQ65K_8B = grid("8b", "qlora", ["fxopt:16GiB"], batch=1, seq=65536, steps=1, warmup=2, timeout=560, loss_only=True,
