@@ -276,6 +276,16 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
 s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget)
     step seq65k_8b 575 python3 benchmarks/run_suite.py seq65k_8b --out "$OUT/train_step.jsonl" --time-limit 570
     ;;
+s18b)   # the backward's dy pass (lora_dy): GPU tests, the rank-r products of the parts bench (fused vs two skinny
+    # kernels, 8B shapes), the 8B 21 GiB step with graphs, then the LoRA layer bench
+    FXOPT_TUNE=0 step pytest_s18b 120 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_dy.py \
+        tests/kernels/test_lora.py
+    FXOPT_LORA_PARTS=skinny FXOPT_LORA_PARTS_ADAPTERS=fp32 step lora_parts 100 python3 benchmarks/kernels.py \
+        --ops lora_parts --out "$OUT/lora_parts.json"
+    step cg21_8b 270 python3 benchmarks/run_suite.py cg21_8b_s18 --out "$OUT/train_step.jsonl" --time-limit 265
+    step kernels_lora $(( ${S18B_END:-580} - $(elapsed) )) python3 benchmarks/kernels.py --ops lora \
+        --out "$OUT/kernels_lora.json"
+    ;;
 s18a)   # the 8B 21 GiB point with CUDA graphs at HEAD (last measured at b03dd37), then without graphs with the
     # per-step garbage-collection and allocator records
     step cg21_8b 270 python3 benchmarks/run_suite.py cg21_8b_s17 --out "$OUT/train_step.jsonl" --time-limit 265

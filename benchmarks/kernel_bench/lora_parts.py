@@ -193,6 +193,20 @@ def part_skinny(clock, rows, tag, x2, dy2, a, b, xa, dxa):
             measure(clock, rows, dict(fields, impl=impl), fn, ref=ref, flops=2 * p * q * small.shape[1],
                     nbytes=nbytes)
         del ref
+    if fp32:   # the backward's two products of dy: one pass over dy (lora_dy.dy_pass) vs two skinny_mm calls
+        from fxopt.kernels.lora_dy import dy_pass
+        m, n = dy2.shape
+        ref = dict(dxa=SCALE * (dy2.double() @ b.double()), dB=SCALE * (dy2.double().t() @ xa.double()))
+        fields = dict(tag, part="skinny", product="dy@B + dy^T@xa", shape=[m, n, b.shape[1]])
+        nbytes = dy2.numel() * dy2.element_size()   # dy once: the bytes both forms must read at least
+        impls = {"dy_pass": lambda: dy_pass(dy2, b, xa, SCALE, low=BF),
+                 "two_skinny": lambda: (skinny_mm(dy2, b, scale=SCALE, low=BF), None,
+                                        skinny_mm(dy2.t(), xa, scale=SCALE))}
+        for impl, fn in impls.items():
+            measure(clock, rows, dict(fields, impl=impl), fn, ref=ref,
+                    pick=lambda o: dict(dxa=o[0][0] if isinstance(o[0], tuple) else o[0], dB=o[2]),
+                    flops=4 * m * n * b.shape[1], nbytes=nbytes)
+        del ref
 
 
 def base_cases(x2, dy2, w, a, b, xa, dxa, rf):

@@ -258,6 +258,22 @@ def _forward(x, weight, bias, lora_a, lora_b, scale, compute_dtype, out_dtype, t
     return y.view(*x.shape[:-1], n_out), xa
 
 
+_DYPASS_CHOICE: dict = {}  # (dy shape/strides, rank, dtype, low) -> "fused" | "separate"; env FXOPT_LORA_DYPASS
+
+
+def _dy_pass_applies(triton_gemm, dy2, lora_b, xa):
+    """lora_dy.dy_pass's inputs: half dy, fp32 B and xa (peft's fp32 adapters), rank <= 128."""
+    return (triton_gemm and dy2.dtype in (torch.float16, torch.bfloat16) and lora_b.dtype == torch.float32
+            and xa.dtype == torch.float32 and lora_b.shape[1] <= 128 and dy2.shape[0] > 0 and dy2.shape[1] > 0)
+
+
+def _dy_pass(dy2, lora_b, xa, scale, low):
+    from fxopt.kernels.lora_dy import dy_pass
+    half = low if low in (torch.float16, torch.bfloat16) else None
+    dxa, dxa_low, db = dy_pass(dy2, lora_b, xa, scale, low=half)
+    return dxa, (dxa_low if half is not None else (dxa.to(low) if low is not None else None)), db
+
+
 def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, need_da, need_db, need_dbias,
               need_dw, triton_gemm: bool):
     x2, dy2 = _rows(x), _rows(dy)
@@ -265,11 +281,25 @@ def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, 
     has_lora = lora_a is not None
     dx = da = db = dbias = dw = None   # the ones not computed become distinct empty tensors (outputs may not alias)
     dxa = dxa_low = None
-    if has_lora and (need_dx or need_da):
-        dxa = _mm(dy2, lora_b, triton_gemm, m, scale, low=compute_dtype if need_dx else None)
-        dxa, dxa_low = dxa if need_dx else (dxa, None)
-    if has_lora and need_db:
-        db = _mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm, m, scale).to(lora_b.dtype)
+    low = compute_dtype if need_dx else None
+
+    def separate():
+        p = p_low = q = None
+        if need_dx or need_da:
+            p = _mm(dy2, lora_b, triton_gemm, m, scale, low=low)
+            p, p_low = p if need_dx else (p, None)
+        if need_db:
+            q = _mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm, m, scale).to(lora_b.dtype)
+        return p, p_low, q
+    if has_lora and need_db and (need_dx or need_da) and _dy_pass_applies(triton_gemm, dy2, lora_b, xa):
+        # dxa and dB in one pass over dy (lora_dy.py), or the two products apart: measured once per shape on CUDA
+        cuda = dy2.device.type == "cuda"
+        dxa, dxa_low, db = _run_choice(
+            "FXOPT_LORA_DYPASS", _DYPASS_CHOICE, (tuning_key(dy2, m), lora_b.shape[1], dy2.dtype, low),
+            {"fused": lambda: _dy_pass(dy2, lora_b, xa, scale, low), "separate": separate}, default="fused",
+            measure=cuda)
+    elif has_lora:
+        dxa, dxa_low, db = separate()
     if has_lora and need_da:
         da = _mm(x2.t(), dxa, triton_gemm, m, transpose=True).to(lora_a.dtype)
     if need_dx:

@@ -1,0 +1,119 @@
+"""LoRA backward's two products of dy in one pass over dy (peft's fp32 adapters over a half-precision base):
+
+    dxa = s * dy B      [M, r]   (a reduction over N)
+    dB  = s * dy^T xa   [N, r]   (a reduction over M)
+
+dy [M, N] half is the largest tensor the rank-r products read (117 MB at the 8B step's 4096 x 14336). Two skinny
+GEMMs read it twice; here each program loads a [BM, BN] tile of dy once and feeds both dots. Each reduction still
+needs partial sums across programs: dxa over the programs that split N ([split, M, r] fp32), dB over the row blocks
+([M / BM, N, r] fp32; with BM = 256 that is 1/8 of dy's bytes at r = 16). Both are summed in order by lora's
+_split_sum_kernel, so the result is deterministic. The fp32 operands (B, xa) enter the tensor-core dots as hi + lo
+half values (two dots each, as lora's skinny kernel): ~2^-17 relative accuracy without an fp32 copy of dy.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fxopt.kernels.launch import fast_launch
+from fxopt.kernels.registry import next_pow2, num_sms, triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from fxopt.kernels.lora import _lowp
+
+    @triton.jit
+    def _dy_pass_kernel(DY, BW, XA, DXA_P, DB_P, M, N, RANK, scale, s_dm, s_dn, s_bn, s_br, s_xm, s_xr,
+                        s_ps, s_pm, s_qb, s_qn, HALF: tl.constexpr, INTERP: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, RB: tl.constexpr):
+        """Program (i, j): rows i*BM.. of dy, its j-th share of the columns. DXA_P[j, rows, :r] = scale * the
+        share's dy @ B; DB_P[i, cols, :r] = scale * dy[rows, cols]^T @ xa[rows] for each column tile of the share.
+        DXA_P is [split, M, r] with strides (s_ps, s_pm, 1); DB_P is [M / BM, N, r] with strides (s_qb, s_qn, 1)."""
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        per = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BN) * BN
+        m = pid_m * BM + tl.arange(0, BM)
+        r = tl.arange(0, RB)
+        m_ok = m < M
+        r_ok = r < RANK
+        m64 = m.to(tl.int64)
+        xa = tl.load(XA + m64[:, None] * s_xm + r[None, :] * s_xr, mask=m_ok[:, None] & r_ok[None, :],
+                     other=0.0).to(tl.float32)
+        xa_hi = _lowp(xa, HALF, INTERP)
+        xa_lo = _lowp(xa - xa_hi.to(tl.float32), HALF, INTERP)
+        acc = tl.zeros((BM, RB), dtype=tl.float32)
+        for n0 in range(pid_s * per, tl.minimum(N, pid_s * per + per), BN):
+            n = n0 + tl.arange(0, BN)
+            n_ok = n < N
+            n64 = n.to(tl.int64)
+            d = tl.load(DY + m64[:, None] * s_dm + n64[None, :] * s_dn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            b = tl.load(BW + n64[:, None] * s_bn + r[None, :] * s_br, mask=n_ok[:, None] & r_ok[None, :],
+                        other=0.0).to(tl.float32)
+            b_hi = _lowp(b, HALF, INTERP)
+            b_lo = _lowp(b - b_hi.to(tl.float32), HALF, INTERP)
+            if INTERP:
+                d = d.to(tl.float32)
+                acc = tl.dot(d, b_hi, acc, input_precision="ieee")
+                acc = tl.dot(d, b_lo, acc, input_precision="ieee")
+                dt = tl.trans(d)
+                db = tl.dot(dt, xa_hi, input_precision="ieee")
+                db = tl.dot(dt, xa_lo, db, input_precision="ieee")
+            else:
+                acc = tl.dot(d, b_hi, acc)
+                acc = tl.dot(d, b_lo, acc)
+                dt = tl.trans(d)
+                db = tl.dot(dt, xa_hi)
+                db = tl.dot(dt, xa_lo, db)
+            tl.store(DB_P + pid_m * s_qb + n64[:, None] * s_qn + r[None, :], db * scale,
+                     mask=n_ok[:, None] & r_ok[None, :])
+        tl.store(DXA_P + pid_s * s_ps + m64[:, None] * s_pm + r[None, :], acc * scale,
+                 mask=m_ok[:, None] & r_ok[None, :])
+
+
+def dy_pass_reference(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: float):
+    """(s * dy B, s * dy^T xa) in fp32."""
+    d = dy.float()
+    return (d @ lora_b.float()) * scale, (d.t() @ xa.float()) * scale
+
+
+def _block_rows(rb: int) -> int:
+    """Rows per program: fewer for a wide rank (the [BM, r] fp32 accumulator and the xa tile live in registers)."""
+    return 256 if rb <= 16 else (128 if rb <= 64 else 64)
+
+
+def dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: float,
+            low: Optional[torch.dtype] = None, split: int = 0):
+    """(dxa, dxa rounded to `low` or None, dB) for dy [M, N] half (any strides), lora_b [N, r] and xa [M, r] fp32."""
+    from fxopt.kernels.lora import _split_sum_kernel
+    M, N = dy.shape
+    rank = lora_b.shape[1]
+    rb = max(16, next_pow2(rank))
+    interp = dy.device.type != "cuda"
+    bm, bn = (_block_rows(rb), 64) if not interp else (max(16, min(64, next_pow2(M))), max(16, min(64, next_pow2(N))))
+    n_m = triton.cdiv(M, bm)
+    # split 0: enough programs for ~2 per SM, each with at least 4 column tiles where N allows
+    if split == 0:
+        split = 2 if interp else max(1, min(triton.cdiv(N, 4 * bn), triton.cdiv(2 * num_sms(dy.device), n_m)))
+    split = max(1, min(split, triton.cdiv(N, bn)))
+    dev = dy.device
+    dxa_p = torch.empty((split, M, rank), dtype=torch.float32, device=dev)
+    db_p = torch.empty((n_m, N, rank), dtype=torch.float32, device=dev)
+    fast_launch(_dy_pass_kernel, (n_m, split), dy, lora_b, xa, dxa_p, db_p, M, N, rank, float(scale), dy.stride(0),
+                dy.stride(1), lora_b.stride(0), lora_b.stride(1), xa.stride(0), xa.stride(1), dxa_p.stride(0),
+                dxa_p.stride(1), db_p.stride(0), db_p.stride(1), HALF=int(dy.dtype == torch.float16),
+                INTERP=interp, BM=bm, BN=bn, RB=rb, num_warps=8 if not interp else 4)
+    outs = []
+    for part, want_low in ((dxa_p, low), (db_p, None)):
+        out = torch.empty(part.shape[1:], dtype=torch.float32, device=dev)
+        out_low = torch.empty(part.shape[1:], dtype=want_low, device=dev) if want_low is not None else out
+        n = out.numel()
+        block = 1024 if not interp else max(16, min(1024, next_pow2(n)))
+        fast_launch(_split_sum_kernel, (triton.cdiv(n, block),), part, out, out_low, n, part.shape[0],
+                    HAS_LOW=want_low is not None, HALF=int(want_low == torch.float16), INTERP=interp, BLOCK=block,
+                    num_warps=4)
+        outs.append((out, out_low if want_low is not None else None))
+    (dxa, dxa_low), (db, _) = outs
+    return dxa, dxa_low, db
