@@ -276,6 +276,27 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
 s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget)
     step seq65k_8b 575 python3 benchmarks/run_suite.py seq65k_8b --out "$OUT/train_step.jsonl" --time-limit 570
     ;;
+s18c)   # launch configs of the backward's dy pass (lora_dy) against the two skinny kernels; the 8B 21 GiB step with
+    # graphs at the config with the least time weighted by the step's calls per shape (64 / 96 / 64 at N 1024 /
+    # 4096 / 14336; the op's tuner still picks fused vs separate per shape)
+    step sweep_dy 230 python3 benchmarks/kernels.py --sweep lora_dy --out "$OUT/lora_dy_sweep.json"
+    best=$(python3 - "$OUT/lora_dy_sweep.json" <<'PY'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))["rows"] if "ms_min" in r]
+w = {1024: 64, 4096: 96, 14336: 64}
+tot = {}
+for r in rows:
+    tot.setdefault(r["impl"], {})[r["n"]] = r["ms_min"]
+score = {k: sum(w[n] * v[n] for n in w) for k, v in tot.items() if len(v) == 3}
+best = min((v, k) for k, v in score.items() if k != "two_skinny")
+print(f"weighted ms per step: two_skinny {score['two_skinny']:.3f}, best {best[0]:.3f} {best[1]}", file=sys.stderr)
+print(",".join(best[1].split("(")[1].rstrip(")").replace(" ", "").split(",")))
+PY
+)
+    echo "dy pass config: $best" | tee -a "$LOGS/steps.txt"
+    FXOPT_LORA_DY_CONFIG="$best" step cg21_8b $(( ${S18C_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py \
+        cg21_8b_s18c --out "$OUT/train_step.jsonl" --time-limit $(( ${S18C_END:-585} - $(elapsed) - 8 ))
+    ;;
 s18b)   # the backward's dy pass (lora_dy): GPU tests, the rank-r products of the parts bench (fused vs two skinny
     # kernels, 8B shapes), the 8B 21 GiB step with graphs, then the LoRA layer bench
     FXOPT_TUNE=0 step pytest_s18b 120 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_dy.py \

@@ -112,8 +112,8 @@ def versions():
         except importlib.metadata.PackageNotFoundError:
             out[dist.replace("-", "_")] = None
     out.update({k.lower(): os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "FXOPT_PAIRED_WITH") if k in os.environ})  # gpu_pair.sh
-    # experiment knobs that change fxopt's plan
-    knobs = ("FXOPT_OFFLOAD_DEPTH", "FXOPT_OFFLOAD_BW", "FXOPT_OFFLOAD_CAPACITY")
+    # experiment knobs that change fxopt's plan or kernels
+    knobs = ("FXOPT_OFFLOAD_DEPTH", "FXOPT_OFFLOAD_BW", "FXOPT_OFFLOAD_CAPACITY", "FXOPT_LORA_DY_CONFIG")
     out.update({k.lower(): os.environ[k] for k in knobs if k in os.environ})
     return out
 

@@ -28,10 +28,11 @@ if triton_available():
     @triton.jit
     def _dy_pass_kernel(DY, BW, XA, DXA_P, DB_P, M, N, RANK, scale, s_dm, s_dn, s_bn, s_br, s_xm, s_xr,
                         s_ps, s_pm, s_qb, s_qn, HALF: tl.constexpr, INTERP: tl.constexpr, BM: tl.constexpr,
-                        BN: tl.constexpr, RB: tl.constexpr):
+                        BN: tl.constexpr, RB: tl.constexpr, XA_T: tl.constexpr):
         """Program (i, j): rows i*BM.. of dy, its j-th share of the columns. DXA_P[j, rows, :r] = scale * the
         share's dy @ B; DB_P[i, cols, :r] = scale * dy[rows, cols]^T @ xa[rows] for each column tile of the share.
-        DXA_P is [split, M, r] with strides (s_ps, s_pm, 1); DB_P is [M / BM, N, r] with strides (s_qb, s_qn, 1)."""
+        DXA_P is [split, M, r] with strides (s_ps, s_pm, 1); DB_P is [M / BM, N, r] with strides (s_qb, s_qn, 1).
+        XA_T: dB's tile as (xa^T dy)^T, the transpose on the xa tile once per program, not on every dy tile."""
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         per = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BN) * BN
@@ -44,6 +45,9 @@ if triton_available():
                      other=0.0).to(tl.float32)
         xa_hi = _lowp(xa, HALF, INTERP)
         xa_lo = _lowp(xa - xa_hi.to(tl.float32), HALF, INTERP)
+        if XA_T:
+            xa_hi_t = tl.trans(xa_hi)
+            xa_lo_t = tl.trans(xa_lo)
         acc = tl.zeros((BM, RB), dtype=tl.float32)
         for n0 in range(pid_s * per, tl.minimum(N, pid_s * per + per), BN):
             n = n0 + tl.arange(0, BN)
@@ -58,17 +62,28 @@ if triton_available():
                 d = d.to(tl.float32)
                 acc = tl.dot(d, b_hi, acc, input_precision="ieee")
                 acc = tl.dot(d, b_lo, acc, input_precision="ieee")
-                dt = tl.trans(d)
-                db = tl.dot(dt, xa_hi, input_precision="ieee")
-                db = tl.dot(dt, xa_lo, db, input_precision="ieee")
             else:
                 acc = tl.dot(d, b_hi, acc)
                 acc = tl.dot(d, b_lo, acc)
+            if XA_T:   # [RB, BN] = xa^T dy
+                if INTERP:
+                    dbt = tl.dot(xa_hi_t, d, input_precision="ieee")
+                    dbt = tl.dot(xa_lo_t, d, dbt, input_precision="ieee")
+                else:
+                    dbt = tl.dot(xa_hi_t, d)
+                    dbt = tl.dot(xa_lo_t, d, dbt)
+                tl.store(DB_P + pid_m * s_qb + n64[None, :] * s_qn + r[:, None], dbt * scale,
+                         mask=n_ok[None, :] & r_ok[:, None])
+            else:      # [BN, RB] = dy^T xa
                 dt = tl.trans(d)
-                db = tl.dot(dt, xa_hi)
-                db = tl.dot(dt, xa_lo, db)
-            tl.store(DB_P + pid_m * s_qb + n64[:, None] * s_qn + r[None, :], db * scale,
-                     mask=n_ok[:, None] & r_ok[None, :])
+                if INTERP:
+                    db = tl.dot(dt, xa_hi, input_precision="ieee")
+                    db = tl.dot(dt, xa_lo, db, input_precision="ieee")
+                else:
+                    db = tl.dot(dt, xa_hi)
+                    db = tl.dot(dt, xa_lo, db)
+                tl.store(DB_P + pid_m * s_qb + n64[:, None] * s_qn + r[None, :], db * scale,
+                         mask=n_ok[:, None] & r_ok[None, :])
         tl.store(DXA_P + pid_s * s_ps + m64[:, None] * s_pm + r[None, :], acc * scale,
                  mask=m_ok[:, None] & r_ok[None, :])
 
@@ -84,15 +99,34 @@ def _block_rows(rb: int) -> int:
     return 256 if rb <= 16 else (128 if rb <= 64 else 64)
 
 
+def _env_config():
+    """FXOPT_LORA_DY_CONFIG="XA_T,BM,BN,warps,stages,sum BLOCK" (an experiment knob: a config picked by the sweep)."""
+    import os
+    v = os.environ.get("FXOPT_LORA_DY_CONFIG")
+    if not v:
+        return None
+    try:
+        cfg = tuple(int(t) for t in v.split(","))
+    except ValueError:
+        cfg = ()
+    if len(cfg) != 6:
+        raise ValueError(f"FXOPT_LORA_DY_CONFIG must be six integers XA_T,BM,BN,warps,stages,block; got {v!r}")
+    return cfg
+
+
 def dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: float,
-            low: Optional[torch.dtype] = None, split: int = 0):
-    """(dxa, dxa rounded to `low` or None, dB) for dy [M, N] half (any strides), lora_b [N, r] and xa [M, r] fp32."""
+            low: Optional[torch.dtype] = None, split: int = 0, config: Optional[tuple] = None):
+    """(dxa, dxa rounded to `low` or None, dB) for dy [M, N] half (any strides), lora_b [N, r] and xa [M, r] fp32.
+    config (a launch-config sweep): (XA_T, BM, BN, num_warps, num_stages, split-sum BLOCK)."""
     from fxopt.kernels.lora import _split_sum_kernel
     M, N = dy.shape
     rank = lora_b.shape[1]
     rb = max(16, next_pow2(rank))
     interp = dy.device.type != "cuda"
-    bm, bn = (_block_rows(rb), 64) if not interp else (max(16, min(64, next_pow2(M))), max(16, min(64, next_pow2(N))))
+    config = config or _env_config()
+    xa_t, bm, bn, warps, stages, sum_block = config or (1, _block_rows(rb), 64, 8, 3, 1024)
+    if interp:
+        bm, bn, warps = max(16, min(64, next_pow2(M))), max(16, min(64, next_pow2(N))), 4
     n_m = triton.cdiv(M, bm)
     # split 0: enough programs for ~2 per SM, each with at least 4 column tiles where N allows
     if split == 0:
@@ -104,13 +138,13 @@ def dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: flo
     fast_launch(_dy_pass_kernel, (n_m, split), dy, lora_b, xa, dxa_p, db_p, M, N, rank, float(scale), dy.stride(0),
                 dy.stride(1), lora_b.stride(0), lora_b.stride(1), xa.stride(0), xa.stride(1), dxa_p.stride(0),
                 dxa_p.stride(1), db_p.stride(0), db_p.stride(1), HALF=int(dy.dtype == torch.float16),
-                INTERP=interp, BM=bm, BN=bn, RB=rb, num_warps=8 if not interp else 4)
+                INTERP=interp, BM=bm, BN=bn, RB=rb, XA_T=xa_t, num_warps=warps, num_stages=stages)
     outs = []
     for part, want_low in ((dxa_p, low), (db_p, None)):
         out = torch.empty(part.shape[1:], dtype=torch.float32, device=dev)
         out_low = torch.empty(part.shape[1:], dtype=want_low, device=dev) if want_low is not None else out
         n = out.numel()
-        block = 1024 if not interp else max(16, min(1024, next_pow2(n)))
+        block = sum_block if not interp else max(16, min(1024, next_pow2(n)))
         fast_launch(_split_sum_kernel, (triton.cdiv(n, block),), part, out, out_low, n, part.shape[0],
                     HAS_LOW=want_low is not None, HALF=int(want_low == torch.float16), INTERP=interp, BLOCK=block,
                     num_warps=4)

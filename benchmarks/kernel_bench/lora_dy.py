@@ -1,0 +1,70 @@
+"""The LoRA backward's two products of dy (dxa = s dy B, dB = s dy^T xa; fp32 adapters, bf16 dy) at Llama-3-8B
+shapes (4096 tokens, r = 16; N = 1024, 4096, 14336): lora_dy.dy_pass at launch configs against the two skinny
+kernels it would replace (lora.skinny_mm twice, as lora._backward's "separate" path calls them). GPU time of the
+whole call (the kernel and its two split sums) by do_bench, in interleaved ROUNDS; every config's result checked
+against fp32 torch (rel_err). Bandwidth on minimal bytes: dy read once.
+
+First run (575d9f8, the 8B step's tuner): the default config (dB as dy^T xa, BM 256, BN 64, 8 warps, 3 stages) was
+slower than the two skinny kernels at every shape: 38.2 vs 33.6 us at 4096 x 4096, 88.5 vs 81.5 at 4096 x 14336.
+
+usage (GPU): python benchmarks/kernels.py --sweep lora_dy --out OUT.json
+"""
+import itertools
+import statistics
+
+import torch
+
+M, R, SCALE = 4096, 16, 2.0
+NS = (1024, 4096, 14336)
+# (XA_T, BM, BN, num_warps, num_stages, split-sum BLOCK)
+CONFIGS = [(xt, bm, bn, w, st, 1024) for xt, bm, bn, w, st in
+           itertools.product((0, 1), (128, 256), (64, 128), (4, 8), (2, 3, 4))] + \
+          [(1, 256, 64, 8, 3, 256), (1, 128, 64, 4, 3, 256)]
+ROUNDS = 2
+
+
+def sweep():
+    from fxopt.kernels.lora import skinny_mm
+    from fxopt.kernels.lora_dy import dy_pass
+    from benchmarks.kernel_bench.common import copy_ceiling_tbps, do_bench, rel
+    ceiling = copy_ceiling_tbps()
+    rows = []
+    for n in NS:
+        g = torch.Generator(device="cuda").manual_seed(n)
+        dy = torch.randn(M, n, device="cuda", generator=g).bfloat16()
+        b = torch.randn(n, R, device="cuda", generator=g) * 0.1
+        xa = torch.randn(M, R, device="cuda", generator=g)
+        want_dxa = SCALE * (dy.double() @ b.double())
+        want_db = SCALE * (dy.double().t() @ xa.double())
+        cands = {"two_skinny": lambda: (skinny_mm(dy, b, scale=SCALE, low=torch.bfloat16)[0], None,
+                                        skinny_mm(dy.t(), xa, scale=SCALE))}
+        for cfg in CONFIGS:
+            cands[f"dy_pass {cfg}"] = (lambda c: lambda: dy_pass(dy, b, xa, SCALE, low=torch.bfloat16, config=c))(cfg)
+        times, errs = {k: [] for k in cands}, {}
+        for name, fn in cands.items():
+            try:
+                out = fn()
+                errs[name] = max(rel(out[0], want_dxa), rel(out[2], want_db))
+            except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is a row
+                errs[name] = f"{type(e).__name__}: {e}"[:200]
+        for _ in range(ROUNDS):
+            for name, fn in cands.items():
+                if isinstance(errs[name], float):
+                    times[name].append(do_bench(fn, warmup=10, rep=40))
+        nbytes = dy.numel() * 2
+        for name in cands:
+            t = times[name]
+            row = dict(n=n, m=M, r=R, impl=name, rel_err=errs[name] if isinstance(errs[name], str)
+                       else float(f"{errs[name]:.3g}"))
+            if t:
+                med = statistics.median(t)
+                row.update(ms_min=round(min(t), 4), ms_median=round(med, 4), passes=[round(v, 4) for v in t],
+                           tbps=round(nbytes / min(t) / 1e9, 3), copy_ceiling_frac=round(nbytes / min(t) / 1e9 /
+                                                                                          ceiling, 3))
+            rows.append(row)
+        base = min(times["two_skinny"])
+        best = min((min(v), k) for k, v in times.items() if v and k != "two_skinny")
+        rows.append(dict(n=n, summary=True, two_skinny_ms=round(base, 4), best=best[1], best_ms=round(best[0], 4),
+                         speedup=round(base / best[0], 3)))
+        print("SUMMARY", rows[-1], flush=True)
+    return dict(rows=rows, copy_ceiling_tbps=round(ceiling, 3))
