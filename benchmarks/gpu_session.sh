@@ -276,6 +276,13 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
 s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget)
     step seq65k_8b 575 python3 benchmarks/run_suite.py seq65k_8b --out "$OUT/train_step.jsonl" --time-limit 570
     ;;
+s18d)   # the dy pass's default config (lora_dy): GPU tests with the fused path forced by no tuning, then the launch-
+    # config sweep again timed by GPU time (registry.bench_ms)
+    FXOPT_TUNE=0 step pytest_s18d 130 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_dy.py \
+        tests/kernels/test_lora.py
+    step sweep_dy $(( ${S18D_END:-230} - $(elapsed) )) python3 benchmarks/kernels.py --sweep lora_dy \
+        --out "$OUT/lora_dy_sweep.json"
+    ;;
 s18c)   # launch configs of the backward's dy pass (lora_dy) against the two skinny kernels; the 8B 21 GiB step with
     # graphs at the config with the least time weighted by the step's calls per shape (64 / 96 / 64 at N 1024 /
     # 4096 / 14336; the op's tuner still picks fused vs separate per shape)

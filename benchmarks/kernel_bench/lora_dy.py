@@ -1,11 +1,16 @@
 """The LoRA backward's two products of dy (dxa = s dy B, dB = s dy^T xa; fp32 adapters, bf16 dy) at Llama-3-8B
 shapes (4096 tokens, r = 16; N = 1024, 4096, 14336): lora_dy.dy_pass at launch configs against the two skinny
 kernels it would replace (lora.skinny_mm twice, as lora._backward's "separate" path calls them). GPU time of the
-whole call (the kernel and its two split sums) by do_bench, in interleaved ROUNDS; every config's result checked
-against fp32 torch (rel_err). Bandwidth on minimal bytes: dy read once.
+whole call (the kernel and its two split sums) by registry.bench_ms (the GPU spins while the host queues the timed
+runs, so no run waits on the host), in interleaved ROUNDS; every config's result checked against fp64 torch
+(rel_err). Bandwidth on minimal bytes: dy read once.
 
-First run (575d9f8, the 8B step's tuner): the default config (dB as dy^T xa, BM 256, BN 64, 8 warps, 3 stages) was
-slower than the two skinny kernels at every shape: 38.2 vs 33.6 us at 4096 x 4096, 88.5 vs 81.5 at 4096 x 14336.
+- 575d9f8, the 8B step's tuner: the first config (dB as dy^T xa, BM 256, BN 64, 8 warps, 3 stages) was slower than
+  the two skinny kernels at every shape: 38.2 vs 33.6 us at 4096 x 4096, 88.5 vs 81.5 at 4096 x 14336.
+- 3db28d6, this sweep with triton's do_bench (lora_dy_sweep_h200.json): its times include the host's launch latency
+  (0.08-0.13 ms for calls of 17-70 us GPU time), so only the ranking at 14336 means much. The config it picked,
+  (1, 256, 64, 8, 3, 256), then won the step's tuner at every shape (GPU us: 17.3 vs 21.2, 30.0 vs 33.4, 69.4 vs
+  83.5) and is the default.
 
 usage (GPU): python benchmarks/kernels.py --sweep lora_dy --out OUT.json
 """
@@ -26,7 +31,8 @@ ROUNDS = 2
 def sweep():
     from fxopt.kernels.lora import skinny_mm
     from fxopt.kernels.lora_dy import dy_pass
-    from benchmarks.kernel_bench.common import copy_ceiling_tbps, do_bench, rel
+    from fxopt.kernels.registry import bench_ms
+    from benchmarks.kernel_bench.common import copy_ceiling_tbps, rel
     ceiling = copy_ceiling_tbps()
     rows = []
     for n in NS:
@@ -50,7 +56,7 @@ def sweep():
         for _ in range(ROUNDS):
             for name, fn in cands.items():
                 if isinstance(errs[name], float):
-                    times[name].append(do_bench(fn, warmup=10, rep=40))
+                    times[name].append(bench_ms(fn, warmup=5, rep=40))
         nbytes = dy.numel() * 2
         for name in cands:
             t = times[name]
