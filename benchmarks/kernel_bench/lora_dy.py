@@ -5,12 +5,13 @@ whole call (the kernel and its two split sums) by registry.bench_ms (the GPU spi
 runs, so no run waits on the host), in interleaved ROUNDS; every config's result checked against fp64 torch
 (rel_err). Bandwidth on minimal bytes: dy read once.
 
-- 575d9f8, the 8B step's tuner: the first config (dB as dy^T xa, BM 256, BN 64, 8 warps, 3 stages) was slower than
+- 575d9f8, the 8B step's tuner: the first kernel (dB as dy^T xa; BM 256, BN 64, 8 warps, 3 stages) was slower than
   the two skinny kernels at every shape: 38.2 vs 33.6 us at 4096 x 4096, 88.5 vs 81.5 at 4096 x 14336.
 - 3db28d6, this sweep with triton's do_bench (lora_dy_sweep_h200.json): its times include the host's launch latency
   (0.08-0.13 ms for calls of 17-70 us GPU time), so only the ranking at 14336 means much. The config it picked,
   (1, 256, 64, 8, 3, 256), then won the step's tuner at every shape (GPU us: 17.3 vs 21.2, 30.0 vs 33.4, 69.4 vs
-  83.5) and is the default.
+  83.5) and is the default. In both sweeps (xa^T dy)^T beat dy^T xa at the best configs of every shape, so the
+  kernel keeps only that form.
 
 usage (GPU): python benchmarks/kernels.py --sweep lora_dy --out OUT.json
 """
@@ -21,10 +22,10 @@ import torch
 
 M, R, SCALE = 4096, 16, 2.0
 NS = (1024, 4096, 14336)
-# (XA_T, BM, BN, num_warps, num_stages, split-sum BLOCK)
-CONFIGS = [(xt, bm, bn, w, st, 1024) for xt, bm, bn, w, st in
-           itertools.product((0, 1), (128, 256), (64, 128), (4, 8), (2, 3, 4))] + \
-          [(1, 256, 64, 8, 3, 256), (1, 128, 64, 4, 3, 256)]
+# (BM, BN, num_warps, num_stages, split-sum BLOCK). The committed sweeps also ran dB's tile as dy^T xa (a transpose
+# of every dy tile): their configs carry a leading 0 for it, 1 for (xa^T dy)^T, the kernel's one form since.
+CONFIGS = [(bm, bn, w, st, blk) for bm, bn, w, st, blk in
+           itertools.product((128, 256), (64, 128), (4, 8), (2, 3, 4), (256, 1024))]
 ROUNDS = 2
 
 

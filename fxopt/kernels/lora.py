@@ -47,6 +47,18 @@ if triton_available():
         return r
 
     @triton.jit
+    def _dot_pair(a1, b1, a2, b2, acc, INTERP: tl.constexpr):
+        """acc + a1 @ b1 + a2 @ b2, fp32 accumulation (IEEE fp32 dots in the interpreter): a half operand times an
+        fp32 one split as hi + lo half values."""
+        if INTERP:
+            acc = tl.dot(a1, b1, acc, input_precision="ieee")
+            acc = tl.dot(a2, b2, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a1, b1, acc)
+            acc = tl.dot(a2, b2, acc)
+        return acc
+
+    @triton.jit
     def _skinny_kernel(BIG, SMALL, OUT, P, Q, RANK, scale, s_bp, s_bq, s_sq, s_sr, s_os, s_op, s_or,
                        HALF: tl.constexpr, INTERP: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr,
                        RB: tl.constexpr):
@@ -73,11 +85,7 @@ if triton_available():
             lo = _lowp(sm - hi.to(tl.float32), HALF, INTERP)
             if INTERP:
                 b = b.to(tl.float32)
-                acc = tl.dot(b, hi, acc, input_precision="ieee")
-                acc = tl.dot(b, lo, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(b, hi, acc)
-                acc = tl.dot(b, lo, acc)
+            acc = _dot_pair(b, hi, b, lo, acc, INTERP)
         tl.store(OUT + pid_s * s_os + p64[:, None] * s_op + r[None, :] * s_or, acc * scale,
                  mask=p_ok[:, None] & r_ok[None, :])
 

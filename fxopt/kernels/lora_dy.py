@@ -23,16 +23,18 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from fxopt.kernels.lora import _lowp
+    from fxopt.kernels.lora import _dot_pair, _lowp
 
     @triton.jit
     def _dy_pass_kernel(DY, BW, XA, DXA_P, DB_P, M, N, RANK, scale, s_dm, s_dn, s_bn, s_br, s_xm, s_xr,
                         s_ps, s_pm, s_qb, s_qn, HALF: tl.constexpr, INTERP: tl.constexpr, BM: tl.constexpr,
-                        BN: tl.constexpr, RB: tl.constexpr, XA_T: tl.constexpr):
+                        BN: tl.constexpr, RB: tl.constexpr):
         """Program (i, j): rows i*BM.. of dy, its j-th share of the columns. DXA_P[j, rows, :r] = scale * the
         share's dy @ B; DB_P[i, cols, :r] = scale * dy[rows, cols]^T @ xa[rows] for each column tile of the share.
         DXA_P is [split, M, r] with strides (s_ps, s_pm, 1); DB_P is [M / BM, N, r] with strides (s_qb, s_qn, 1).
-        XA_T: dB's tile as (xa^T dy)^T, the transpose on the xa tile once per program, not on every dy tile."""
+        dB's tile is computed as (xa^T dy)^T: the transpose on the xa tile, once per program. (dy^T xa, a transpose
+        of every dy tile, was slower in the H200 sweep and was removed: lora_dy_sweep_h200*.json, configs with a
+        leading 0.)"""
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         per = tl.cdiv(tl.cdiv(N, tl.num_programs(1)), BN) * BN
@@ -45,9 +47,8 @@ if triton_available():
                      other=0.0).to(tl.float32)
         xa_hi = _lowp(xa, HALF, INTERP)
         xa_lo = _lowp(xa - xa_hi.to(tl.float32), HALF, INTERP)
-        if XA_T:
-            xa_hi_t = tl.trans(xa_hi)
-            xa_lo_t = tl.trans(xa_lo)
+        xa_hi_t = tl.trans(xa_hi)
+        xa_lo_t = tl.trans(xa_lo)
         acc = tl.zeros((BM, RB), dtype=tl.float32)
         for n0 in range(pid_s * per, tl.minimum(N, pid_s * per + per), BN):
             n = n0 + tl.arange(0, BN)
@@ -60,30 +61,10 @@ if triton_available():
             b_lo = _lowp(b - b_hi.to(tl.float32), HALF, INTERP)
             if INTERP:
                 d = d.to(tl.float32)
-                acc = tl.dot(d, b_hi, acc, input_precision="ieee")
-                acc = tl.dot(d, b_lo, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(d, b_hi, acc)
-                acc = tl.dot(d, b_lo, acc)
-            if XA_T:   # [RB, BN] = xa^T dy
-                if INTERP:
-                    dbt = tl.dot(xa_hi_t, d, input_precision="ieee")
-                    dbt = tl.dot(xa_lo_t, d, dbt, input_precision="ieee")
-                else:
-                    dbt = tl.dot(xa_hi_t, d)
-                    dbt = tl.dot(xa_lo_t, d, dbt)
-                tl.store(DB_P + pid_m * s_qb + n64[None, :] * s_qn + r[:, None], dbt * scale,
-                         mask=n_ok[None, :] & r_ok[:, None])
-            else:      # [BN, RB] = dy^T xa
-                dt = tl.trans(d)
-                if INTERP:
-                    db = tl.dot(dt, xa_hi, input_precision="ieee")
-                    db = tl.dot(dt, xa_lo, db, input_precision="ieee")
-                else:
-                    db = tl.dot(dt, xa_hi)
-                    db = tl.dot(dt, xa_lo, db)
-                tl.store(DB_P + pid_m * s_qb + n64[:, None] * s_qn + r[None, :], db * scale,
-                         mask=n_ok[:, None] & r_ok[None, :])
+            acc = _dot_pair(d, b_hi, d, b_lo, acc, INTERP)
+            dbt = _dot_pair(xa_hi_t, d, xa_lo_t, d, tl.zeros((RB, BN), dtype=tl.float32), INTERP)   # [RB, BN]
+            tl.store(DB_P + pid_m * s_qb + n64[None, :] * s_qn + r[:, None], dbt * scale,
+                     mask=n_ok[None, :] & r_ok[:, None])
         tl.store(DXA_P + pid_s * s_ps + m64[:, None] * s_pm + r[None, :], acc * scale,
                  mask=m_ok[:, None] & r_ok[None, :])
 
@@ -100,7 +81,7 @@ def _block_rows(rb: int) -> int:
 
 
 def _env_config():
-    """FXOPT_LORA_DY_CONFIG="XA_T,BM,BN,warps,stages,sum BLOCK" (an experiment knob: a config picked by the sweep)."""
+    """FXOPT_LORA_DY_CONFIG="BM,BN,warps,stages,sum BLOCK" (an experiment knob: a config picked by the sweep)."""
     import os
     v = os.environ.get("FXOPT_LORA_DY_CONFIG")
     if not v:
@@ -109,24 +90,25 @@ def _env_config():
         cfg = tuple(int(t) for t in v.split(","))
     except ValueError:
         cfg = ()
-    if len(cfg) != 6:
-        raise ValueError(f"FXOPT_LORA_DY_CONFIG must be six integers XA_T,BM,BN,warps,stages,block; got {v!r}")
+    if len(cfg) != 5:
+        raise ValueError(f"FXOPT_LORA_DY_CONFIG must be five integers BM,BN,warps,stages,block; got {v!r}")
     return cfg
 
 
 def dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: float,
             low: Optional[torch.dtype] = None, split: int = 0, config: Optional[tuple] = None):
     """(dxa, dxa rounded to `low` or None, dB) for dy [M, N] half (any strides), lora_b [N, r] and xa [M, r] fp32.
-    config (a launch-config sweep): (XA_T, BM, BN, num_warps, num_stages, split-sum BLOCK)."""
+    config (a launch-config sweep): (BM, BN, num_warps, num_stages, split-sum BLOCK)."""
     from fxopt.kernels.lora import _split_sum_kernel
     M, N = dy.shape
     rank = lora_b.shape[1]
     rb = max(16, next_pow2(rank))
     interp = dy.device.type != "cuda"
     config = config or _env_config()
-    # H200 (stage s18c): this config ran in the 8B step, where the op's tuner chose it over the two skinny kernels at
-    # every shape (GPU us per call: 17.3 vs 21.2 at N 1024, 30.0 vs 33.4 at 4096, 69.4 vs 83.5 at 14336)
-    xa_t, bm, bn, warps, stages, sum_block = config or (1, _block_rows(rb), 64, 8, 3, 256)
+    # H200 (stage s18c; "(1, 256, 64, 8, 3, 256)" in the sweep files, whose first field was the removed dB form):
+    # this config ran in the 8B step, where the op's tuner chose it over the two skinny kernels at every shape (GPU
+    # us per call: 17.3 vs 21.2 at N 1024, 30.0 vs 33.4 at 4096, 69.4 vs 83.5 at 14336)
+    bm, bn, warps, stages, sum_block = config or (_block_rows(rb), 64, 8, 3, 256)
     if interp:
         bm, bn, warps = max(16, min(64, next_pow2(M))), max(16, min(64, next_pow2(N))), 4
     n_m = triton.cdiv(M, bm)
@@ -140,7 +122,7 @@ def dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: flo
     fast_launch(_dy_pass_kernel, (n_m, split), dy, lora_b, xa, dxa_p, db_p, M, N, rank, float(scale), dy.stride(0),
                 dy.stride(1), lora_b.stride(0), lora_b.stride(1), xa.stride(0), xa.stride(1), dxa_p.stride(0),
                 dxa_p.stride(1), db_p.stride(0), db_p.stride(1), HALF=int(dy.dtype == torch.float16),
-                INTERP=interp, BM=bm, BN=bn, RB=rb, XA_T=xa_t, num_warps=warps, num_stages=stages)
+                INTERP=interp, BM=bm, BN=bn, RB=rb, num_warps=warps, num_stages=stages)
     outs = []
     for part, want_low in ((dxa_p, low), (db_p, None)):
         out = torch.empty(part.shape[1:], dtype=torch.float32, device=dev)

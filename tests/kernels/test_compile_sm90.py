@@ -294,10 +294,10 @@ def lora_skinny_cases(dts=("bf16", "fp16")):
                             dict(HAS_LOW=has_low, HALF=int(dt == "fp16"), INTERP=False, BLOCK=1024),
                             dict(num_warps=4)))
         # lora_dy: dxa and dB from one pass over dy, at each rank's rows per program
-        for rb, bm, xa_t in ((16, 256, 1), (16, 256, 0), (64, 128, 1), (128, 64, 1)):
-            out.append(case("lora_dy._dy_pass_kernel", f"dy pass r{rb} xa_t{xa_t}", dt,
+        for rb, bm in ((16, 256), (64, 128), (128, 64)):
+            out.append(case("lora_dy._dy_pass_kernel", f"dy pass r{rb}", dt,
                             dict(DY=dt, BW="fp32", XA="fp32", DXA_P="fp32", DB_P="fp32"),
-                            dict(HALF=int(dt == "fp16"), INTERP=False, BM=bm, BN=64, RB=rb, XA_T=xa_t),
+                            dict(HALF=int(dt == "fp16"), INTERP=False, BM=bm, BN=64, RB=rb),
                             dict(num_warps=8), floats=("scale",), ones=("s_dn", "s_br", "s_xr")))
     return out
 

@@ -19,16 +19,15 @@ def inputs(m, n, r, half, seed=None):
     return dy, b, xa
 
 
-@pytest.mark.parametrize("xa_t", [0, 1])
 @pytest.mark.parametrize("split", [0, 1, 3])
 @pytest.mark.parametrize("m,n,r", [(70, 150, 5), (16, 16, 1), (33, 200, 16), (129, 37, 20)])
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
-def test_dy_pass_vs_fp32(m, n, r, half, split, xa_t):
+def test_dy_pass_vs_fp32(m, n, r, half, split):
     """Both products at fp32 accuracy from half dy (hi/lo split dots), odd sizes, several row blocks and column
-    shares, dB's tile as dy^T xa and as (xa^T dy)^T; every element of dxa and dB written (compared in full)."""
+    shares; every element of dxa and dB written (compared in full)."""
     from fxopt.kernels.lora_dy import dy_pass, dy_pass_reference
     dy, b, xa = inputs(m, n, r, half)
-    cfg = (xa_t, 64, 64, 4, 2, 1024) if DEV == "cpu" else (xa_t, 128, 64, 4, 3, 256)
+    cfg = None if DEV == "cpu" else (128, 64, 4, 3, 1024)   # on CUDA a second config beside the default's
     dxa, low, db = dy_pass(dy, b, xa, 0.7, split=split, config=cfg)
     want_dxa, want_db = dy_pass_reference(dy, b, xa, 0.7)
     assert low is None
