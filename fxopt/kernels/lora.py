@@ -16,6 +16,7 @@ Saved for backward: x and xa only (the weights are inputs; nothing dequantized i
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -269,19 +270,6 @@ def _forward(x, weight, bias, lora_a, lora_b, scale, compute_dtype, out_dtype, t
 _DYPASS_CHOICE: dict = {}  # (dy shape/strides, rank, dtype, low) -> "fused" | "separate"; env FXOPT_LORA_DYPASS
 
 
-def _dy_pass_applies(triton_gemm, dy2, lora_b, xa):
-    """lora_dy.dy_pass's inputs: half dy, fp32 B and xa (peft's fp32 adapters), rank <= 128."""
-    return (triton_gemm and dy2.dtype in (torch.float16, torch.bfloat16) and lora_b.dtype == torch.float32
-            and xa.dtype == torch.float32 and lora_b.shape[1] <= 128 and dy2.shape[0] > 0 and dy2.shape[1] > 0)
-
-
-def _dy_pass(dy2, lora_b, xa, scale, low):
-    from fxopt.kernels.lora_dy import dy_pass
-    half = low if low in (torch.float16, torch.bfloat16) else None
-    dxa, dxa_low, db = dy_pass(dy2, lora_b, xa, scale, low=half)
-    return dxa, (dxa_low if half is not None else (dxa.to(low) if low is not None else None)), db
-
-
 def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, need_da, need_db, need_dbias,
               need_dw, triton_gemm: bool):
     x2, dy2 = _rows(x), _rows(dy)
@@ -299,13 +287,13 @@ def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, 
         if need_db:
             q = _mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm, m, scale).to(lora_b.dtype)
         return p, p_low, q
-    if has_lora and need_db and (need_dx or need_da) and _dy_pass_applies(triton_gemm, dy2, lora_b, xa):
+    from fxopt.kernels import lora_dy
+    if has_lora and need_db and (need_dx or need_da) and lora_dy.applies(triton_gemm, dy2, lora_b, xa):
         # dxa and dB in one pass over dy (lora_dy.py), or the two products apart: measured once per shape on CUDA
-        cuda = dy2.device.type == "cuda"
         dxa, dxa_low, db = _run_choice(
             "FXOPT_LORA_DYPASS", _DYPASS_CHOICE, (tuning_key(dy2, m), lora_b.shape[1], dy2.dtype, low),
-            {"fused": lambda: _dy_pass(dy2, lora_b, xa, scale, low), "separate": separate}, default="fused",
-            measure=cuda)
+            {"fused": lambda: lora_dy.products(dy2, lora_b, xa, scale, low), "separate": separate},
+            default="fused", measure=dy2.device.type == "cuda")
     elif has_lora:
         dxa, dxa_low, db = separate()
     if has_lora and need_da:
@@ -488,9 +476,18 @@ def lora_nf4_workspace(m, out_features, in_features, compute_dtype):
     return _nf4_scratch(m, out_features, in_features, compute_dtype, trans=True)
 
 
+@register_workspace("lora_backward")
+def lora_backward_workspace(dy_shape, rank=0, dtype_bytes=2):
+    from fxopt.kernels.lora_dy import rank_scratch
+    return rank_scratch(math.prod(dy_shape[:-1]), dy_shape[-1], rank, dtype_bytes)
+
+
 @register_workspace("lora_nf4_backward")
-def lora_nf4_backward_workspace(m, out_features, in_features, compute_dtype):
-    return _nf4_scratch(m, out_features, in_features, compute_dtype, trans=False)
+def lora_nf4_backward_workspace(m, out_features, in_features, compute_dtype, rank=0, dtype_bytes=2):
+    """The larger of the dequantized chunk (with dxa alive beside it) and the dy products' partials."""
+    from fxopt.kernels.lora_dy import rank_scratch
+    return max(_nf4_scratch(m, out_features, in_features, compute_dtype, trans=False) + 6 * m * rank,
+               rank_scratch(m, out_features, rank, dtype_bytes))
 
 
 @register_cost("lora_nf4")

@@ -80,6 +80,31 @@ def _block_rows(rb: int) -> int:
     return 256 if rb <= 16 else (128 if rb <= 64 else 64)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _grid(m: int, n: int, bm: int, bn: int, split: int, sms: Optional[int]) -> tuple[int, int]:
+    """(row blocks, column shares). split 0: enough programs for ~2 per SM, each with >= 4 column tiles where n
+    allows; sms None (the interpreter): 2 shares, so tests cover a split reduction."""
+    n_m = _cdiv(m, bm)
+    if split == 0:
+        split = 2 if sms is None else max(1, min(_cdiv(n, 4 * bn), _cdiv(2 * sms, n_m)))
+    return n_m, max(1, min(split, _cdiv(n, bn)))
+
+
+def dy_pass_workspace(m: int, n: int, rank: int, sms: Optional[int] = None) -> int:
+    """Bytes dy_pass holds beyond what it returns, at its default config: the fp32 partials of dxa [split, m, r]
+    and of dB [m / BM, n, r] (8B step, N 14336: 4.5 + 14.7 MB). sms: the current CUDA device's, else 132 (H100 /
+    H200)."""
+    if rank <= 0 or m <= 0 or n <= 0:
+        return 0
+    if sms is None:
+        sms = num_sms(torch.device("cuda")) if torch.cuda.is_available() else 132
+    n_m, split = _grid(m, n, _block_rows(max(16, next_pow2(rank))), 64, 0, sms)
+    return 4 * rank * (split * m + n_m * n)
+
+
 def _env_config():
     """FXOPT_LORA_DY_CONFIG="BM,BN,warps,stages,sum BLOCK" (an experiment knob: a config picked by the sweep)."""
     import os
@@ -111,11 +136,7 @@ def dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: flo
     bm, bn, warps, stages, sum_block = config or (_block_rows(rb), 64, 8, 3, 256)
     if interp:
         bm, bn, warps = max(16, min(64, next_pow2(M))), max(16, min(64, next_pow2(N))), 4
-    n_m = triton.cdiv(M, bm)
-    # split 0: enough programs for ~2 per SM, each with at least 4 column tiles where N allows
-    if split == 0:
-        split = 2 if interp else max(1, min(triton.cdiv(N, 4 * bn), triton.cdiv(2 * num_sms(dy.device), n_m)))
-    split = max(1, min(split, triton.cdiv(N, bn)))
+    n_m, split = _grid(M, N, bm, bn, split, None if interp else num_sms(dy.device))
     dev = dy.device
     dxa_p = torch.empty((split, M, rank), dtype=torch.float32, device=dev)
     db_p = torch.empty((n_m, N, rank), dtype=torch.float32, device=dev)
@@ -135,3 +156,24 @@ def dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: flo
         outs.append((out, out_low if want_low is not None else None))
     (dxa, dxa_low), (db, _) = outs
     return dxa, dxa_low, db
+
+
+def applies(triton_gemm: bool, dy2: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor) -> bool:
+    """dy_pass's inputs: half dy, fp32 B and xa (peft's fp32 adapters), rank <= 128, nothing empty."""
+    return (triton_gemm and dy2.dtype in (torch.float16, torch.bfloat16) and lora_b.dtype == torch.float32
+            and xa.dtype == torch.float32 and lora_b.shape[1] <= 128 and dy2.shape[0] > 0 and dy2.shape[1] > 0)
+
+
+def products(dy2, lora_b, xa, scale, low):
+    """lora._backward's (dxa, dxa in `low` or None, dB) through dy_pass (its rounded copy when `low` is half)."""
+    half = low if low in (torch.float16, torch.bfloat16) else None
+    dxa, dxa_low, db = dy_pass(dy2, lora_b, xa, scale, low=half)
+    return dxa, (dxa_low if half is not None else (dxa.to(low) if low is not None else None)), db
+
+
+def rank_scratch(m: int, n: int, rank: int, dy_bytes: int = 2) -> int:
+    """lora's backward rank-r transients: dxa in fp32 and in half (6 m r bytes) and, while they are made, the one-pass
+    dy products' partials when dy is half (the separate products' partials are smaller). An upper bound for half
+    adapters, where the one pass does not run (the cost model does not see the adapters' dtype)."""
+    return 6 * m * rank + (dy_pass_workspace(m, n, rank) if dy_bytes == 2 else 0) if rank else 0
+

@@ -115,3 +115,23 @@ def test_bad_dy_pass_choice_is_a_clear_error(monkeypatch, no_fallback):
     with pytest.raises(ValueError, match="FXOPT_LORA_DYPASS must be"):
         lora._backward(dy, dy.new_zeros(8, 4), torch.zeros(16, 4, dtype=torch.bfloat16, device=DEV),
                        torch.zeros(2, 4, device=DEV), b, xa, 1.0, torch.bfloat16, True, True, True, False, False, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA allocator's peak")
+def test_dy_pass_workspace_is_what_it_allocates():
+    """lora_dy.dy_pass_workspace (the planner's bytes for the one pass) equals the allocator's peak during dy_pass
+    beyond its inputs and returned tensors, at an 8B shape and an odd one (to 512-byte allocator rounding)."""
+    from fxopt.kernels.lora_dy import dy_pass, dy_pass_workspace
+    for m, n, r in ((4096, 14336, 16), (1000, 333, 5)):
+        dy, b, xa = inputs(m, n, r, torch.bfloat16, seed=0)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = dy_pass(dy, b, xa, 1.0, low=torch.bfloat16)
+        torch.cuda.synchronize()
+        kept = torch.cuda.memory_allocated() - base
+        extra = torch.cuda.max_memory_allocated() - base - kept
+        assert kept == sum(-(-t.numel() * t.element_size() // 512) * 512 for t in out if t is not None)
+        assert abs(extra - dy_pass_workspace(m, n, r)) <= 2 * 512, (extra, dy_pass_workspace(m, n, r))
+

@@ -189,3 +189,45 @@ def test_nf4_chunk_scratch_is_a_workspace():
     assert w == 14336 * 4096 * 2 <= CHUNK_BYTES
     assert lora.lora_nf4_backward_workspace(4096, 4096, 14336, torch.bfloat16) == 4096 * 14336 * 2
     assert lora.lora_nf4_workspace(lora.NF4_CHUNKED_ROWS - 1, 14336, 4096, torch.bfloat16) == 0
+
+
+def test_backward_rank_products_are_a_workspace():
+    """The backward's rank-r transients: dxa (fp32 + half) and the one-pass dy products' fp32 partials, at the
+    launch's own grid (H200: 132 SMs). 8B down/gate shapes: the dequantized chunk stays the larger; few rows (the
+    fused NF4 GEMM, no chunk) and the dense op: the partials."""
+    import torch
+    from fxopt.kernels import lora, lora_dy
+    from fxopt.kernels.registry import WORKSPACES
+    # N 14336, 4096 rows, r 16: 16 row blocks of 256 -> dB partials [16, 14336, 16]; 17 column shares -> dxa [17, 4096, 16]
+    assert lora_dy.dy_pass_workspace(4096, 14336, 16, sms=132) == 4 * 16 * (17 * 4096 + 16 * 14336)
+    assert lora_dy.dy_pass_workspace(4096, 1024, 16, sms=132) == 4 * 16 * (4 * 4096 + 16 * 1024)   # 1024/256 shares
+    assert lora_dy.dy_pass_workspace(0, 1024, 16) == lora_dy.dy_pass_workspace(64, 64, 0) == 0
+    chunk = 4096 * 14336 * 2
+    assert lora.lora_nf4_backward_workspace(4096, 14336, 4096, torch.bfloat16, rank=16) == chunk + 6 * 4096 * 16
+    few = lora.NF4_CHUNKED_ROWS - 1
+    assert lora.lora_nf4_backward_workspace(few, 14336, 4096, torch.bfloat16, rank=16) == \
+        6 * few * 16 + lora_dy.dy_pass_workspace(few, 14336, 16)
+    assert WORKSPACES["lora_backward"] is lora.lora_backward_workspace
+    assert lora.lora_backward_workspace((4, 2048, 8192), rank=16) == \
+        6 * 8192 * 16 + lora_dy.dy_pass_workspace(8192, 8192, 16)
+    assert lora.lora_backward_workspace((4, 2048, 8192)) == 0   # no adapter: no rank-r products
+    assert lora.lora_backward_workspace((8192, 8192), rank=16, dtype_bytes=4) == 6 * 8192 * 16   # fp32 dy: no one pass
+
+
+def test_lora_backward_workspace_in_the_joint_graph(fresh_dynamo):
+    """The planner binds the LoRA backward's workspace from the joint graph: every fxopt::lora_backward node carries
+    lora_backward_workspace of its dy shape and rank (fp32 CPU model: dxa only, the one pass needs half dy)."""
+    from fxopt.kernels import lora
+    from tests.models.test_lora_models import build
+    comp, _ = build("llama", "lora")
+    ids, labels = batch()
+    cm = torch.compile(comp, backend="fxopt", options={"inductor": False, "memory_budget": 1.0,
+                                                        "patterns": ["lora"]})
+    cm(input_ids=ids, labels=labels).loss.backward()
+    j = partition.LAST["joint"]
+    nodes = {n: ws for n, ws in j.workspace.items() if "lora_backward" in str(n.target)}
+    assert len(nodes) == 7 * comp.config.num_hidden_layers, j.workspace
+    for n, ws in nodes.items():
+        dy = ops.op_arg(n, "dy").meta["val"]
+        rank = ops.op_arg(n, "lora_a").meta["val"].shape[0]
+        assert ws == lora.lora_backward_workspace(tuple(dy.shape), rank, dy.element_size()) > 0
