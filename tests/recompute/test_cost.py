@@ -198,7 +198,8 @@ def test_backward_rank_products_are_a_workspace():
     import torch
     from fxopt.kernels import lora, lora_dy
     from fxopt.kernels.registry import WORKSPACES
-    # N 14336, 4096 rows, r 16: 16 row blocks of 256 -> dB partials [16, 14336, 16]; 17 column shares -> dxa [17, 4096, 16]
+    # N 14336, 4096 rows, r 16: 16 row blocks of 256 -> dB partials [16, 14336, 16];
+    # 17 column shares -> dxa partials [17, 4096, 16]
     assert lora_dy.dy_pass_workspace(4096, 14336, 16, sms=132) == 4 * 16 * (17 * 4096 + 16 * 14336)
     assert lora_dy.dy_pass_workspace(4096, 1024, 16, sms=132) == 4 * 16 * (4 * 4096 + 16 * 1024)   # 1024/256 shares
     assert lora_dy.dy_pass_workspace(0, 1024, 16) == lora_dy.dy_pass_workspace(64, 64, 0) == 0
