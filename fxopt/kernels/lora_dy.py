@@ -158,10 +158,23 @@ def dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: flo
     return dxa, dxa_low, db
 
 
+# The one pass's partials grow with the rows (1/8 of dy's bytes at r 16): 19 MB at the 8B step's 4096 x 14336, but
+# 235 MB at 65,536 tokens, where the memory plan is tight and the separate products hold < 1 MB. Above this the
+# separate products run.
+MAX_WORKSPACE = 64 << 20
+
+
 def applies(triton_gemm: bool, dy2: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor) -> bool:
-    """dy_pass's inputs: half dy, fp32 B and xa (peft's fp32 adapters), rank <= 128, nothing empty."""
+    """dy_pass's inputs: half dy, fp32 B and xa (peft's fp32 adapters), rank <= 128, nothing empty, and partials of
+    at most MAX_WORKSPACE bytes."""
     return (triton_gemm and dy2.dtype in (torch.float16, torch.bfloat16) and lora_b.dtype == torch.float32
-            and xa.dtype == torch.float32 and lora_b.shape[1] <= 128 and dy2.shape[0] > 0 and dy2.shape[1] > 0)
+            and xa.dtype == torch.float32 and lora_b.shape[1] <= 128 and dy2.shape[0] > 0 and dy2.shape[1] > 0
+            and _small_enough(dy2.shape[0], dy2.shape[1], lora_b.shape[1], dy2.device))
+
+
+def _small_enough(m: int, n: int, rank: int, device=None) -> bool:
+    sms = num_sms(device) if device is not None and device.type == "cuda" else None
+    return dy_pass_workspace(m, n, rank, sms) <= MAX_WORKSPACE
 
 
 def products(dy2, lora_b, xa, scale, low):
@@ -173,7 +186,10 @@ def products(dy2, lora_b, xa, scale, low):
 
 def rank_scratch(m: int, n: int, rank: int, dy_bytes: int = 2) -> int:
     """lora's backward rank-r transients: dxa in fp32 and in half (6 m r bytes) and, while they are made, the one-pass
-    dy products' partials when dy is half (the separate products' partials are smaller). An upper bound for half
-    adapters, where the one pass does not run (the cost model does not see the adapters' dtype)."""
-    return 6 * m * rank + (dy_pass_workspace(m, n, rank) if dy_bytes == 2 else 0) if rank else 0
+    dy products' partials when dy is half and they fit MAX_WORKSPACE (the separate products' partials are smaller).
+    An upper bound for half adapters, where the one pass does not run (the cost model does not see their dtype)."""
+    if not rank:
+        return 0
+    one_pass = dy_pass_workspace(m, n, rank) if dy_bytes == 2 and _small_enough(m, n, rank) else 0
+    return 6 * m * rank + one_pass
 

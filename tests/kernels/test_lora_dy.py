@@ -135,3 +135,18 @@ def test_dy_pass_workspace_is_what_it_allocates():
         assert kept == sum(-(-t.numel() * t.element_size() // 512) * 512 for t in out if t is not None)
         assert abs(extra - dy_pass_workspace(m, n, r)) <= 2 * 512, (extra, dy_pass_workspace(m, n, r))
 
+
+
+def test_one_pass_only_where_its_partials_are_small():
+    """The partials grow with the rows: at the 8B step's 4096 x 14336 the one pass applies (19 MB of partials); at
+    65,536 tokens (235 MB) the separate products run, and the memory model counts no partials there."""
+    from fxopt.kernels import lora_dy
+    b = torch.empty(14336, 16, device="meta")
+    for rows, ok in ((4096, True), (65536, False)):
+        dy = torch.empty(rows, 14336, dtype=torch.bfloat16, device="meta")
+        xa = torch.empty(rows, 16, device="meta")
+        assert lora_dy.applies(True, dy, b, xa) == ok
+        part = lora_dy.dy_pass_workspace(rows, 14336, 16, sms=132)
+        assert (part <= lora_dy.MAX_WORKSPACE) == ok
+        assert lora_dy.rank_scratch(rows, 14336, 16) == 6 * rows * 16 + (part if ok else 0)
+    assert not lora_dy.applies(True, torch.empty(64, 64, device="meta"), b[:64], torch.empty(64, 16, device="meta"))
