@@ -24,7 +24,9 @@ import torch
 
 from fxopt.kernels.nf4 import NF4Weight, fused_matmul, fused_matmul_reference
 from fxopt.kernels.nf4_chunked import as_dtype, chunked_matmul
+from fxopt.kernels import lora_dy
 from fxopt.kernels.launch import fast_launch
+from fxopt.kernels.split_reduce import split_grid, sum_splits
 from fxopt.kernels.registry import (bench_ms, capturing, log_choice, next_pow2, num_sms, register_cost,
                                     register_workspace, run_kernel, triton_available, tuning, tuning_key, use_triton)
 
@@ -32,32 +34,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from fxopt.kernels.nf4 import _rne_bf16
-
-    @triton.jit
-    def _lowp(v, HALF: tl.constexpr, INTERP: tl.constexpr):
-        """fp32 -> nearest bf16 (HALF=0) / fp16 (HALF=1): the low dtype itself, or its fp32 value in the interpreter.
-        One return: a compiled Triton function must return one type from every return (fp16 and bf16 returns did
-        not compile, found on the H200 by the fp16 finetune test; the interpreter runs either)."""
-        if INTERP:
-            r = v.to(tl.float16).to(tl.float32) if HALF == 1 else _rne_bf16(v)
-        elif HALF == 1:
-            r = v.to(tl.float16)
-        else:
-            r = v.to(tl.bfloat16)
-        return r
-
-    @triton.jit
-    def _dot_pair(a1, b1, a2, b2, acc, INTERP: tl.constexpr):
-        """acc + a1 @ b1 + a2 @ b2, fp32 accumulation (IEEE fp32 dots in the interpreter): a half operand times an
-        fp32 one split as hi + lo half values."""
-        if INTERP:
-            acc = tl.dot(a1, b1, acc, input_precision="ieee")
-            acc = tl.dot(a2, b2, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a1, b1, acc)
-            acc = tl.dot(a2, b2, acc)
-        return acc
+    from fxopt.kernels.split_reduce import _dot_pair, _lowp
 
     @triton.jit
     def _skinny_kernel(BIG, SMALL, OUT, P, Q, RANK, scale, s_bp, s_bq, s_sq, s_sr, s_os, s_op, s_or,
@@ -90,20 +67,6 @@ if triton_available():
         tl.store(OUT + pid_s * s_os + p64[:, None] * s_op + r[None, :] * s_or, acc * scale,
                  mask=p_ok[:, None] & r_ok[None, :])
 
-    @triton.jit
-    def _split_sum_kernel(PART, OUT, LOW, n, split, HAS_LOW: tl.constexpr, HALF: tl.constexpr,
-                          INTERP: tl.constexpr, BLOCK: tl.constexpr):
-        """OUT[i] = sum over s of PART[s, i] (fp32, s in order) and, with HAS_LOW, LOW[i] = OUT[i] rounded to half."""
-        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = i < n
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, split):
-            acc += tl.load(PART + s * n + i, mask=ok, other=0.0)
-        tl.store(OUT + i, acc, mask=ok)
-        if HAS_LOW:
-            tl.store(LOW + i, _lowp(acc, HALF, INTERP).to(LOW.dtype.element_ty), mask=ok)
-
-
 def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0, scale: float = 1.0,
               transpose: bool = False, low: Optional[torch.dtype] = None):
     """fp32 scale * big @ small for a half-precision big [P, Q] (any strides) and an fp32 small [Q, r], r <= 128,
@@ -114,13 +77,10 @@ def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0, scale: flo
     rank = small.shape[1]
     interp = big.device.type != "cuda"
     bp, bq = (64, 64) if not interp else (max(16, min(64, next_pow2(P))), max(16, min(64, next_pow2(Q))))
-    n_p = triton.cdiv(P, bp)
     # split 0: the reduction over enough programs for ~2 per SM (partials summed after; [split, P, r] fp32 is small).
     # H200, 8B shapes (benchmarks/results/lora_term_sweep_h200_first.json): 2.4-3.2 TB/s; one program per 16-64 rows
     # with no split and 128-256 wide q tiles ran 1.2-3x slower at every shape, so there is one config.
-    if split == 0:
-        split = 2 if interp else max(1, min(triton.cdiv(Q, 4 * bq), triton.cdiv(2 * num_sms(big.device), n_p)))
-    split = max(1, min(split, triton.cdiv(Q, bq)))
+    n_p, split = split_grid(P, Q, bp, bq, split, None if interp else num_sms(big.device))
     part = torch.empty((split, rank, P) if transpose else (split, P, rank), dtype=torch.float32, device=big.device)
     s_op, s_or = (part.stride(2), part.stride(1)) if transpose else (part.stride(1), part.stride(2))
     fast_launch(_skinny_kernel, (n_p, split), big, small, part, P, Q, rank, float(scale), big.stride(0), big.stride(1),
@@ -128,14 +88,7 @@ def skinny_mm(big: torch.Tensor, small: torch.Tensor, split: int = 0, scale: flo
                 INTERP=interp, BP=bp, BQ=bq, RB=max(16, next_pow2(rank)), num_warps=4)
     if split == 1 and low is None:
         return part[0]
-    # one kernel for the sum of the partials and the rounded copy: torch's sum and cast are two kernels and two
-    # calls of host time each (~24 + ~18 us on the H200 host, host_overhead_h200.json)
-    out = torch.empty(part.shape[1:], dtype=torch.float32, device=big.device)
-    out_low = torch.empty(part.shape[1:], dtype=low, device=big.device) if low is not None else out
-    n = out.numel()
-    block = 1024 if not interp else max(16, min(1024, next_pow2(n)))
-    fast_launch(_split_sum_kernel, (triton.cdiv(n, block),), part, out, out_low, n, split, HAS_LOW=low is not None,
-                HALF=int(low == torch.float16), INTERP=interp, BLOCK=block, num_warps=4)
+    out, out_low = sum_splits(part, low)
     return (out, out_low) if low is not None else out
 
 
@@ -287,7 +240,6 @@ def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, 
         if need_db:
             q = _mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm, m, scale).to(lora_b.dtype)
         return p, p_low, q
-    from fxopt.kernels import lora_dy
     if has_lora and need_db and (need_dx or need_da) and lora_dy.applies(triton_gemm, dy2, lora_b, xa):
         # dxa and dB in one pass over dy (lora_dy.py), or the two products apart: measured once per shape on CUDA
         dxa, dxa_low, db = _run_choice(
@@ -478,16 +430,14 @@ def lora_nf4_workspace(m, out_features, in_features, compute_dtype):
 
 @register_workspace("lora_backward")
 def lora_backward_workspace(dy_shape, rank=0, dtype_bytes=2):
-    from fxopt.kernels.lora_dy import rank_scratch
-    return rank_scratch(math.prod(dy_shape[:-1]), dy_shape[-1], rank, dtype_bytes)
+    return lora_dy.rank_scratch(math.prod(dy_shape[:-1]), dy_shape[-1], rank, dtype_bytes)
 
 
 @register_workspace("lora_nf4_backward")
 def lora_nf4_backward_workspace(m, out_features, in_features, compute_dtype, rank=0, dtype_bytes=2):
     """The larger of the dequantized chunk (with dxa alive beside it) and the dy products' partials."""
-    from fxopt.kernels.lora_dy import rank_scratch
     return max(_nf4_scratch(m, out_features, in_features, compute_dtype, trans=False) + 6 * m * rank,
-               rank_scratch(m, out_features, rank, dtype_bytes))
+               lora_dy.rank_scratch(m, out_features, rank, dtype_bytes))
 
 
 @register_cost("lora_nf4")

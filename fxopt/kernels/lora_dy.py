@@ -6,9 +6,9 @@
 dy [M, N] half is the largest tensor the rank-r products read (117 MB at the 8B step's 4096 x 14336). Two skinny
 GEMMs read it twice; here each program loads a [BM, BN] tile of dy once and feeds both dots. Each reduction still
 needs partial sums across programs: dxa over the programs that split N ([split, M, r] fp32), dB over the row blocks
-([M / BM, N, r] fp32; with BM = 256 that is 1/8 of dy's bytes at r = 16). Both are summed in order by lora's
-_split_sum_kernel, so the result is deterministic. The fp32 operands (B, xa) enter the tensor-core dots as hi + lo
-half values (two dots each, as lora's skinny kernel): ~2^-17 relative accuracy without an fp32 copy of dy.
+([M / BM, N, r] fp32; with BM = 256 that is 1/8 of dy's bytes at r = 16). Both are summed in order by
+split_reduce.sum_splits, so the result is deterministic. The fp32 operands (B, xa) enter the tensor-core dots as
+hi + lo half values (two dots each, as lora's skinny kernel): ~2^-17 relative accuracy without an fp32 copy of dy.
 """
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from typing import Optional
 import torch
 
 from fxopt.kernels.launch import fast_launch
+from fxopt.kernels.split_reduce import split_grid, sum_splits
 from fxopt.kernels.registry import next_pow2, num_sms, triton_available
 
 if triton_available():
     import triton
     import triton.language as tl
 
-    from fxopt.kernels.lora import _dot_pair, _lowp
+    from fxopt.kernels.split_reduce import _dot_pair, _lowp
 
     @triton.jit
     def _dy_pass_kernel(DY, BW, XA, DXA_P, DB_P, M, N, RANK, scale, s_dm, s_dn, s_bn, s_br, s_xm, s_xr,
@@ -80,19 +81,6 @@ def _block_rows(rb: int) -> int:
     return 256 if rb <= 16 else (128 if rb <= 64 else 64)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _grid(m: int, n: int, bm: int, bn: int, split: int, sms: Optional[int]) -> tuple[int, int]:
-    """(row blocks, column shares). split 0: enough programs for ~2 per SM, each with >= 4 column tiles where n
-    allows; sms None (the interpreter): 2 shares, so tests cover a split reduction."""
-    n_m = _cdiv(m, bm)
-    if split == 0:
-        split = 2 if sms is None else max(1, min(_cdiv(n, 4 * bn), _cdiv(2 * sms, n_m)))
-    return n_m, max(1, min(split, _cdiv(n, bn)))
-
-
 def dy_pass_workspace(m: int, n: int, rank: int, sms: Optional[int] = None) -> int:
     """Bytes dy_pass holds beyond what it returns, at its default config: the fp32 partials of dxa [split, m, r]
     and of dB [m / BM, n, r] (8B step, N 14336: 4.5 + 14.7 MB). sms: the current CUDA device's, else 132 (H100 /
@@ -101,7 +89,7 @@ def dy_pass_workspace(m: int, n: int, rank: int, sms: Optional[int] = None) -> i
         return 0
     if sms is None:
         sms = num_sms(torch.device("cuda")) if torch.cuda.is_available() else 132
-    n_m, split = _grid(m, n, _block_rows(max(16, next_pow2(rank))), 64, 0, sms)
+    n_m, split = split_grid(m, n, _block_rows(max(16, next_pow2(rank))), 64, 0, sms)
     return 4 * rank * (split * m + n_m * n)
 
 
@@ -124,7 +112,6 @@ def dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: flo
             low: Optional[torch.dtype] = None, split: int = 0, config: Optional[tuple] = None):
     """(dxa, dxa rounded to `low` or None, dB) for dy [M, N] half (any strides), lora_b [N, r] and xa [M, r] fp32.
     config (a launch-config sweep): (BM, BN, num_warps, num_stages, split-sum BLOCK)."""
-    from fxopt.kernels.lora import _split_sum_kernel
     M, N = dy.shape
     rank = lora_b.shape[1]
     rb = max(16, next_pow2(rank))
@@ -136,7 +123,7 @@ def dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: flo
     bm, bn, warps, stages, sum_block = config or (_block_rows(rb), 64, 8, 3, 256)
     if interp:
         bm, bn, warps = max(16, min(64, next_pow2(M))), max(16, min(64, next_pow2(N))), 4
-    n_m, split = _grid(M, N, bm, bn, split, None if interp else num_sms(dy.device))
+    n_m, split = split_grid(M, N, bm, bn, split, None if interp else num_sms(dy.device))
     dev = dy.device
     dxa_p = torch.empty((split, M, rank), dtype=torch.float32, device=dev)
     db_p = torch.empty((n_m, N, rank), dtype=torch.float32, device=dev)
@@ -144,17 +131,8 @@ def dy_pass(dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scale: flo
                 dy.stride(1), lora_b.stride(0), lora_b.stride(1), xa.stride(0), xa.stride(1), dxa_p.stride(0),
                 dxa_p.stride(1), db_p.stride(0), db_p.stride(1), HALF=int(dy.dtype == torch.float16),
                 INTERP=interp, BM=bm, BN=bn, RB=rb, num_warps=warps, num_stages=stages)
-    outs = []
-    for part, want_low in ((dxa_p, low), (db_p, None)):
-        out = torch.empty(part.shape[1:], dtype=torch.float32, device=dev)
-        out_low = torch.empty(part.shape[1:], dtype=want_low, device=dev) if want_low is not None else out
-        n = out.numel()
-        block = sum_block if not interp else max(16, min(1024, next_pow2(n)))
-        fast_launch(_split_sum_kernel, (triton.cdiv(n, block),), part, out, out_low, n, part.shape[0],
-                    HAS_LOW=want_low is not None, HALF=int(want_low == torch.float16), INTERP=interp, BLOCK=block,
-                    num_warps=4)
-        outs.append((out, out_low if want_low is not None else None))
-    (dxa, dxa_low), (db, _) = outs
+    dxa, dxa_low = sum_splits(dxa_p, low, sum_block)
+    db, _ = sum_splits(db_p, None, sum_block)
     return dxa, dxa_low, db
 
 

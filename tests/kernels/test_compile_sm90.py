@@ -289,7 +289,7 @@ def lora_skinny_cases(dts=("bf16", "fp16")):
                             floats=("scale",), ones=ones))
         # the split partials' sum and its rounded copy (x A^T, dy B), or the sum alone (dA, dB)
         for has_low in (True, False):
-            out.append(case("lora._split_sum_kernel", f"sum{' + low' if has_low else ''}", dt,
+            out.append(case("split_reduce._split_sum_kernel", f"sum{' + low' if has_low else ''}", dt,
                             dict(PART="fp32", OUT="fp32", LOW=dt if has_low else "fp32"),
                             dict(HAS_LOW=has_low, HALF=int(dt == "fp16"), INTERP=False, BLOCK=1024),
                             dict(num_warps=4)))
