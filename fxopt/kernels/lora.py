@@ -223,6 +223,24 @@ def _forward(x, weight, bias, lora_a, lora_b, scale, compute_dtype, out_dtype, t
 _DYPASS_CHOICE: dict = {}  # (dy shape/strides, rank, dtype, low) -> "fused" | "separate"; env FXOPT_LORA_DYPASS
 
 
+def _dy_products(dy2, lora_b, xa, scale, triton_gemm, m, need_dxa, need_db, low):
+    """(dxa = s dy B, dxa rounded to `low` or None, dB = s dy^T xa): one pass over dy (lora_dy.py) or the two
+    products apart, measured once per shape on CUDA; None for a product not asked for."""
+    def separate():
+        p = p_low = q = None
+        if need_dxa:
+            p = _mm(dy2, lora_b, triton_gemm, m, scale, low=low)
+            p, p_low = p if low is not None else (p, None)
+        if need_db:
+            q = _mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm, m, scale).to(lora_b.dtype)
+        return p, p_low, q
+    if need_db and need_dxa and lora_dy.applies(triton_gemm, dy2, lora_b, xa):
+        return _run_choice("FXOPT_LORA_DYPASS", _DYPASS_CHOICE, (tuning_key(dy2, m), lora_b.shape[1], dy2.dtype, low),
+                           {"fused": lambda: lora_dy.products(dy2, lora_b, xa, scale, low), "separate": separate},
+                           default="fused", measure=dy2.device.type == "cuda")
+    return separate()
+
+
 def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, need_da, need_db, need_dbias,
               need_dw, triton_gemm: bool):
     x2, dy2 = _rows(x), _rows(dy)
@@ -230,24 +248,9 @@ def _backward(dy, x, weight, lora_a, lora_b, xa, scale, compute_dtype, need_dx, 
     has_lora = lora_a is not None
     dx = da = db = dbias = dw = None   # the ones not computed become distinct empty tensors (outputs may not alias)
     dxa = dxa_low = None
-    low = compute_dtype if need_dx else None
-
-    def separate():
-        p = p_low = q = None
-        if need_dx or need_da:
-            p = _mm(dy2, lora_b, triton_gemm, m, scale, low=low)
-            p, p_low = p if need_dx else (p, None)
-        if need_db:
-            q = _mm(dy2.t(), xa.to(lora_b.dtype), triton_gemm, m, scale).to(lora_b.dtype)
-        return p, p_low, q
-    if has_lora and need_db and (need_dx or need_da) and lora_dy.applies(triton_gemm, dy2, lora_b, xa):
-        # dxa and dB in one pass over dy (lora_dy.py), or the two products apart: measured once per shape on CUDA
-        dxa, dxa_low, db = _run_choice(
-            "FXOPT_LORA_DYPASS", _DYPASS_CHOICE, (tuning_key(dy2, m), lora_b.shape[1], dy2.dtype, low),
-            {"fused": lambda: lora_dy.products(dy2, lora_b, xa, scale, low), "separate": separate},
-            default="fused", measure=dy2.device.type == "cuda")
-    elif has_lora:
-        dxa, dxa_low, db = separate()
+    if has_lora:
+        dxa, dxa_low, db = _dy_products(dy2, lora_b, xa, scale, triton_gemm, m, need_dx or need_da, need_db,
+                                        compute_dtype if need_dx else None)
     if has_lora and need_da:
         da = _mm(x2.t(), dxa, triton_gemm, m, transpose=True).to(lora_a.dtype)
     if need_dx:

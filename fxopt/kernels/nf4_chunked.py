@@ -159,18 +159,23 @@ def chunk_size(other: int, total: int, dtype_bytes: int, chunk_bytes: int = CHUN
 def chunked_matmul(x2: torch.Tensor, weight: NF4Weight, trans: bool, lora_left: Optional[torch.Tensor] = None,
                    lora_right: Optional[torch.Tensor] = None, scale: float = 1.0, bias: Optional[torch.Tensor] = None,
                    out_dtype: Optional[torch.dtype] = None, compute_dtype: Optional[torch.dtype] = None,
-                   chunk_bytes: int = CHUNK_BYTES, lora_left_low: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   chunk_bytes: int = CHUNK_BYTES, lora_left_low: Optional[torch.Tensor] = None,
+                   acc: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Same contract as nf4.fused_matmul (NF4 weight only): x2 [M, Q], lora_left [M, r], lora_right [r, P];
-    lora_left_low: lora_left already in the compute dtype (saves a conversion)."""
+    lora_left_low: lora_left already in the compute dtype (saves a conversion). acc: an [M, P] compute-dtype tensor
+    the product is added to in place (cuBLAS beta = 1) and returned; no LoRA term or bias with it."""
     cdt = compute_dtype or x2.dtype
     M, Q = x2.shape
     P = weight.n if trans else weight.k
     assert Q == (weight.k if trans else weight.n), f"inner dims {Q} vs weight {weight.n}x{weight.k} (trans={trans})"
     odt = out_dtype or x2.dtype
+    if acc is not None:
+        assert lora_left is None and bias is None and acc.shape == (M, P) and acc.dtype == cdt, "acc: product only"
     if M == 0 or P == 0 or Q == 0:
-        return fused_matmul_reference(x2, weight, trans, lora_left, lora_right, scale, bias, odt, cdt)
+        ref = fused_matmul_reference(x2, weight, trans, lora_left, lora_right, scale, bias, odt, cdt)
+        return ref if acc is None else acc.add_(ref)
     xc = x2.to(cdt)
-    out = torch.empty((M, P), dtype=cdt, device=x2.device)
+    out = torch.empty((M, P), dtype=cdt, device=x2.device) if acc is None else acc
     has_lora = lora_left is not None and lora_left.shape[1] > 0
     left = as_dtype(lora_left, lora_left_low, cdt) if has_lora else None
     step = chunk_size(Q, P, out.element_size(), chunk_bytes)
@@ -191,11 +196,11 @@ def chunked_matmul(x2: torch.Tensor, weight: NF4Weight, trans: bool, lora_left: 
             wc = wc.t()
         else:
             wc = dequantize_chunk(weight, 0, Q, p0, p1, cdt, out=scratch if whole else scratch[:, : p1 - p0])
-        if has_lora or bias is not None:
+        if has_lora or bias is not None or acc is not None:
             oc.addmm_(xc, wc)
         else:
             torch.mm(xc, wc, out=oc)
-    return out if odt == cdt else out.to(odt)
+    return out if odt == cdt or acc is not None else out.to(odt)
 
 
 @register_cost("nf4_chunked_matmul")
