@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from fxopt.errors import FxoptError
 from fxopt.normalize import normalize
-from fxopt.patterns import PATTERNS
+from fxopt.patterns import PATTERNS, lora_group
 from fxopt.patterns.match import apply_pattern
 from fxopt.report import Fallback, warn_once
 
@@ -27,7 +27,7 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
 
 
 def run(gm: fx.GraphModule, config, graph_report, where: str) -> fx.GraphModule:
-    """1. normalize  2. every enabled pattern, in PATTERNS order. Mutates and returns `gm`.
+    """1. normalize  2. every enabled pattern, in PATTERNS order  3. LoRA calls on one input grouped. Mutates `gm`.
 
     Bodies of activation-checkpoint regions get the same passes, so a checkpointed layer is matched like a plain one.
     Other higher-order-op bodies (e.g. an autograd.Function's forward, whose backward body is separate) are left alone.
@@ -58,21 +58,31 @@ def _run_graph(gm: fx.GraphModule, config, graph_report, where: str) -> None:
     counts = normalize(gm)
     log.info("%s: normalize %s", where, counts)
     for pattern in PATTERNS:
-        if not config.enabled(pattern.name):
-            continue
-        before = copy_graph(gm.graph)
-        try:
-            n = apply_pattern(gm, pattern, graph_report, where)
-            gm.graph.lint()
-            gm.recompile()
-        except Exception as e:  # noqa: BLE001 - a broken rewrite must never break training
-            if config.strict:
-                raise FxoptError(f"fxopt pattern {pattern.name!r} failed on {where}: {type(e).__name__}: {e}") from e
-            gm.graph = before
-            gm.recompile()
-            err = f"{type(e).__name__}: {e}"
-            graph_report.fallbacks.append(Fallback(pattern.name, err))
-            warn_once(f"pattern {pattern.name}", err)
-            continue
-        graph_report.matched[pattern.name] += n
-        log.info("%s: %s matched %d", where, pattern.name, n)
+        if config.enabled(pattern.name):
+            n = _undoable(gm, pattern.name, lambda: apply_pattern(gm, pattern, graph_report, where), config,
+                          graph_report, where)
+            graph_report.matched[pattern.name] += n or 0
+            log.info("%s: %s matched %d", where, pattern.name, n or 0)
+    if lora_group.enabled() and (graph_report.matched["lora"] or graph_report.matched["lora_nf4"]):
+        grouped = _undoable(gm, "lora_group", lambda: lora_group.group_lora(gm), config, graph_report, where)
+        graph_report.grouped.update(grouped or {})
+        log.info("%s: lora_group %s", where, grouped)
+
+
+def _undoable(gm: fx.GraphModule, name: str, rewrite, config, graph_report, where: str):
+    """rewrite()'s result; if it raises, the graph as before, one warning and a report entry (strict: raise)."""
+    before = copy_graph(gm.graph)
+    try:
+        out = rewrite()
+        gm.graph.lint()
+        gm.recompile()
+        return out
+    except Exception as e:  # noqa: BLE001 - a broken rewrite must never break training
+        if config.strict:
+            raise FxoptError(f"fxopt pattern {name!r} failed on {where}: {type(e).__name__}: {e}") from e
+        gm.graph = before
+        gm.recompile()
+        err = f"{type(e).__name__}: {e}"
+        graph_report.fallbacks.append(Fallback(name, err))
+        warn_once(f"pattern {name}", err)
+        return None

@@ -34,6 +34,7 @@ class GraphReport:
         self.fallbacks: list[Fallback] = []
         self.compiled = collections.Counter()   # "forward"/"backward"/"inference" graphs handed to the compiler
         self.ops_in_compiled = collections.Counter()  # fxopt op calls in the aten graphs the hand-off compiled
+        self.grouped = collections.Counter()   # matches run as one call with others reading the same input
         self.memory = None
 
 
@@ -128,11 +129,19 @@ class Report:
             c.update(g.ops_in_compiled)
         return dict(c)
 
+    @property
+    def grouped(self) -> dict[str, int]:
+        """pattern -> matches that run inside a group call (lora/lora_nf4 reading one input: patterns/lora_group.py)."""
+        c = collections.Counter()
+        for g in self._all():
+            c.update(g.grouped)
+        return dict(c)
+
     def to_dict(self) -> dict:
         return {"matched": self.matched, "rejected": [dataclasses.asdict(r) for r in self.rejected],
                 "fallbacks": [dataclasses.asdict(f) for f in self.fallbacks], "graphs": self.graphs,
                 "compiled": self.compiled(), "ops_in_compiled": self.ops_in_compiled(),
-                "memory": self.memory}
+                "grouped": self.grouped, "memory": self.memory}
 
     def __str__(self) -> str:
         comp = ", ".join(f"{v} {k}" for k, v in sorted(self.compiled().items())) or "none seen"
@@ -141,6 +150,8 @@ class Report:
         rej = collections.Counter(r.pattern for r in self.rejected)
         for p, n in sorted(self.matched.items()):
             lines.append(f"{p:<22}{n:>8}{rej.get(p, 0):>10}")
+        for p, n in sorted(self.grouped.items()):
+            lines.append(f"  {n} {p} matches run in group calls (one input shared)")
         reasons = collections.Counter((r.pattern, r.reason) for r in self.rejected)
         for (p, why), n in reasons.most_common():
             lines.append(f"  rejected {p} x{n}: {why}")
