@@ -276,6 +276,25 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
 s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget)
     step seq65k_8b 575 python3 benchmarks/run_suite.py seq65k_8b --out "$OUT/train_step.jsonl" --time-limit 570
     ;;
+s19a)   # LoRA calls on one input as one op (lora_group): its GPU tests, then the 8B 21 GiB step with graphs grouped (the
+    # default) and apart (FXOPT_LORA_GROUP=0) on the same machine (cg walls 135-214 s in s18)
+    FXOPT_TUNE=0 step pytest_s19a 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_group.py
+    step cg21_8b_group 240 python3 benchmarks/run_suite.py cg21_8b_group --out "$OUT/train_step.jsonl" --time-limit 235
+    FXOPT_LORA_GROUP=0 step cg21_8b_nogroup $(( ${S19A_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py \
+        cg21_8b_nogroup --out "$OUT/train_step.jsonl" --time-limit $(( ${S19A_END:-585} - $(elapsed) - 8 ))
+    ;;
+s19b)   # the GPU tests of the dy pass and the single op (need ~3 min), then grouped without graphs (host-bound)
+    FXOPT_TUNE=0 step pytest_s19b 210 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_dy.py \
+        tests/kernels/test_lora.py
+    step nocg21_8b_group $(( ${S19B_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py nocg21_8b_group \
+        --out "$OUT/train_step.jsonl" --time-limit $(( ${S19B_END:-585} - $(elapsed) - 8 ))
+    ;;
+s19c)   # without graphs, grouped and apart on one machine
+    step nocg21_8b_group 280 python3 benchmarks/run_suite.py nocg21_8b_group --out "$OUT/train_step.jsonl" \
+        --time-limit 275
+    FXOPT_LORA_GROUP=0 step nocg21_8b_nogroup $(( ${S19C_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py \
+        nocg21_8b_nogroup --out "$OUT/train_step.jsonl" --time-limit $(( ${S19C_END:-585} - $(elapsed) - 8 ))
+    ;;
 s18d)   # the dy pass's default config (lora_dy): GPU tests with the fused path forced by no tuning, then the launch-
     # config sweep again timed by GPU time (registry.bench_ms)
     FXOPT_TUNE=0 step pytest_s18d 130 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_dy.py \

@@ -146,6 +146,17 @@ CG21_8B_S18 = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3,
 # The same with the dy pass at the config the lora_dy sweep found best (stage s18c, FXOPT_LORA_DY_CONFIG).
 CG21_8B_S18C = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
                     profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-s18-dypass-swept")
+# LoRA calls on one input as one op (q/k/v, gate/up: fxopt::lora_nf4_group), with and without it (FXOPT_LORA_GROUP=0,
+# set by gpu_session.sh) on the same machine; cg-21g-s18-dypass (575d9f8): 15,723 tok/s at 20.67 GiB.
+CG21_8B_GROUP = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
+                     profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-s19-group")
+CG21_8B_NOGROUP = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
+                       profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-s19-nogroup")
+# Without graphs (host-bound: nocg-21g-s18 7,164 tok/s): the group op makes 4 LoRA calls per layer of 7.
+NOCG21_8B_GROUP = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=6, warmup=3, timeout=300, loss_only=True,
+                       tag="nocg-21g-s19-group")
+NOCG21_8B_NOGROUP = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=6, warmup=3, timeout=300, loss_only=True,
+                         tag="nocg-21g-s19-nogroup")
 # 8B QLoRA at 65,536 tokens (batch 1; issue 13's longest-sequence point) at HEAD: 4,961 tok/s at 21.34 GiB at
 # c068010 (tag seq65k-cg-offload-sdpaprice); the warm-up (compile + CUDA graph recording) took 263.5 s at 600c67b.
 SEQ65K_8B = grid("8b", "qlora", ["fxopt:16GiB"], batch=1, seq=65536, steps=1, warmup=2, timeout=560, loss_only=True,
@@ -201,7 +212,8 @@ SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b":
           "prof07_8b": PROF07_8B, "final21_8b": FINAL21_8B, "split21_8b": SPLIT21_8B, "nocg21_8b": NOCG21_8B,
           "nocg21_8b_s17": NOCG21_8B_S17, "nocg21_8b_s17f": NOCG21_8B_S17F, "cg21_8b_s17": CG21_8B_S17,
           "nocg21_8b_s18": NOCG21_8B_S18, "cg21_8b_s18": CG21_8B_S18,
-          "cg21_8b_s18c": CG21_8B_S18C,
+          "cg21_8b_s18c": CG21_8B_S18C, "cg21_8b_group": CG21_8B_GROUP, "cg21_8b_nogroup": CG21_8B_NOGROUP,
+          "nocg21_8b_group": NOCG21_8B_GROUP, "nocg21_8b_nogroup": NOCG21_8B_NOGROUP,
           "seq65k_8b": SEQ65K_8B, "offload8b_s15": OFFLOAD8B_S15,
           "gemma2_d256": GEMMA2_D256,
           "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
