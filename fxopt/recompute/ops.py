@@ -132,7 +132,7 @@ def _bind_cost_args(fn, node):
     for a, v in zip(schema.arguments, node.args):
         named[a.name] = v
     named.update(node.kwargs)
-    vals = {k: (_val(v) if isinstance(v, fx.Node) else v) for k, v in named.items()}
+    vals = {k: fx.node.map_arg(v, _val) for k, v in named.items()}   # also inside list arguments (Tensor[])
     first = next((v for v in vals.values() if isinstance(v, torch.Tensor)), None)
     outs = _tensors(_val(node))
     derived = {"out_shape": _shape(outs[0]) if outs else None,

@@ -215,20 +215,30 @@ def test_backward_rank_products_are_a_workspace():
     assert lora.lora_backward_workspace((8192, 8192), rank=16, dtype_bytes=4) == 6 * 8192 * 16   # fp32 dy: no one pass
 
 
-def test_lora_backward_workspace_in_the_joint_graph(fresh_dynamo):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_lora_backward_workspace_in_the_joint_graph(grouped, fresh_dynamo, monkeypatch):
     """The planner binds the LoRA backward's workspace from the joint graph: every fxopt::lora_backward node carries
-    lora_backward_workspace of its dy shape and rank (fp32 CPU model: dxa only, the one pass needs half dy)."""
-    from fxopt.kernels import lora
+    lora_backward_workspace of its dy shape and rank (fp32 CPU model: dxa only, the one pass needs half dy); grouped
+    (q/k/v and gate/up: patterns/lora_group.py), every lora_group_backward node its group's."""
+    from fxopt.kernels import lora, lora_group
     from tests.models.test_lora_models import build
+    monkeypatch.setenv("FXOPT_LORA_GROUP", "1" if grouped else "0")
     comp, _ = build("llama", "lora")
     ids, labels = batch()
     cm = torch.compile(comp, backend="fxopt", options={"inductor": False, "memory_budget": 1.0,
                                                         "patterns": ["lora"]})
     cm(input_ids=ids, labels=labels).loss.backward()
     j = partition.LAST["joint"]
-    nodes = {n: ws for n, ws in j.workspace.items() if "lora_backward" in str(n.target)}
-    assert len(nodes) == 7 * comp.config.num_hidden_layers, j.workspace
-    for n, ws in nodes.items():
+    single = {n: ws for n, ws in j.workspace.items() if str(n.target).startswith("fxopt.lora_backward")}
+    group = {n: ws for n, ws in j.workspace.items() if str(n.target).startswith("fxopt.lora_group_backward")}
+    layers = comp.config.num_hidden_layers
+    assert (len(single), len(group)) == ((2 * layers, 2 * layers) if grouped else (7 * layers, 0)), j.workspace
+    for n, ws in single.items():
         dy = ops.op_arg(n, "dy").meta["val"]
         rank = ops.op_arg(n, "lora_a").meta["val"].shape[0]
         assert ws == lora.lora_backward_workspace(tuple(dy.shape), rank, dy.element_size()) > 0
+    for n, ws in group.items():
+        x = ops.op_arg(n, "x").meta["val"]
+        m = x.numel() // x.shape[-1]
+        vals = lambda name: [a.meta["val"] for a in ops.op_arg(n, name)]   # noqa: E731
+        assert ws == lora_group.lora_group_backward_workspace(m, vals("weight"), vals("lora_a"), x.element_size()) > 0
