@@ -283,10 +283,10 @@ s19a)   # LoRA calls on one input as one op (lora_group): its GPU tests, then th
     FXOPT_LORA_GROUP=0 step cg21_8b_nogroup $(( ${S19A_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py \
         cg21_8b_nogroup --out "$OUT/train_step.jsonl" --time-limit $(( ${S19A_END:-585} - $(elapsed) - 8 ))
     ;;
-s19b)   # the GPU tests of the dy pass and the single op (need ~3 min), then grouped without graphs (host-bound)
+s19b)   # the GPU tests of the dy pass and the single op (need ~3 min), then the 7 GiB offload point grouped
     FXOPT_TUNE=0 step pytest_s19b 210 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_dy.py \
         tests/kernels/test_lora.py
-    step nocg21_8b_group $(( ${S19B_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py nocg21_8b_group \
+    step offload8b_group $(( ${S19B_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py offload8b_group \
         --out "$OUT/train_step.jsonl" --time-limit $(( ${S19B_END:-585} - $(elapsed) - 8 ))
     ;;
 s19c)   # without graphs, grouped and apart on one machine
