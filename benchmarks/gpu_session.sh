@@ -289,11 +289,14 @@ s19b)   # the GPU tests of the dy pass and the single op (need ~3 min), then the
     step offload8b_group $(( ${S19B_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py offload8b_group \
         --out "$OUT/train_step.jsonl" --time-limit $(( ${S19B_END:-585} - $(elapsed) - 8 ))
     ;;
-s19c)   # without graphs, grouped and apart on one machine
-    step nocg21_8b_group 280 python3 benchmarks/run_suite.py nocg21_8b_group --out "$OUT/train_step.jsonl" \
-        --time-limit 275
-    FXOPT_LORA_GROUP=0 step nocg21_8b_nogroup $(( ${S19C_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py \
-        nocg21_8b_nogroup --out "$OUT/train_step.jsonl" --time-limit $(( ${S19C_END:-585} - $(elapsed) - 8 ))
+s19c)   # the dy pass's workspace test (fixed: it freed the first shape's outputs inside the second's measurement), the
+    # 7 GiB offload point apart (FXOPT_LORA_GROUP=0: s19b ran it grouped), then grouped without graphs (host-bound)
+    step pytest_s19c 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_dy.py \
+        -k workspace_is_what_it_allocates
+    FXOPT_LORA_GROUP=0 step offload8b_nogroup 230 python3 benchmarks/run_suite.py offload8b_nogroup \
+        --out "$OUT/train_step.jsonl" --time-limit 225
+    step nocg21_8b_group $(( ${S19C_END:-560} - $(elapsed) )) python3 benchmarks/run_suite.py nocg21_8b_group \
+        --out "$OUT/train_step.jsonl" --time-limit $(( ${S19C_END:-560} - $(elapsed) - 8 ))
     ;;
 s18d)   # the dy pass's default config (lora_dy): GPU tests with the fused path forced by no tuning, then the launch-
     # config sweep again timed by GPU time (registry.bench_ms)
