@@ -253,8 +253,6 @@ def _(dy, x, packed, absmax, absmax2, code2, offset, lora_a, lora_b, xa, scale, 
     return _fake_backward(x, out_features, lora_a, lora_b, need_dx, need_da, need_db, need_dbias)[:2 + 2 * len(packed)]
 
 
-_QUANT = ("packed", "absmax", "absmax2", "code2", "offset")
-
 
 def _setup_nf4_group(ctx, inputs, output):
     (x, packed, absmax, absmax2, code2, offset, bias, lora_a, lora_b, scale, blocksize, blocksize2, out_features,
