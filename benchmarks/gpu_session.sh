@@ -298,6 +298,10 @@ s19c)   # the dy pass's workspace test (fixed: it freed the first shape's output
     step nocg21_8b_group $(( ${S19C_END:-560} - $(elapsed) )) python3 benchmarks/run_suite.py nocg21_8b_group \
         --out "$OUT/train_step.jsonl" --time-limit $(( ${S19C_END:-560} - $(elapsed) - 8 ))
     ;;
+s19d)   # the 1B LoRA 3.7 GiB point with the dense group op (lora_group) under a tight plan
+    step lowmem1b_group $(( ${S19D_END:-150} - $(elapsed) )) python3 benchmarks/run_suite.py lowmem1b_group \
+        --out "$OUT/train_step.jsonl" --time-limit $(( ${S19D_END:-150} - $(elapsed) - 5 ))
+    ;;
 s18d)   # the dy pass's default config (lora_dy): GPU tests with the fused path forced by no tuning, then the launch-
     # config sweep again timed by GPU time (registry.bench_ms)
     FXOPT_TUNE=0 step pytest_s18d 130 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_dy.py \
