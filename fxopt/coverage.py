@@ -309,18 +309,21 @@ def render_markdown(results: list[Result], patterns, expected=None, command: str
               "with fxopt (aot_eager hand-off) vs eager in fp32. Cells: subgraphs replaced per pattern. "
               "`graphs`: dynamo graphs with fxopt / without (equal = fxopt adds no graph break). `rel`: max relative "
               "difference vs eager over the loss and every gradient. `a (want b)`: differs from the declared "
-              "expectation in tests/models/expectations.py.", ""]
+              "expectation in tests/models/expectations.py. `grouped` (LoRA): matches that run in a group call "
+              "with others reading the same input (fxopt/patterns/lora_group.py).", ""]
     short = {"linear_cross_entropy": "lin_ce"}
     for adapter in ADAPTERS:
         rows = [r for r in results if r.adapter == adapter]
         if not rows:
             continue
+        grouped = adapter == "lora"   # LoRA matches that run in group calls (one input shared: q/k/v, gate/up)
         lines += [f"## {adapter}", "", "| model | attn | " + " | ".join(short.get(p, p) for p in patterns)
-                  + " | graphs | rel | s |", "|---|---|" + "---:|" * len(patterns) + "---|---|---:|"]
+                  + (" | grouped" if grouped else "") + " | graphs | rel | s |",
+                  "|---|---|" + "---:|" * (len(patterns) + grouped) + "---|---|---:|"]
         for r in rows:
             want = expected(r.arch, r.attn, r.adapter) if expected else None
             if r.error:
-                lines.append(f"| {r.arch} | {r.attn} | " + " | ".join("" for _ in patterns)
+                lines.append(f"| {r.arch} | {r.attn} | " + " | ".join("" for _ in patterns) + (" |" if grouped else "")
                              + f" | — | error: {r.error[:80]} | {r.seconds:.0f} |")
                 continue
             cells = []
@@ -330,6 +333,8 @@ def render_markdown(results: list[Result], patterns, expected=None, command: str
                 cells.append(f"{got}" if w is None or w == got else f"**{got}** (want {w})")
             g = f"{r.graphs}/{r.graphs_plain}" + ("" if r.graphs == r.graphs_plain else " **break**")
             bad = "" if r.rel <= 1e-4 else " **>1e-4**"
+            if grouped:
+                cells.append(str(sum(r.grouped.values())))
             lines.append(f"| {r.arch} | {r.attn} | " + " | ".join(cells) + f" | {g} | {r.rel:.1e}{bad} | "
                          f"{r.seconds:.0f} |")
         lines.append("")

@@ -103,9 +103,14 @@ def test_markdown_render():
                          matched={"rms_norm": 5, "attention": 1},
                          rejected=[("linear_cross_entropy", "logits (logits_3) are a graph output")])
     bad = coverage.Result("gpt2", "eager", "lora", error="ValueError: nope")
-    md = coverage.render_markdown([ok, bad], list(PATTERNS), lambda a, t, d: E.counts_for(a, t, d))
+    lora = coverage.Result("qwen2", "sdpa", "lora", graphs_plain=1, graphs=1, rel=1e-6, matched={"lora": 14},
+                           grouped={"lora": 10})
+    md = coverage.render_markdown([ok, bad, lora], list(PATTERNS), lambda a, t, d: E.counts_for(a, t, d))
     assert "| llama | sdpa | **1** (want 2) | 5 |" in md
     assert "error: ValueError: nope" in md and "logits (·) are a graph output" in md
+    assert "| 14 | 0 | 0 | 10 | 1/1 | 1.0e-06 |" in md   # lora, lora_nf4, lin_ce, then grouped
+    header = next(line for line in md.splitlines() if line.startswith("| model") and "grouped" in line)
+    assert header.count("|") == next(line for line in md.splitlines() if "| gpt2 | eager |" in line).count("|")
 
 
 def test_cli_writes_coverage_doc(tmp_path, fresh_dynamo):
