@@ -14,8 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxopt
 from tests.helpers import batch, tiny_model
-from tests.reliability.examples import (EXAMPLES, TOL, clone_args, pattern_params, reasons, run_and_grads,
-                                        worst_diff)
+from tests.reliability.examples import (EXAMPLES, TOL, _NF4Lora, _t, clone_args, lora, needs, pattern_params,
+                                        reasons, run_and_grads, worst_diff)
 
 SEQ_LENS = (5, 7, 9, 12, 16, 23, 31, 40, 57, 64)    # >= 2 (dynamo specializes 0 and 1), none a block multiple
 
@@ -106,8 +106,8 @@ class _OpLog(TorchDispatchMode):
 def _op_calls(name):
     """(op, args with real tensors shaped like the fake ones) of every fxopt op in the rewritten graph of `name`."""
     graphs = []
-    fn, args = EXAMPLES[name]() if name != "swiglu_packed" else _packed_example()
-    pattern = "swiglu" if name == "swiglu_packed" else name
+    fn, args = EXTRA[name][0]() if name in EXTRA else EXAMPLES[name]()
+    pattern = EXTRA[name][1] if name in EXTRA else name
     torch.compile(fn, backend=_counting_backend({"inductor": False, "patterns": [pattern]}, graphs))(*args)
     calls = []
     for node in graphs[0].graph.nodes:
@@ -135,6 +135,33 @@ def _packed_example():
     return fn, (torch.randn(2, 12, 48, requires_grad=True),)
 
 
+class _TwoNF4(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.one, self.two = _NF4Lora(64, 24, 4, torch.float32), _NF4Lora(64, 16, 4, torch.float32)
+
+    def forward(self, x):
+        return torch.cat([self.one(x), self.two(x)], -1)
+
+
+def _grouped_example(nf4):
+    """Two LoRA linears reading one x: one group call (fxopt/patterns/lora_group.py)."""
+    torch.manual_seed(0)
+    if nf4:
+        return _TwoNF4(), (_t(2, 12, 64),)
+
+    def fn(x, w1, b1, a1, bb1, w2, b2, a2, bb2):
+        return torch.cat([lora(x, w1, b1, a1, bb1), lora(x, w2, b2, a2, bb2)], -1)
+    one = lambda n: (_t(n, 40, grad=False, scale=0.2), _t(n, grad=False), _t(4, 40, scale=0.2),   # noqa: E731
+                     _t(n, 4, scale=0.2))
+    return fn, (_t(2, 12, 40), *one(24), *one(16))
+
+
+# examples beyond EXAMPLES' one instance per pattern: name -> (example, pattern)
+EXTRA = {"swiglu_packed": (_packed_example, "swiglu"), "lora_grouped": (lambda: _grouped_example(False), "lora"),
+         "lora_nf4_grouped": (lambda: _grouped_example(True), "lora_nf4")}
+
+
 def _symbolic(mode, t):
     if not isinstance(t, torch.Tensor):
         return t
@@ -155,7 +182,8 @@ def _pinned(env: ShapeEnv):
     return out
 
 
-@pytest.mark.parametrize("name", [*pattern_params(), "swiglu_packed"])
+@pytest.mark.parametrize("name", [*pattern_params(), "swiglu_packed", "lora_grouped",
+                                  pytest.param("lora_nf4_grouped", marks=needs("lora_nf4"))])
 def test_fake_impls_are_symint_safe(name):
     calls = _op_calls(name)
     env = ShapeEnv()
@@ -189,7 +217,8 @@ STATIC_ONLY = {"offload", "reload"}
 def test_every_op_is_covered():
     names = {n for n in dir(torch.ops.fxopt) if not n.startswith("_") and n != "name"} - STATIC_ONLY
     covered = set()
-    for name in [p.values[0] for p in pattern_params() if not p.marks] + ["swiglu_packed"]:
+    extra = [n for n in EXTRA if not needs(EXTRA[n][1])]
+    for name in [p.values[0] for p in pattern_params() if not p.marks] + extra:
         covered |= {str(op.name()).split("::")[-1].split(".")[0] for op, _ in _op_calls(name)}
         torch._dynamo.reset()
     covered |= {f"{c}_backward" for c in covered}    # run through autograd in test_fake_impls_are_symint_safe
