@@ -239,6 +239,11 @@ def _run_case(arch, attn, adapter, small, drop, overrides, options) -> Result:
     return r
 
 
+def _fp64_clears(r: Result, tol: float = TOL) -> bool:
+    """An fp64 run of the model puts fxopt no further from the math than fp32 eager (or within tol of it)."""
+    return r.rel64 is not None and r.rel64[0] <= max(tol, r.rel64[1])
+
+
 def problems(r: Result, tol: float = TOL) -> list[str]:
     """What is wrong with a case regardless of pattern expectations: error, graph break added, numerics, fallback.
     Beyond `tol` from fp32 eager passes only where an fp64 run says fxopt is no further from the math than fp32
@@ -248,7 +253,7 @@ def problems(r: Result, tol: float = TOL) -> list[str]:
         return [f"error: {r.error}"]
     if r.graphs != r.graphs_plain:
         out.append(f"fxopt compiled {r.graphs} dynamo graph(s), plain dynamo {r.graphs_plain}")
-    if not (r.rel <= tol) and not (r.rel64 is not None and r.rel64[0] <= max(tol, r.rel64[1])):
+    if not (r.rel <= tol) and not _fp64_clears(r, tol):
         vs64 = f" (vs fp64: fxopt {r.rel64[0]:.2e}, fp32 eager {r.rel64[1]:.2e})" if r.rel64 else ""
         out.append(f"max rel diff vs eager {r.rel:.2e} > {tol:g}{vs64}")
     if r.grad_mismatch:
@@ -360,7 +365,7 @@ def render_markdown(results: list[Result], patterns, expected=None, command: str
                 cells.append(f"{got}" if w is None or w == got else f"**{got}** (want {w})")
             g = f"{r.graphs}/{r.graphs_plain}" + ("" if r.graphs == r.graphs_plain else " **break**")
             bad = "" if r.rel <= TOL else (f" (fp64: fxopt {r.rel64[0]:.1e}, eager {r.rel64[1]:.1e})"
-                                            if r.rel64 and r.rel64[0] <= max(TOL, r.rel64[1]) else " **>1e-4**")
+                                            if _fp64_clears(r) else " **>1e-4**")
             if grouped:
                 cells.append(str(sum(r.grouped.values())))
             lines.append(f"| {r.arch} | {r.attn} | " + " | ".join(cells) + f" | {g} | {r.rel:.1e}{bad} | "

@@ -18,13 +18,12 @@ import torch.fx as fx
 
 from fxopt.kernels import lora_group as _ops
 from fxopt.normalize import meta
-from fxopt.patterns.match import fake_call
+from fxopt.patterns.match import insert_op, replace_uses
+from fxopt.recompute.ops import op_arg
 
-_SINGLE = {torch.ops.fxopt.lora.default: "lora", torch.ops.fxopt.lora_nf4.default: "lora_nf4"}
-# argument positions (the ops' schemas in kernels/lora.py)
-_DENSE = dict(x=0, weight=1, bias=2, lora_a=3, lora_b=4, scale=5, out_dtype=6)
-_NF4 = dict(x=0, packed=1, absmax=2, absmax2=3, code2=4, offset=5, bias=6, lora_a=7, lora_b=8, scale=9, blocksize=10,
-            blocksize2=11, out_features=12, in_features=13, compute_dtype=14, out_dtype=15)
+# single op -> (pattern name, group op); a group op's list arguments gather its members' arguments of the same name
+_SINGLE = {torch.ops.fxopt.lora.default: ("lora", torch.ops.fxopt.lora_group.default),
+           torch.ops.fxopt.lora_nf4.default: ("lora_nf4", torch.ops.fxopt.lora_nf4_group.default)}
 
 
 def enabled() -> bool:
@@ -38,23 +37,21 @@ def _dtype(n):
 
 def _key(node):
     """What members must share, or None when this call cannot join a group."""
-    a = node.args
-    pos = _DENSE if node.target is torch.ops.fxopt.lora.default else _NF4
-    if a[pos["lora_a"]] is None or a[pos["lora_b"]] is None:
+    arg = lambda name: op_arg(node, name)   # noqa: E731
+    if arg("lora_a") is None or arg("lora_b") is None:
         return None   # a frozen NF4 linear
     users = list(node.users)
     if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1) for u in users) or \
             any(u.args[1] == 1 and u.users for u in users):
         return None   # xa used in the graph, or the output used whole
-    shared = (node.target, a[0], a[pos["bias"]] is None, _dtype(a[pos["lora_a"]]), a[pos["out_dtype"]])
+    shared = (node.target, arg("x"), arg("bias") is None, _dtype(arg("lora_a")), arg("out_dtype"))
     if node.target is torch.ops.fxopt.lora.default:
-        return shared + (_dtype(a[pos["weight"]]),)
-    return shared + (a[pos["absmax2"]] is None, a[pos["in_features"]], a[pos["compute_dtype"]])
+        return shared + (_dtype(arg("weight")),)
+    return shared + (arg("absmax2") is None, arg("in_features"), arg("compute_dtype"))
 
 
 def _rank(node) -> int:
-    pos = _DENSE if node.target is torch.ops.fxopt.lora.default else _NF4
-    return int(meta(node.args[pos["lora_a"]]).shape[0])
+    return int(meta(op_arg(node, "lora_a")).shape[0])
 
 
 def _groups(graph: fx.Graph) -> list[list[fx.Node]]:
@@ -82,41 +79,16 @@ def _groups(graph: fx.Graph) -> list[list[fx.Node]]:
     return groups
 
 
-def _group_args(members):
-    """The group op and its arguments: each list argument gathers the members' values."""
-    dense = members[0].target is torch.ops.fxopt.lora.default
-    pos = _DENSE if dense else _NF4
-    col = lambda name: [m.args[pos[name]] for m in members]   # noqa: E731
-    one = lambda name: members[0].args[pos[name]]             # noqa: E731
-    if dense:
-        return torch.ops.fxopt.lora_group.default, (one("x"), col("weight"), col("bias"), col("lora_a"),
-                                                    col("lora_b"), col("scale"), one("out_dtype"))
-    return torch.ops.fxopt.lora_nf4_group.default, (
-        one("x"), col("packed"), col("absmax"), col("absmax2"), col("code2"), col("offset"), col("bias"),
-        col("lora_a"), col("lora_b"), col("scale"), col("blocksize"), col("blocksize2"), col("out_features"),
-        one("in_features"), one("compute_dtype"), one("out_dtype"))
-
-
 def _replace(graph: fx.Graph, members) -> None:
-    op, args = _group_args(members)
-    with graph.inserting_before(members[0]):
-        g = graph.call_function(op, args)
-        val = fake_call(op, *args)
-        g.meta["example_value"] = val
-        for i, m in enumerate(members):
-            for u in list(m.users):
-                if u.args[1] == 0:
-                    item = graph.call_function(operator.getitem, (g, i))
-                    old = meta(u)
-                    new = val[i] if val is not None else None
-                    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor) and \
-                            (old.shape != new.shape or old.dtype != new.dtype):
-                        raise ValueError(f"group output {i} is {tuple(new.shape)}/{new.dtype}, the call it replaces "
-                                         f"gave {tuple(old.shape)}/{old.dtype}")
-                    item.meta["example_value"] = new
-                    u.replace_all_uses_with(item)
-                graph.erase_node(u)
-    for m in members:
+    group = _SINGLE[members[0].target][1]
+    args = tuple([op_arg(m, a.name) for m in members] if isinstance(a.type, torch.ListType)
+                 else op_arg(members[0], a.name) for a in group._schema.arguments)
+    ys = insert_op(graph, members[0], group, args, n_outputs=len(members))   # outputs y_1..y_n (XA: autograd's)
+    for y, m in zip(ys, members):
+        for u in list(m.users):   # getitem 0 (y) and an unused getitem 1 (xa)
+            if u.args[1] == 0:
+                replace_uses(u, y)
+            graph.erase_node(u)
         graph.erase_node(m)
 
 
@@ -125,6 +97,6 @@ def group_lora(gm: fx.GraphModule) -> dict[str, int]:
     grouped: dict[str, int] = {}
     for members in _groups(gm.graph):
         _replace(gm.graph, members)
-        name = _SINGLE[members[0].target]
+        name = _SINGLE[members[0].target][0]
         grouped[name] = grouped.get(name, 0) + len(members)
     return grouped

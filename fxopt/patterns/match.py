@@ -137,13 +137,18 @@ def insert_op(graph: fx.Graph, before: fx.Node, op, args: tuple, n_outputs: int 
         return outs
 
 
-def replace_output(graph: fx.Graph, m: Match, new: fx.Node) -> None:
-    old, new_val = meta(m.output), meta(new)
+def replace_uses(old_node: fx.Node, new: fx.Node) -> None:
+    """Point every use of old_node at new; raises ValueError if that would change the value's shape or dtype."""
+    old, new_val = meta(old_node), meta(new)
     if isinstance(old, torch.Tensor) and isinstance(new_val, torch.Tensor):
         if old.shape != new_val.shape or old.dtype != new_val.dtype:
-            raise ValueError(f"replacement of {m.output.name} changes {tuple(old.shape)}/{old.dtype} "
+            raise ValueError(f"replacement of {old_node.name} changes {tuple(old.shape)}/{old.dtype} "
                              f"to {tuple(new_val.shape)}/{new_val.dtype}")
-    m.output.replace_all_uses_with(new)
+    old_node.replace_all_uses_with(new)
+
+
+def replace_output(graph: fx.Graph, m: Match, new: fx.Node) -> None:
+    replace_uses(m.output, new)
     dead = [n for n in m.nodes]
     while True:   # erase matched nodes that became unused (in any order)
         gone = [n for n in dead if not n.users]
