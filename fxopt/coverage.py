@@ -38,7 +38,7 @@ class Result:
     ops_in_compiled: dict = dataclasses.field(default_factory=dict)
     grouped: dict = dataclasses.field(default_factory=dict)   # matches run inside a group call (patterns/lora_group)
     rel: float = float("nan")          # max relative L2 difference vs eager over the loss and every grad
-    rel64: tuple | None = None         # when rel > TOL: (fxopt, fp32 eager) max relative difference vs an fp64 eager run
+    rel64: tuple | None = None         # when rel > TOL: (fxopt, fp32 eager) max rel difference vs an fp64 eager run
     n_grads: int = 0
     lora_layers: int = 0               # modules peft gave a LoRA adapter (all-linear)
     grad_mismatch: str | None = None   # a parameter whose grad presence differs from eager

@@ -49,34 +49,34 @@ def _forward(x, weights, biases, lora_a, lora_b, scales, compute_dtype, out_dtyp
 _DX_CHOICE: dict = {}   # (dy shapes, weights, dtype) -> "accumulate" | "separate"; env FXOPT_LORA_GROUP_DX
 
 
-def _dx(dys, weights, lora_a, dxa, dxa_low, compute_dtype, out_dtype, triton_gemm):
-    """dx = dxa A + sum_i dy_i W_i, rounded once to out_dtype (reference: fp32 sums)."""
+def _dx(dy2s, weights, lora_a, dxa, dxa_low, compute_dtype, out_dtype, triton_gemm):
+    """dx = dxa A + sum_i dy_i W_i (dy2s: the dy_i as rows), rounded once to out_dtype (reference: fp32 sums)."""
     a_cat = _cat(lora_a)
     if not triton_gemm:
         acc = dxa.float() @ a_cat.float()
-        for dy, w in zip(dys, weights):
-            acc += fused_matmul_reference(L._rows(dy), w, False, out_dtype=torch.float32, compute_dtype=compute_dtype)
+        for dy, w in zip(dy2s, weights):
+            acc += fused_matmul_reference(dy, w, False, out_dtype=torch.float32, compute_dtype=compute_dtype)
         return acc.to(out_dtype)
 
     def accumulate():   # the rank-R term, then each base GEMM adds onto it (NF4: chunked dequantization + cuBLAS)
         acc = torch.mm(dxa_low if dxa_low is not None else dxa.to(compute_dtype), a_cat.to(compute_dtype))
-        for dy, w in zip(dys, weights):
+        for dy, w in zip(dy2s, weights):
             if isinstance(w, NF4Weight):
-                chunked_matmul(L._rows(dy), w, False, compute_dtype=compute_dtype, acc=acc)
+                chunked_matmul(dy, w, False, compute_dtype=compute_dtype, acc=acc)
             else:
-                acc.addmm_(L._rows(dy).to(compute_dtype), w.to(compute_dtype))
+                acc.addmm_(dy.to(compute_dtype), w.to(compute_dtype))
         return acc if acc.dtype == out_dtype else acc.to(out_dtype)
 
     def separate():   # each member's own GEMM (lora.py's choice of kernel), then their sum
         out, off = None, 0
-        for dy, w, a in zip(dys, weights, lora_a):
+        for dy, w, a in zip(dy2s, weights, lora_a):
             cols = slice(off, off + a.shape[0])
             off = cols.stop
-            d = L._gemm(L._rows(dy), w, False, dxa[:, cols], a, 1.0, None, out_dtype, compute_dtype, True,
+            d = L._gemm(dy, w, False, dxa[:, cols], a, 1.0, None, out_dtype, compute_dtype, True,
                         left_low=dxa_low[:, cols] if dxa_low is not None else None)
             out = d if out is None else out.add_(d)
         return out
-    dy0 = L._rows(dys[0])
+    dy0 = dy2s[0]
     key = (tuning_key(dy0, dy0.shape[0]), tuple((w.n, w.k) if isinstance(w, NF4Weight) else tuple(w.shape)
                                                  for w in weights), dy0.dtype, compute_dtype)
     return L._run_choice("FXOPT_LORA_GROUP_DX", _DX_CHOICE, key, {"accumulate": accumulate, "separate": separate},
@@ -86,15 +86,14 @@ def _dx(dys, weights, lora_a, dxa, dxa_low, compute_dtype, out_dtype, triton_gem
 def _backward(dys, x, weights, lora_a, lora_b, xa, scales, compute_dtype, need_dx, need_da, need_db, need_dbias,
               need_dw, triton_gemm):
     """[dx, dA (all members' rows), dB_1..n, dbias_1..n (fp32), dW_1..n]; a gradient not asked for is empty."""
-    x2 = L._rows(x)
+    x2, dy2s = L._rows(x), [L._rows(dy) for dy in dys]
     m = x2.shape[0]
     low = compute_dtype if need_dx else None
     dxas, lows, dbs, off = [], [], [], 0
-    for dy, b, s in zip(dys, lora_b, scales):
+    for dy, b, s in zip(dy2s, lora_b, scales):
         cols = slice(off, off + b.shape[1])
         off = cols.stop
-        p, p_low, q = L._dy_products(L._rows(dy), b, xa[:, cols], s, triton_gemm, m, need_dx or need_da, need_db,
-                                     low)
+        p, p_low, q = L._dy_products(dy, b, xa[:, cols], s, triton_gemm, m, need_dx or need_da, need_db, low)
         dxas.append(p)
         lows.append(p_low)
         dbs.append(q if need_db else L._empty(x))
@@ -105,9 +104,9 @@ def _backward(dys, x, weights, lora_a, lora_b, xa, scales, compute_dtype, need_d
             da = L._mm(x2.t(), dxa, triton_gemm, m, transpose=True).to(lora_a[0].dtype)
         if need_dx:
             dxa_low = torch.cat(lows, 1) if all(t is not None for t in lows) else None
-            dx = _dx(dys, weights, lora_a, dxa, dxa_low, compute_dtype, x.dtype, triton_gemm).view(x.shape)
-    dbias = [L._rows(dy).float().sum(0) if need_dbias else L._empty(x) for dy in dys]
-    dw = [L._rows(dy).to(compute_dtype).t() @ x2.to(compute_dtype) if need_dw else L._empty(x) for dy in dys]
+            dx = _dx(dy2s, weights, lora_a, dxa, dxa_low, compute_dtype, x.dtype, triton_gemm).view(x.shape)
+    dbias = [dy.float().sum(0) if need_dbias else L._empty(x) for dy in dy2s]
+    dw = [dy.to(compute_dtype).t() @ x2.to(compute_dtype) if need_dw else L._empty(x) for dy in dy2s]
     return [L._empty(x) if dx is None else dx, L._empty(x) if da is None else da, *dbs, *dbias, *dw]
 
 
