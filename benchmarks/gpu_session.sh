@@ -276,6 +276,14 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
 s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget)
     step seq65k_8b 575 python3 benchmarks/run_suite.py seq65k_8b --out "$OUT/train_step.jsonl" --time-limit 570
     ;;
+s20a)   # the 7 GiB point (1.15GiB, offload) at HEAD, then the hidden-priced plan within 0.5 of the forward's copy
+    # capacity with two copies in flight, same machine (fxopt plan at s11: 3.6 GB offloaded, 48 ms of recompute
+    # predicted, against 0.94 GB and 59 ms copy-priced)
+    step offload8b_s20 240 python3 benchmarks/run_suite.py offload8b_s20 --out "$OUT/train_step.jsonl" --time-limit 235
+    FXOPT_OFFLOAD_DEPTH=2 FXOPT_OFFLOAD_BW=1.41e12 FXOPT_OFFLOAD_CAPACITY=${S20A_CAP:-0.5} step offload8b_s20_cap \
+        $(( ${S20A_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py offload8b_s20_cap \
+        --out "$OUT/train_step.jsonl" --time-limit $(( ${S20A_END:-585} - $(elapsed) - 8 ))
+    ;;
 s19a)   # LoRA calls on one input as one op (lora_group): its GPU tests, then the 8B 21 GiB step with graphs grouped (the
     # default) and apart (FXOPT_LORA_GROUP=0) on the same machine (cg walls 135-214 s in s18)
     FXOPT_TUNE=0 step pytest_s19a 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_lora_group.py

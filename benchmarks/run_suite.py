@@ -155,6 +155,10 @@ CG21_8B_NOGROUP = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmu
 # The 7 GiB point (offload; recomputes ~189 of 224 NF4 linears' forwards) grouped: 11,680 at 600c67b (cg-offload-s12).
 OFFLOAD8B_GROUP = offload8b_point("cg-offload-s19-group")
 OFFLOAD8B_NOGROUP = offload8b_point("cg-offload-s19-nogroup")   # FXOPT_LORA_GROUP=0
+# The 7 GiB point at HEAD, then on the same machine the hidden-priced plan within half the forward's copy capacity,
+# two copies in flight (FXOPT_OFFLOAD_BW / _CAPACITY / _DEPTH, recorded in the row; s11a staged it, never ran)
+OFFLOAD8B_S20 = offload8b_point("cg-offload-s20")
+OFFLOAD8B_S20_CAP = offload8b_point("cg-offload-s20-cap")
 # The 1B LoRA 3.7 GiB point (goal 50k tok/s; 50,255 at 3.68 GiB at 5fa08bb, cg-sdparc) with the dense group op, whose
 # calls the plan may recompute.
 LOWMEM1B_GROUP = grid("1b", "lora", ["fxopt:1.25GiB"], steps=6, warmup=3, timeout=140, loss_only=True,
@@ -222,7 +226,8 @@ SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b":
           "cg21_8b_s18c": CG21_8B_S18C, "cg21_8b_group": CG21_8B_GROUP, "cg21_8b_nogroup": CG21_8B_NOGROUP,
           "nocg21_8b_group": NOCG21_8B_GROUP, "offload8b_group": OFFLOAD8B_GROUP,
           "offload8b_nogroup": OFFLOAD8B_NOGROUP, "lowmem1b_group": LOWMEM1B_GROUP,
-          "nocg21_8b_nogroup": NOCG21_8B_NOGROUP,
+          "nocg21_8b_nogroup": NOCG21_8B_NOGROUP, "offload8b_s20": OFFLOAD8B_S20,
+          "offload8b_s20_cap": OFFLOAD8B_S20_CAP,
           "seq65k_8b": SEQ65K_8B, "offload8b_s15": OFFLOAD8B_S15,
           "gemma2_d256": GEMMA2_D256,
           "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,
