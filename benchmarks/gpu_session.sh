@@ -276,6 +276,14 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
 s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget)
     step seq65k_8b 575 python3 benchmarks/run_suite.py seq65k_8b --out "$OUT/train_step.jsonl" --time-limit 570
     ;;
+s20b)   # the adds next to RMSNorm in its kernels (add_rms_norm, rms_norm_backward_add): GPU tests, then the 8B 21 GiB
+    # step with graphs with them and without (FXOPT_NORM_ADD=0) on the same machine
+    step pytest_s20b 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_rms_norm.py \
+        tests/patterns/test_rms_norm_add.py
+    step cg21_8b_s20 240 python3 benchmarks/run_suite.py cg21_8b_s20 --out "$OUT/train_step.jsonl" --time-limit 235
+    FXOPT_NORM_ADD=0 step cg21_8b_s20_off $(( ${S20B_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py \
+        cg21_8b_s20_off --out "$OUT/train_step.jsonl" --time-limit $(( ${S20B_END:-585} - $(elapsed) - 8 ))
+    ;;
 s20a)   # the 7 GiB point (1.15GiB, offload) at HEAD, then the hidden-priced plan within 0.5 of the forward's copy
     # capacity with two copies in flight, same machine (fxopt plan at s11: 3.6 GB offloaded, 48 ms of recompute
     # predicted, against 0.94 GB and 59 ms copy-priced)

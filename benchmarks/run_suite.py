@@ -159,6 +159,12 @@ OFFLOAD8B_NOGROUP = offload8b_point("cg-offload-s19-nogroup")   # FXOPT_LORA_GRO
 # two copies in flight (FXOPT_OFFLOAD_BW / _CAPACITY / _DEPTH, recorded in the row; s11a staged it, never ran)
 OFFLOAD8B_S20 = offload8b_point("cg-offload-s20")
 OFFLOAD8B_S20_CAP = offload8b_point("cg-offload-s20-cap")
+# The 21 GiB point with the adds next to RMSNorm in its kernels (patterns/rms_norm_add.py), and without them
+# (FXOPT_NORM_ADD=0, set by gpu_session.sh) on the same machine; cg-21g-s19-group (5d40742): 15,957 tok/s.
+CG21_8B_S20 = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
+                   profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-s20-normadd")
+CG21_8B_S20_OFF = grid("8b", "qlora", ["fxopt:15.1GiB"], batch=2, steps=5, warmup=3, timeout=300, loss_only=True,
+                       profile=True, fxopt_options={"cudagraphs": True}, tag="cg-21g-s20-nonormadd")
 # The 1B LoRA 3.7 GiB point (goal 50k tok/s; 50,255 at 3.68 GiB at 5fa08bb, cg-sdparc) with the dense group op, whose
 # calls the plan may recompute.
 LOWMEM1B_GROUP = grid("1b", "lora", ["fxopt:1.25GiB"], steps=6, warmup=3, timeout=140, loss_only=True,
@@ -227,7 +233,7 @@ SUITES = {"quick": QUICK, "step1b": STEP1B, "profile1b": PROFILE1B, "budgets1b":
           "nocg21_8b_group": NOCG21_8B_GROUP, "offload8b_group": OFFLOAD8B_GROUP,
           "offload8b_nogroup": OFFLOAD8B_NOGROUP, "lowmem1b_group": LOWMEM1B_GROUP,
           "nocg21_8b_nogroup": NOCG21_8B_NOGROUP, "offload8b_s20": OFFLOAD8B_S20,
-          "offload8b_s20_cap": OFFLOAD8B_S20_CAP,
+          "offload8b_s20_cap": OFFLOAD8B_S20_CAP, "cg21_8b_s20": CG21_8B_S20, "cg21_8b_s20_off": CG21_8B_S20_OFF,
           "seq65k_8b": SEQ65K_8B, "offload8b_s15": OFFLOAD8B_S15,
           "gemma2_d256": GEMMA2_D256,
           "archs": ARCHS, "qwen2": QWEN2, "mempeak1b": MEMPEAK1B,

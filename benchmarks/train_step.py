@@ -114,7 +114,7 @@ def versions():
     out.update({k.lower(): os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "FXOPT_PAIRED_WITH") if k in os.environ})  # gpu_pair.sh
     # experiment knobs that change fxopt's plan or kernels
     knobs = ("FXOPT_OFFLOAD_DEPTH", "FXOPT_OFFLOAD_BW", "FXOPT_OFFLOAD_CAPACITY", "FXOPT_LORA_DY_CONFIG",
-             "FXOPT_LORA_GROUP", "FXOPT_LORA_GROUP_DX")
+             "FXOPT_LORA_GROUP", "FXOPT_LORA_GROUP_DX", "FXOPT_NORM_ADD")
     out.update({k.lower(): os.environ[k] for k in knobs if k in os.environ})
     return out
 

@@ -5,7 +5,6 @@ compile, the original graph is compiled instead; `strict` turns each of these in
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 
@@ -17,6 +16,7 @@ from fxopt import report as _report
 from fxopt.errors import FxoptError
 from fxopt.kernels.registry import set_strict
 from fxopt import pipeline
+from fxopt.patterns import rms_norm_add
 
 log = logging.getLogger("fxopt.backend")
 
@@ -50,11 +50,17 @@ def _count_ops(gm: fx.GraphModule, graph_report) -> None:
             graph_report.ops_in_compiled[str(n.target.name()).split("::")[-1].split(".")[0]] += 1
 
 
-def _counting(compiler, graph_report, kind=None):
+def _counting(compiler, graph_report, kind=None, config=None):
+    """The compiler of each partitioned graph, after the adds next to RMSNorm go into its kernels
+    (patterns/rms_norm_add.py) and the fxopt ops are counted."""
     def inner(gm, example_inputs, *args, **kwargs):
         k = kind or ("backward" if kwargs.get("is_backward") else
                      "inference" if kwargs.get("is_inference") else "forward")
         graph_report.compiled[k] += 1
+        if config is not None and graph_report.matched["rms_norm"] and rms_norm_add.enabled():
+            fused = pipeline._undoable(gm, "rms_norm_add", lambda: rms_norm_add.fuse_norm_adds(gm), config,
+                                       graph_report, f"{k} graph")
+            graph_report.fused.update(fused or {})
         _count_ops(gm, graph_report)
         return compiler(gm, example_inputs, *args, **kwargs)
     return inner
@@ -83,10 +89,12 @@ def inductor_mode_patches(config) -> dict:
 
 def _compile(gm, example_inputs, config, graph_report):
     """Hand-off: Inductor (or aot_eager); with a memory budget, fxopt's recompute planner is the partitioner."""
-    part, ctx = None, contextlib.nullcontext()
+    from fxopt.recompute import partition
+    # AOTAutograd's cache would hand back compiled graphs without calling the compilers below, so the report could
+    # not see what they run (ops_in_compiled, fused); Inductor's own FX graph cache, inside them, stays on
+    part, ctx = None, partition.autograd_cache_off()
     if config.memory_budget is not None:
-        from fxopt.recompute import partition
-        part, ctx = partition.partitioner(config, graph_report), partition.autograd_cache_off()
+        part = partition.partitioner(config, graph_report)
     with ctx:
         if config.inductor:
             from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -96,14 +104,15 @@ def _compile(gm, example_inputs, config, graph_report):
             patches.update(inductor_mode_patches(config))
             if part is not None:
                 patches["custom_partitioner_fn"] = part
-            return compile_fx(gm, example_inputs, inner_compile=_counting(compile_fx_inner, graph_report),
+            inner = _counting(compile_fx_inner, graph_report, config=config)
+            return compile_fx(gm, example_inputs, inner_compile=inner,
                               config_patches=patches or None)
         from torch._dynamo.backends.common import aot_autograd
         from torch._dynamo.backends.debugging import boxed_nop
         from torch._functorch.partitioners import min_cut_rematerialization_partition
-        return aot_autograd(fw_compiler=_counting(boxed_nop, graph_report, "forward"),
-                            bw_compiler=_counting(boxed_nop, graph_report, "backward"),
-                            inference_compiler=_counting(boxed_nop, graph_report, "inference"),
+        return aot_autograd(fw_compiler=_counting(boxed_nop, graph_report, "forward", config),
+                            bw_compiler=_counting(boxed_nop, graph_report, "backward", config),
+                            inference_compiler=_counting(boxed_nop, graph_report, "inference", config),
                             partition_fn=part or min_cut_rematerialization_partition,
                             keep_inference_input_mutations=True)(gm, example_inputs)
 
@@ -170,7 +179,8 @@ def _backend(gm, example_inputs, config, graph_report, cid):
         if config.strict:
             raise FxoptError(f"compiling the fxopt-rewritten {where} failed: {type(e).__name__}: {e}") from e
         _fall_back(gm, original, graph_report, "compile", e)
-        graph_report.matched.clear()
+        for counts in (graph_report.matched, graph_report.grouped, graph_report.fused):
+            counts.clear()
         return _compile(gm, example_inputs, config, graph_report)
 
 

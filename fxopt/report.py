@@ -35,6 +35,7 @@ class GraphReport:
         self.compiled = collections.Counter()   # "forward"/"backward"/"inference" graphs handed to the compiler
         self.ops_in_compiled = collections.Counter()  # fxopt op calls in the aten graphs the hand-off compiled
         self.grouped = collections.Counter()   # matches run as one call with others reading the same input
+        self.fused = collections.Counter()     # matches whose partitioned-graph op also does the add next to it
         self.memory = None
 
 
@@ -137,11 +138,20 @@ class Report:
             c.update(g.grouped)
         return dict(c)
 
+    @property
+    def fused(self) -> dict[str, int]:
+        """pattern -> op calls in the compiled graphs that also do an add next to them (rms_norm: the residual add
+        before it in the forward, the gradient add after it in the backward; patterns/rms_norm_add.py)."""
+        c = collections.Counter()
+        for g in self._all():
+            c.update(g.fused)
+        return dict(c)
+
     def to_dict(self) -> dict:
         return {"matched": self.matched, "rejected": [dataclasses.asdict(r) for r in self.rejected],
                 "fallbacks": [dataclasses.asdict(f) for f in self.fallbacks], "graphs": self.graphs,
                 "compiled": self.compiled(), "ops_in_compiled": self.ops_in_compiled(),
-                "grouped": self.grouped, "memory": self.memory}
+                "grouped": self.grouped, "fused": self.fused, "memory": self.memory}
 
     def __str__(self) -> str:
         comp = ", ".join(f"{v} {k}" for k, v in sorted(self.compiled().items())) or "none seen"
@@ -152,6 +162,8 @@ class Report:
             lines.append(f"{p:<22}{n:>8}{rej.get(p, 0):>10}")
         for p, n in sorted(self.grouped.items()):
             lines.append(f"  {n} {p} matches run in group calls (one input shared)")
+        for p, n in sorted(self.fused.items()):
+            lines.append(f"  {n} {p} calls in the compiled graphs also do the add next to them")
         reasons = collections.Counter((r.pattern, r.reason) for r in self.rejected)
         for (p, why), n in reasons.most_common():
             lines.append(f"  rejected {p} x{n}: {why}")

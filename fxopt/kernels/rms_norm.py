@@ -7,6 +7,12 @@ Backward (n = x * rstd, g = dy * (w + offset)):
   dx = rstd * (g - n * mean(g * n, -1)),   dw = sum_rows(dy * round_mid(n))
 dw is summed in fp32 per program (each program loops over row blocks) into a [programs, H] buffer, then reduced
 once; with a frozen weight (LoRA) no dw work is done at all.
+
+The residual add around a norm (s = a + b; y = norm(s), s also read later) is one op after the partition,
+fxopt::add_rms_norm -> (y, s, rstd): a and b read, s and y written, s rounded to its dtype before the norm (eager's
+bits). In the backward, fxopt::rms_norm_backward_add adds the gradient reaching s from its other readers to dx in
+fp32 and rounds once (eager rounds dx first). Each saves one pass over s or dx and a launch; the pass that makes
+them is fxopt/patterns/rms_norm_add.py.
 """
 from __future__ import annotations
 
@@ -27,14 +33,19 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _rms_norm_fwd(X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps, offset,
-                      HAS_W: tl.constexpr, MID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _rms_norm_fwd(X, W, Y, RSTD, B, S, n_rows, n_cols, stride_x, stride_y, stride_b, stride_s, eps, offset,
+                      HAS_W: tl.constexpr, MID: tl.constexpr, HAS_RES: tl.constexpr, RES: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
         mask = row_ok[:, None] & (cols < n_cols)[None, :]
         rows64 = rows.to(tl.int64)
         x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RES:   # x = a + b, rounded to s's dtype as eager's add, stored, then normalized
+            x = round_to(x + tl.load(B + rows64[:, None] * stride_b + cols[None, :], mask=mask, other=0.0)
+                         .to(tl.float32), RES)
+            tl.store(S + rows64[:, None] * stride_s + cols[None, :], x.to(S.dtype.element_ty), mask=mask)
         # eps/offset arrive as Python floats -> fp32 scalars in Triton.
         ms = tl.sum(x * x, axis=1) / n_cols
         rstd = 1.0 / tl.sqrt(ms + eps)
@@ -46,8 +57,8 @@ if triton_available():
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
     @triton.jit
-    def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, stride_dx, offset,
-                      HAS_W: tl.constexpr, MID: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PART, DRES, n_rows, n_cols, stride_dy, stride_x, stride_dx, stride_dres,
+                      offset, HAS_W: tl.constexpr, MID: tl.constexpr, COMPUTE_DW: tl.constexpr, HAS_DRES: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -74,6 +85,8 @@ if triton_available():
                 g = dy
             dot = tl.sum(g * n, axis=1) / n_cols
             dx = rstd[:, None] * (g - n * dot[:, None])
+            if HAS_DRES:   # + the gradient reaching x from its other readers, in fp32, rounded once
+                dx += tl.load(DRES + rows64[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             tl.store(DW_PART + pid * n_cols + cols, dw, mask=col_ok)
@@ -104,23 +117,30 @@ def _bwd_programs(n_blocks: int, warps: int, device: torch.device) -> int:
     return max(1, min(n_blocks, num_sms(device) * max(1, 8 // warps)))
 
 
-def _fwd_triton(x, weight, eps, offset, mid_dtype, out_dtype):
+def _fwd_triton(x, weight, eps, offset, mid_dtype, out_dtype, b=None):
+    """(y, rstd), or with b: (y, s = x + b, rstd)."""
     x2 = _rows(x)
     n_rows, n_cols = x2.shape
+    b2 = _rows(b) if b is not None else x2
+    res = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device) if b is not None else x2
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block_n = next_pow2(n_cols)
     block_m = _block_m(block_n, x.device)
     w = weight.contiguous() if weight is not None else x2
     grid = (triton.cdiv(n_rows, block_m),)
-    fast_launch(_rms_norm_fwd, grid, x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), eps, offset,
-                HAS_W=weight is not None, MID=_mid_code(mid_dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+    fast_launch(_rms_norm_fwd, grid, x2, w, y, rstd, b2, res, n_rows, n_cols, x2.stride(0), y.stride(0),
+                b2.stride(0), res.stride(0), eps, offset, HAS_W=weight is not None, MID=_mid_code(mid_dtype),
+                HAS_RES=b is not None, RES=rounding_code(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
                 num_warps=_num_warps(block_m * block_n))
+    if b is not None:
+        return y.view(x.shape), res.view(x.shape), rstd.view(x.shape[:-1])
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
-def _bwd_triton(dy, x, weight, rstd, offset, mid_dtype, need_dw):
+def _bwd_triton(dy, x, weight, rstd, offset, mid_dtype, need_dw, dres=None):
     x2, dy2 = _rows(x), _rows(dy)
+    dres2 = _rows(dres) if dres is not None else dy2
     n_rows, n_cols = x2.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     block_n = next_pow2(n_cols)
@@ -133,9 +153,10 @@ def _bwd_triton(dy, x, weight, rstd, offset, mid_dtype, need_dw):
     nprog = _bwd_programs(n_blocks, warps, x.device) if compute_dw else n_blocks
     part = torch.empty((nprog, n_cols), dtype=torch.float32, device=x.device) if compute_dw else dx
     w = weight.contiguous() if weight is not None else x2
-    fast_launch(_rms_norm_bwd, (nprog,), dy2, x2, w, rstd.reshape(-1), dx, part, n_rows, n_cols, dy2.stride(0),
-                x2.stride(0), dx.stride(0), offset, HAS_W=weight is not None, MID=_mid_code(mid_dtype),
-                COMPUTE_DW=compute_dw, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    fast_launch(_rms_norm_bwd, (nprog,), dy2, x2, w, rstd.reshape(-1), dx, part, dres2, n_rows, n_cols,
+                dy2.stride(0), x2.stride(0), dx.stride(0), dres2.stride(0), offset, HAS_W=weight is not None,
+                MID=_mid_code(mid_dtype), COMPUTE_DW=compute_dw, HAS_DRES=dres is not None, BLOCK_M=block_m,
+                BLOCK_N=block_n, num_warps=warps)
     dw = part.sum(0).to(weight.dtype) if compute_dw else x.new_empty(0)
     return dx.view(x.shape), dw
 
@@ -153,11 +174,14 @@ def rms_norm_reference(x, weight, eps, offset=0.0, mid_dtype=None, out_dtype=Non
     return n.to(out_dtype or x.dtype), rstd.squeeze(-1)
 
 
-def rms_norm_backward_reference(dy, x, weight, rstd, offset=0.0, mid_dtype=None, need_dw=True):
+def rms_norm_backward_reference(dy, x, weight, rstd, offset=0.0, mid_dtype=None, need_dw=True, dres=None):
+    """(dx, dw); with dres, dx + dres summed in fp32 and rounded once."""
     xf, dyf, r = x.float(), dy.float(), rstd.float().unsqueeze(-1)
     n = xf * r
     g = dyf * (weight.float() + offset) if weight is not None else dyf
     dx = r * (g - n * (g * n).mean(-1, keepdim=True))
+    if dres is not None:
+        dx = dx + dres.float()
     dw = x.new_empty(0)
     if weight is not None and need_dw:
         nm = n.to(mid_dtype).float() if mid_dtype is not None else n
@@ -216,6 +240,46 @@ def _backward(ctx, dy, _drstd):
 rms_norm.register_autograd(_backward, setup_context=_setup)
 
 
+# ---- the residual add fused in (only in partitioned graphs: fxopt/patterns/rms_norm_add.py; no autograd) ----
+
+@torch.library.custom_op("fxopt::add_rms_norm", mutates_args=())
+def add_rms_norm(a: torch.Tensor, b: torch.Tensor, weight: Optional[torch.Tensor], eps: float, offset: float,
+                 mid_dtype: Optional[torch.dtype],
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, s, rstd) with s = a + b (a's dtype, as eager's add) and (y, rstd) = rms_norm(s)."""
+    def ref():
+        sum_ = (a + b).contiguous()
+        y, rstd = rms_norm_reference(sum_, weight, eps, offset, mid_dtype, out_dtype)
+        return y.contiguous(), sum_, rstd.contiguous()
+    if use_triton(a, b, weight):
+        return run_kernel("add_rms_norm", lambda: _fwd_triton(a, weight, eps, offset, mid_dtype, out_dtype, b=b), ref)
+    return ref()
+
+
+@add_rms_norm.register_fake
+def _(a, b, weight, eps, offset, mid_dtype, out_dtype):
+    return (a.new_empty(a.shape, dtype=out_dtype), a.new_empty(a.shape),
+            a.new_empty(a.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("fxopt::rms_norm_backward_add", mutates_args=())
+def rms_norm_backward_add(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], rstd: torch.Tensor,
+                          dres: torch.Tensor, offset: float, mid_dtype: Optional[torch.dtype],
+                          need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm_backward's (dx + dres, dw): dres (x's dtype and shape) added in fp32 before dx is rounded."""
+    ref = lambda: rms_norm_backward_reference(dy, x, weight, rstd, offset, mid_dtype, need_dw, dres)  # noqa: E731
+    if use_triton(dy, x, weight, dres):
+        return run_kernel("rms_norm_backward_add",
+                          lambda: _bwd_triton(dy, x, weight, rstd, offset, mid_dtype, need_dw, dres), ref)
+    return ref()
+
+
+@rms_norm_backward_add.register_fake
+def _(dy, x, weight, rstd, dres, offset, mid_dtype, need_dw):
+    dw = weight.new_empty(weight.shape) if (weight is not None and need_dw) else x.new_empty(0)
+    return x.new_empty(x.shape), dw
+
+
 @register_cost("rms_norm")
 def rms_norm_cost(x_shape, dtype_bytes, has_weight=True):
     """(flops, bytes) of the forward: read x, write y (+ w, rstd); ~4 flops per element."""
@@ -223,3 +287,13 @@ def rms_norm_cost(x_shape, dtype_bytes, has_weight=True):
     for s in x_shape:
         numel *= s
     return 4 * numel, 2 * numel * dtype_bytes + (h * dtype_bytes if has_weight else 0) + 4 * numel // h
+
+
+@register_cost("add_rms_norm")
+def add_rms_norm_cost(a_shape, dtype_bytes, has_weight=True):
+    """(flops, bytes): rms_norm's, plus b read and s written."""
+    flops, nbytes = rms_norm_cost(a_shape, dtype_bytes, has_weight)
+    numel = 1
+    for s in a_shape:
+        numel *= s
+    return flops + numel, nbytes + 2 * numel * dtype_bytes

@@ -209,6 +209,34 @@ def test_fake_impls_are_symint_safe(name):
     assert {f"{f}_backward" for f in forward} <= log.ops, (forward, log.ops)
 
 
+def _norm_add_calls():
+    """The ops made after the partition (patterns/rms_norm_add.py), with real tensors of a [2, 12, 40] norm."""
+    a, b, w = torch.randn(2, 12, 40), torch.randn(2, 12, 40), torch.randn(40)
+    y, s, rstd = torch.ops.fxopt.add_rms_norm(a, b, w, 1e-6, 0.0, None, torch.float32)
+    return [(torch.ops.fxopt.add_rms_norm.default, (a, b, w, 1e-6, 0.0, None, torch.float32)),
+            (torch.ops.fxopt.rms_norm_backward_add.default,
+             (torch.randn_like(y), s, w, rstd, torch.randn_like(s), 0.0, None, True))]
+
+
+POST_PARTITION = {"add_rms_norm", "rms_norm_backward_add"}
+
+
+def test_post_partition_fake_impls_are_symint_safe():
+    """No autograd here: these ops only appear in graphs AOT already split into forward and backward."""
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=False)
+    seen = set()
+    for op, args in _norm_add_calls():
+        with mode:
+            fargs = torch.utils._pytree.tree_map(lambda t: _symbolic(mode, t), args)
+            outs = [o for o in op(*fargs) if o.dim()]
+        assert all(isinstance(d, torch.SymInt) and not d.node.expr.is_number for o in outs for d in o.shape[:-1]), \
+            f"{op}: {[o.shape for o in outs]}"
+        seen.add(str(op.name()).split("::")[-1].split(".")[0])
+    assert not _pinned(env), f"sizes pinned to constants: {_pinned(env)}"
+    assert seen == POST_PARTITION
+
+
 # The memory planner's host-offload ops never see a symbolic shape: fxopt.recompute.offload.candidates takes only
 # static shapes (tests/recompute/test_offload.py::test_dynamic_shapes_are_not_offloaded).
 STATIC_ONLY = {"offload", "reload"}
@@ -222,4 +250,5 @@ def test_every_op_is_covered():
         covered |= {str(op.name()).split("::")[-1].split(".")[0] for op, _ in _op_calls(name)}
         torch._dynamo.reset()
     covered |= {f"{c}_backward" for c in covered}    # run through autograd in test_fake_impls_are_symint_safe
+    covered |= POST_PARTITION                         # test_post_partition_fake_impls_are_symint_safe
     assert names - covered == set(), names - covered
