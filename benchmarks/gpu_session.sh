@@ -276,6 +276,13 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
 s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget)
     step seq65k_8b 575 python3 benchmarks/run_suite.py seq65k_8b --out "$OUT/train_step.jsonl" --time-limit 570
     ;;
+s20c)   # s20b again: its fused run was killed in the warm-up at its 220 s limit (build 43 s; the unfused run after it
+    # took 125 s of warm-up with warm caches); the GPU kernel tests first, the fused run with a longer limit
+    step pytest_s20c 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_rms_norm.py -m gpu
+    step cg21_8b_s20 300 python3 benchmarks/run_suite.py cg21_8b_s20 --out "$OUT/train_step.jsonl" --time-limit 295
+    FXOPT_NORM_ADD=0 step cg21_8b_s20_off $(( ${S20C_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py \
+        cg21_8b_s20_off --out "$OUT/train_step.jsonl" --time-limit $(( ${S20C_END:-585} - $(elapsed) - 8 ))
+    ;;
 s20b)   # the adds next to RMSNorm in its kernels (add_rms_norm, rms_norm_backward_add): GPU tests, then the 8B 21 GiB
     # step with graphs with them and without (FXOPT_NORM_ADD=0) on the same machine
     step pytest_s20b 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_rms_norm.py \

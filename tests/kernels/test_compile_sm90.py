@@ -221,17 +221,22 @@ def norm_cases(dts=DTYPES, hidden=4096):
                              BLOCK_N=hidden, STAGES=2), dict(num_warps=w)))
         bm = RN._block_m(hidden, CUDA)
         # Llama (round, then w), Gemma (1 + w), none, fp32 weight (x rounded to its dtype, then an fp32 product)
+        # ... each also with the residual add fused in (add_rms_norm: b read, s = a + b rounded to x's dtype, stored)
         for has_w, m, wdt in ((True, mid, dt), (True, 0, dt), (False, 0, dt), (True, mid, "fp32")):
-            out.append(case("rms_norm._rms_norm_fwd", f"w={has_w} MID={m} w/out {wdt}", dt,
-                            dict(X=dt, W=wdt, Y=wdt, RSTD="fp32"), dict(HAS_W=has_w, MID=m, BLOCK_M=bm, BLOCK_N=hidden),
-                            dict(num_warps=RN._num_warps(bm * hidden)), ("eps", "offset")))
+            for res in (False, True):
+                out.append(case("rms_norm._rms_norm_fwd", f"w={has_w} MID={m} w/out {wdt} res={res}", dt,
+                                dict(X=dt, W=wdt, Y=wdt, RSTD="fp32", B=dt, S=dt),
+                                dict(HAS_W=has_w, MID=m, HAS_RES=res, RES=mid if res else 0, BLOCK_M=bm,
+                                     BLOCK_N=hidden),
+                                dict(num_warps=RN._num_warps(bm * hidden)), ("eps", "offset")))
         bm = RN._block_m(hidden, CUDA, target=16384)
         for has_w, m, dw, wdt in ((True, mid, True, dt), (True, 0, False, dt), (False, 0, False, dt),
                                   (True, mid, True, "fp32")):
-            out.append(case("rms_norm._rms_norm_bwd", f"w={has_w} MID={m} dw={dw} w/dy {wdt}", dt,
-                            dict(DY=wdt, X=dt, W=wdt, RSTD="fp32", DX=dt, DW_PART="fp32" if dw else dt),
-                            dict(HAS_W=has_w, MID=m, COMPUTE_DW=dw, BLOCK_M=bm, BLOCK_N=hidden),
-                            dict(num_warps=RN._num_warps(bm * hidden)), ("offset",)))
+            for dres in (False, True):   # rms_norm_backward_add: the gradient from s's other readers added to dx
+                out.append(case("rms_norm._rms_norm_bwd", f"w={has_w} MID={m} dw={dw} w/dy {wdt} dres={dres}", dt,
+                                dict(DY=wdt, X=dt, W=wdt, RSTD="fp32", DX=dt, DW_PART="fp32" if dw else dt, DRES=dt),
+                                dict(HAS_W=has_w, MID=m, COMPUTE_DW=dw, HAS_DRES=dres, BLOCK_M=bm, BLOCK_N=hidden),
+                                dict(num_warps=RN._num_warps(bm * hidden)), ("offset",)))
     return out
 
 
