@@ -276,10 +276,27 @@ s12c)   # the 8B step at 65,536 tokens again (s12a's failed: a tensor of the CUD
 s16d)   # 8B QLoRA at 65,536 tokens at HEAD (CUDA graphs + offload, 16GiB budget)
     step seq65k_8b 575 python3 benchmarks/run_suite.py seq65k_8b --out "$OUT/train_step.jsonl" --time-limit 570
     ;;
+s21a)   # next session: the residual/gradient adds in the RMSNorm kernels (opt-in, FXOPT_NORM_ADD=1). s20b/s20c ran the
+    # fused step first on fresh machines and it never finished its warm-up (220 s, 280 s); a probe at 163 s found the
+    # first compile in AOTAutograd's joint-graph capture. Now the step without it first (cold caches), then with it
+    # (SIGABRT at the limit: PYTHONFAULTHANDLER prints where every thread is), same machine
+    step cg21_8b_s21_off 260 python3 benchmarks/run_suite.py cg21_8b_s20_off --out "$OUT/train_step.jsonl" \
+        --time-limit 255
+    left=$(( ${S21A_END:-585} - $(elapsed) ))
+    FXOPT_NORM_ADD=1 PYTHONFAULTHANDLER=1 timeout -s ABRT "$left" python3 benchmarks/train_step.py --shape 8b \
+        --mode qlora --variant fxopt:15.1GiB --batch 2 --seq 2048 --steps 5 --warmup 3 --loss-only --profile \
+        --fxopt-options '{"cudagraphs": true}' >"$LOGS/cg21_8b_s21_on.log" 2>&1
+    echo "cg21_8b_s21_on rc=$?" | tee -a "$LOGS/steps.txt"; grep -E "tok/s|warm-up" "$LOGS/cg21_8b_s21_on.log"
+    grep -E "^RESULT" "$LOGS/cg21_8b_s21_on.log" | sed 's/^RESULT //' | python3 -c "import json, sys
+for line in sys.stdin:
+    r = json.loads(line); r.update(suite='s21a', tag='cg-21g-s21-normadd'); print(json.dumps(r))" \
+        >>"$OUT/train_step.jsonl"
+    ;;
 s20c)   # s20b again: its fused run was killed in the warm-up at its 220 s limit (build 43 s; the unfused run after it
     # took 125 s of warm-up with warm caches); the GPU kernel tests first, the fused run with a longer limit
     step pytest_s20c 60 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_rms_norm.py -m gpu
-    step cg21_8b_s20 300 python3 benchmarks/run_suite.py cg21_8b_s20 --out "$OUT/train_step.jsonl" --time-limit 295
+    FXOPT_NORM_ADD=1 step cg21_8b_s20 300 python3 benchmarks/run_suite.py cg21_8b_s20 --out "$OUT/train_step.jsonl" \
+        --time-limit 295
     FXOPT_NORM_ADD=0 step cg21_8b_s20_off $(( ${S20C_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py \
         cg21_8b_s20_off --out "$OUT/train_step.jsonl" --time-limit $(( ${S20C_END:-585} - $(elapsed) - 8 ))
     ;;
@@ -287,7 +304,8 @@ s20b)   # the adds next to RMSNorm in its kernels (add_rms_norm, rms_norm_backwa
     # step with graphs with them and without (FXOPT_NORM_ADD=0) on the same machine
     step pytest_s20b 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/kernels/test_rms_norm.py \
         tests/patterns/test_rms_norm_add.py
-    step cg21_8b_s20 240 python3 benchmarks/run_suite.py cg21_8b_s20 --out "$OUT/train_step.jsonl" --time-limit 235
+    FXOPT_NORM_ADD=1 step cg21_8b_s20 240 python3 benchmarks/run_suite.py cg21_8b_s20 --out "$OUT/train_step.jsonl" \
+        --time-limit 235
     FXOPT_NORM_ADD=0 step cg21_8b_s20_off $(( ${S20B_END:-585} - $(elapsed) )) python3 benchmarks/run_suite.py \
         cg21_8b_s20_off --out "$OUT/train_step.jsonl" --time-limit $(( ${S20B_END:-585} - $(elapsed) - 8 ))
     ;;

@@ -174,16 +174,22 @@ def test_inductor_cache_is_keyed_by_fxopt_sources(monkeypatch):
         return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
     x, w = torch.randn(4, 32, requires_grad=True), torch.randn(32, requires_grad=True)
 
-    def compiled_graphs():
+    from torch._dynamo.utils import counters
+
+    def cache_hits():
+        """Inductor FX graph cache (hits, misses) of one compile. fxopt turns AOTAutograd's own cache off, so every
+        graph reaches Inductor's compiler (and the report sees it) and Inductor's cache decides."""
         torch._dynamo.reset()
+        counters.clear()
         torch.compile(f, backend="fxopt")(x, w).sum().backward()
-        return fxopt.last_report().compiled()
+        assert fxopt.last_report().compiled() == {"forward": 1, "backward": 1}
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
     run = uuid.uuid4().hex                 # a source hash no earlier run has cached
     monkeypatch.setattr(P, "source_hash", lambda: f"fxopt-version-{run}")
-    assert compiled_graphs() == {"forward": 1, "backward": 1}
-    assert compiled_graphs() == {}                       # same sources: served from the cache
+    assert cache_hits() == (0, 2)
+    assert cache_hits() == (2, 0)                        # same sources: served from the cache
     monkeypatch.setattr(P, "source_hash", lambda: f"fxopt-version-{run}-next")
-    assert compiled_graphs() == {"forward": 1, "backward": 1}
+    assert cache_hits() == (0, 2)
 
 
 def _rms(x, w):

@@ -12,7 +12,7 @@ The residual add around a norm (s = a + b; y = norm(s), s also read later) is on
 fxopt::add_rms_norm -> (y, s, rstd): a and b read, s and y written, s rounded to its dtype before the norm (eager's
 bits). In the backward, fxopt::rms_norm_backward_add adds the gradient reaching s from its other readers to dx in
 fp32 and rounds once (eager rounds dx first). Each saves one pass over s or dx and a launch; the pass that makes
-them is fxopt/patterns/rms_norm_add.py.
+them is fxopt/patterns/rms_norm_add.py (opt-in: FXOPT_NORM_ADD=1).
 """
 from __future__ import annotations
 
