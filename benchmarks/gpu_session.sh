@@ -283,9 +283,12 @@ s21a)   # next session: the residual/gradient adds in the RMSNorm kernels (opt-i
     step cg21_8b_s21_off 260 python3 benchmarks/run_suite.py cg21_8b_s20_off --out "$OUT/train_step.jsonl" \
         --time-limit 255
     left=$(( ${S21A_END:-585} - $(elapsed) ))
-    FXOPT_NORM_ADD=1 PYTHONFAULTHANDLER=1 timeout -s ABRT "$left" python3 benchmarks/train_step.py --shape 8b \
-        --mode qlora --variant fxopt:15.1GiB --batch 2 --seq 2048 --steps 5 --warmup 3 --loss-only --profile \
-        --fxopt-options '{"cudagraphs": true}' >"$LOGS/cg21_8b_s21_on.log" 2>&1
+    # TORCH_LOGS=recompiles: the three slow warm-ups fit one ~100 s compile per warm-up step (a probe found a compile
+    # from fxopt's first _compile call at 118 s into the warm-up, when one compile and step take ~100-130 s)
+    FXOPT_NORM_ADD=1 PYTHONFAULTHANDLER=1 TORCH_LOGS=recompiles timeout -s ABRT "$left" \
+        python3 benchmarks/train_step.py --shape 8b --mode qlora --variant fxopt:15.1GiB --batch 2 --seq 2048 \
+        --steps 5 --warmup 3 --loss-only --profile --fxopt-options '{"cudagraphs": true}' \
+        >"$LOGS/cg21_8b_s21_on.log" 2>&1
     echo "cg21_8b_s21_on rc=$?" | tee -a "$LOGS/steps.txt"; grep -E "tok/s|warm-up" "$LOGS/cg21_8b_s21_on.log"
     grep -E "^RESULT" "$LOGS/cg21_8b_s21_on.log" | sed 's/^RESULT //' | python3 -c "import json, sys
 for line in sys.stdin:
