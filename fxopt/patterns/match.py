@@ -118,21 +118,23 @@ def fake_call(fn, *args, **kwargs):
         return fn(*cargs, **{k: conv(v) for k, v in kwargs.items()})
 
 
-def insert_op(graph: fx.Graph, before: fx.Node, op, args: tuple, n_outputs: int | None = None):
-    """Insert `op(*args)` before `before`; returns the node (or its getitem nodes) with fake metadata set.
+def insert_op(graph: fx.Graph, before: fx.Node, op, args: tuple, n_outputs: int | None = None,
+              meta_key: str = "example_value"):
+    """Insert `op(*args)` before `before`; returns the node (or its getitem nodes) with fake metadata set under
+    `meta_key` (dynamo's graphs: "example_value"; AOT's partitioned graphs: "val").
 
     Checks the new value has the shape and dtype of the value it replaces (raises ValueError otherwise).
     """
     with graph.inserting_before(before):
         node = graph.call_function(op, args)
         val = fake_call(op, *args)
-        node.meta["example_value"] = val
+        node.meta[meta_key] = val
         if n_outputs is None:
             return node
         outs = []
         for i in range(n_outputs):
             g = graph.call_function(operator.getitem, (node, i))
-            g.meta["example_value"] = val[i] if val is not None else None
+            g.meta[meta_key] = val[i] if val is not None else None
             outs.append(g)
         return outs
 

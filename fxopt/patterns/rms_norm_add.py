@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.kernels import rms_norm as _ops  # noqa: F401  (registers the ops)
-from fxopt.patterns.match import fake_call
+from fxopt.patterns.match import insert_op
 
 aten = torch.ops.aten
 _NORM = torch.ops.fxopt.rms_norm.default
@@ -63,19 +63,6 @@ def _outputs(node) -> dict:
     return outs
 
 
-def _new_call(graph, before, op, args, n_outputs):
-    with graph.inserting_before(before):
-        node = graph.call_function(op, args)
-        val = fake_call(op, *args)
-        node.meta["val"] = val
-        outs = []
-        for i in range(n_outputs):
-            g = graph.call_function(operator.getitem, (node, i))
-            g.meta["val"] = val[i] if val is not None else None
-            outs.append(g)
-    return outs
-
-
 def _fuse_forward(graph, norm, order) -> bool:
     s = norm.args[0]
     outs = _outputs(norm)
@@ -84,7 +71,8 @@ def _fuse_forward(graph, norm, order) -> bool:
     first = min(s.users, key=order.get)   # the fused call takes the place of s's first reader
     if any(isinstance(a, fx.Node) and order[a] >= order[first] for a in norm.args[1:]):
         return False   # the weight is computed after that point
-    y, new_s, rstd = _new_call(graph, first, torch.ops.fxopt.add_rms_norm.default, (*s.args, *norm.args[1:]), 3)
+    y, new_s, rstd = insert_op(graph, first, torch.ops.fxopt.add_rms_norm.default, (*s.args, *norm.args[1:]), 3,
+                               meta_key="val")
     for i, g in outs.items():
         g.replace_all_uses_with((y, rstd)[i])
         graph.erase_node(g)
@@ -110,8 +98,8 @@ def _fuse_backward(graph, bwd, order) -> bool:
     if at is add and any(order[u] < order[add] for i, g in outs.items() if i != 0 for u in g.users):
         return False
     dy, x, weight, rstd, offset, mid, need_dw = bwd.args
-    g, dw = _new_call(graph, at, torch.ops.fxopt.rms_norm_backward_add.default,
-                      (dy, x, weight, rstd, dres, offset, mid, need_dw), 2)
+    g, dw = insert_op(graph, at, torch.ops.fxopt.rms_norm_backward_add.default,
+                      (dy, x, weight, rstd, dres, offset, mid, need_dw), 2, meta_key="val")
     add.replace_all_uses_with(g)
     graph.erase_node(add)
     graph.erase_node(dx)
