@@ -116,8 +116,8 @@ def fuse_norm_adds(gm: fx.GraphModule) -> dict[str, int]:
     graph = gm.graph
     n = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (_NORM, _NORM_BWD) or node.graph is not graph:
-            continue
+        if node.op != "call_function" or node.target not in (_NORM, _NORM_BWD) or node.kwargs:
+            continue   # (the calls fxopt makes pass every argument by position)
         order = {x: i for i, x in enumerate(graph.nodes)}
         if node not in order:
             continue
