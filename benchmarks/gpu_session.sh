@@ -29,6 +29,12 @@ step() {   # step NAME SECONDS CMD...: run, log to $OUT/NAME.log, record rc and 
     echo "$name rc=$rc wall=$(( $(date +%s) - t ))s" | tee -a "$LOGS/steps.txt"
     grep -E "passed|failed|error|FAILED|ERROR|ROW|CHECK|correctness|tok/s" "$LOGS/$name.log" | tail -n 25 | cut -c1-400
 }
+# The device's copy of .git names the last landed commit, not the tree sent: the sha must come from the sender
+# (s20c's rows first carried 2628bee for b5c40c3's tree); fxopt_src in each row hashes the fxopt/ sources either way
+if [ -z "${FXOPT_GIT_SHA:-}" ]; then
+    echo "gpu_session: set FXOPT_GIT_SHA to the sha of the tree you send (git rev-parse HEAD, run where you commit)"
+    exit 2
+fi
 source benchmarks/gpu_env.sh
 if [ ! -f /tmp/.fxopt_pip_done ]; then   # once per machine (gpu_pair.sh runs two stages at once)
     python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$LOGS/pip.log" 2>&1 \
