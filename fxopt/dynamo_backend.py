@@ -87,13 +87,20 @@ def inductor_mode_patches(config) -> dict:
     return patches
 
 
+def _autograd_cache_off():
+    """AOTAutograd's own cache off for fxopt's compiles: a hit hands back compiled graphs without calling the
+    partitioner or the compilers, so the report would show no plan, no compiled graphs and no fxopt ops, and the
+    norm-add pass would not run. Inductor's FX graph cache, inside the compilers and keyed by fxopt's sources and the
+    partitioner's uuid, still serves repeated compiles."""
+    from torch._functorch import config as fconfig
+    return fconfig.patch({"enable_autograd_cache": False} if hasattr(fconfig, "enable_autograd_cache") else {})
+
+
 def _compile(gm, example_inputs, config, graph_report):
     """Hand-off: Inductor (or aot_eager); with a memory budget, fxopt's recompute planner is the partitioner."""
-    from fxopt.recompute import partition
-    # AOTAutograd's cache would hand back compiled graphs without calling the compilers below, so the report could
-    # not see what they run (ops_in_compiled, fused); Inductor's own FX graph cache, inside them, stays on
-    part, ctx = None, partition.autograd_cache_off()
+    part, ctx = None, _autograd_cache_off()
     if config.memory_budget is not None:
+        from fxopt.recompute import partition
         part = partition.partitioner(config, graph_report)
     with ctx:
         if config.inductor:

@@ -16,6 +16,7 @@ them is fxopt/patterns/rms_norm_add.py (opt-in: FXOPT_NORM_ADD=1).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -293,7 +294,5 @@ def rms_norm_cost(x_shape, dtype_bytes, has_weight=True):
 def add_rms_norm_cost(a_shape, dtype_bytes, has_weight=True):
     """(flops, bytes): rms_norm's, plus b read and s written."""
     flops, nbytes = rms_norm_cost(a_shape, dtype_bytes, has_weight)
-    numel = 1
-    for s in a_shape:
-        numel *= s
+    numel = math.prod(a_shape)
     return flops + numel, nbytes + 2 * numel * dtype_bytes

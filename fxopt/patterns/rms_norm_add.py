@@ -28,7 +28,8 @@ import torch
 import torch.fx as fx
 
 from fxopt.kernels import rms_norm as _ops  # noqa: F401  (registers the ops)
-from fxopt.patterns.match import insert_op
+from fxopt.normalize import meta
+from fxopt.patterns.match import insert_op, replace_uses
 
 aten = torch.ops.aten
 _NORM = torch.ops.fxopt.rms_norm.default
@@ -39,16 +40,12 @@ def enabled() -> bool:
     return os.environ.get("FXOPT_NORM_ADD", "0") == "1"
 
 
-def _val(n):
-    return n.meta.get("val", n.meta.get("example_value")) if isinstance(n, fx.Node) else None
-
-
 def _plain_add(n, like) -> bool:
     """n = add(p, q) of two tensors with `like`'s shape and dtype (no broadcast, no promotion, no alpha)."""
     if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is aten.add.Tensor
             and len(n.args) == 2 and not n.kwargs):
         return False
-    vals = [_val(n)] + [_val(a) for a in n.args]
+    vals = [meta(n)] + [meta(a) for a in n.args]
     return all(isinstance(v, torch.Tensor) and v.shape == like.shape and v.dtype == like.dtype
                and v.is_contiguous() for v in vals)   # the fused op writes contiguous tensors
 
@@ -66,7 +63,7 @@ def _outputs(node) -> dict:
 def _fuse_forward(graph, norm, order) -> bool:
     s = norm.args[0]
     outs = _outputs(norm)
-    if outs is None or not _plain_add(s, _val(s)):
+    if outs is None or not _plain_add(s, meta(s)):
         return False
     first = min(s.users, key=order.get)   # the fused call takes the place of s's first reader
     if any(isinstance(a, fx.Node) and order[a] >= order[first] for a in norm.args[1:]):
@@ -74,10 +71,10 @@ def _fuse_forward(graph, norm, order) -> bool:
     y, new_s, rstd = insert_op(graph, first, torch.ops.fxopt.add_rms_norm.default, (*s.args, *norm.args[1:]), 3,
                                meta_key="val")
     for i, g in outs.items():
-        g.replace_all_uses_with((y, rstd)[i])
+        replace_uses(g, (y, rstd)[i])
         graph.erase_node(g)
     graph.erase_node(norm)
-    s.replace_all_uses_with(new_s)
+    replace_uses(s, new_s)
     graph.erase_node(s)
     return True
 
@@ -88,7 +85,7 @@ def _fuse_backward(graph, bwd, order) -> bool:
     if dx is None or len(dx.users) != 1:
         return False
     add = next(iter(dx.users))
-    if not _plain_add(add, _val(dx)):
+    if not _plain_add(add, meta(dx)):
         return False
     dres = add.args[1] if add.args[0] is dx else add.args[0]
     if dres is dx:
@@ -100,12 +97,12 @@ def _fuse_backward(graph, bwd, order) -> bool:
     dy, x, weight, rstd, offset, mid, need_dw = bwd.args
     g, dw = insert_op(graph, at, torch.ops.fxopt.rms_norm_backward_add.default,
                       (dy, x, weight, rstd, dres, offset, mid, need_dw), 2, meta_key="val")
-    add.replace_all_uses_with(g)
+    replace_uses(add, g)
     graph.erase_node(add)
     graph.erase_node(dx)
     for i, old in outs.items():
         if i != 0:
-            old.replace_all_uses_with(dw)
+            replace_uses(old, dw)
             graph.erase_node(old)
     graph.erase_node(bwd)
     return True

@@ -212,13 +212,6 @@ def report_dict(joint: _cost.Joint, p) -> dict:
     return out
 
 
-def autograd_cache_off():
-    """AOTAutograd's own cache off while planning: a hit would skip the partitioner and leave no plan in the report.
-    Inductor's FX graph cache still applies, keyed by the partitioner's uuid."""
-    from torch._functorch import config as fconfig
-    return fconfig.patch({"enable_autograd_cache": False} if hasattr(fconfig, "enable_autograd_cache") else {})
-
-
 def partitioner(config, graph_report) -> FxoptPartitioner:
     why = supported()
     if why:
